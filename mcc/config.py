@@ -1,0 +1,379 @@
+"""The configuration: frozen attrs classes, loaded from TOML with cattrs.
+
+Every key can also be given as a command-line flag (see :data:`FLAGS`); flags win
+over the file, which wins over the embedded defaults. A bad value is reported as
+one line per problem, ``key: value reason``, through :class:`~mcc.errors.ConfigError`.
+"""
+
+from __future__ import annotations
+
+import socket
+import typing
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+import cattrs
+from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
+
+from .errors import ConfigError
+from .origins import DEFAULT_ALLOW_ORIGINS, OriginPolicy, normalize_host, split_host_port
+from .units import format_duration, format_size, parse_duration, parse_size
+
+__all__ = [
+    "Config",
+    "Drive",
+    "HostPort",
+    "Limits",
+    "Timeouts",
+    "check_config",
+    "config_to_toml",
+    "load_config",
+    "structure_config",
+]
+
+# RFC 9110 leaves block size to us. 64 KiB keeps per-block overhead (one index row,
+# one file, one upstream request) small next to the data; 64 MiB bounds the memory a
+# block in flight may buffer.
+MIN_BLOCK_SIZE = 64 * 1024
+MAX_BLOCK_SIZE = 64 * 1024 * 1024
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+VerifyMode = Literal["always", "first", "never"]
+
+
+@attrs.frozen
+class HostPort:
+    """A listening or connecting address, written ``host:port`` (IPv6 in brackets)."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> HostPort:
+        """Raises ValueError naming the text when it is not ``host:port``."""
+        if not isinstance(text, str):
+            raise ValueError(f"{text!r} is not a 'host:port' string")
+        host, port = split_host_port(text, default_port=-1)
+        if port < 0:
+            raise ValueError(f"{text!r} has no port (write host:port)")
+        return cls(host, port)
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@attrs.frozen
+class Drive:
+    """One cache drive: a folder, the most it may hold, and the free space to leave."""
+
+    path: Path
+    max_size: int = 50 * 1024**3
+    min_free: int = 1024**3
+
+
+@attrs.frozen
+class Timeouts:
+    """Every time limit, in seconds."""
+
+    connect: float = 10.0  # upstream TCP connect
+    read: float = 30.0  # upstream: longest silence while waiting for bytes
+    request_head: float = 10.0  # client: whole request head must arrive (slowloris)
+    keepalive: float = 75.0  # client: idle time between requests on one connection
+    send: float = 60.0  # client: longest time one chunk of a response may take to send
+    shutdown_grace: float = 10.0  # on SIGTERM, time in-flight responses get to finish
+    parent_backoff: float = 30.0  # a failed parent is skipped for this long
+
+
+@attrs.frozen
+class Limits:
+    """Every size and count limit."""
+
+    max_connections: int = 4096  # concurrent client connections; more get 503
+    max_request_head: int = 16 * 1024  # RFC 9110 s5.4: we answer 431 beyond this
+    max_ranges: int = 32  # more ranges in one request are answered with the whole object
+    upstream_retries: int = 2  # extra tries of an idempotent block fetch
+    upstream_connections_per_host: int = 16  # idle keep-alive connections kept per upstream
+    max_orphan_flights: int = 16  # fetches that keep going after every waiter left
+
+
+def _default_node_id() -> str:
+    return socket.gethostname().split(".")[0] or "mcc"
+
+
+@attrs.frozen
+class Config:
+    """The whole configuration of one mcc node. Defaults are the embedded config."""
+
+    listen: tuple[HostPort, ...] = (HostPort("127.0.0.1", 8080),)
+    admin_listen: HostPort = HostPort("127.0.0.1", 8081)
+    drives: tuple[Drive, ...] = (Drive(Path("mcc-cache")),)
+    block_size: int = 1024 * 1024
+    readahead_blocks: int = 4
+    allow_origins: tuple[str, ...] = DEFAULT_ALLOW_ORIGINS
+    canonical_hosts: Mapping[str, str] = attrs.field(factory=dict)
+    origin: str | None = None
+    parents: tuple[str, ...] = ()
+    upstream_proxy: HostPort | None = None
+    origin_fallback: bool = True
+    node_id: str = attrs.field(factory=_default_node_id)
+    log_level: LogLevel = "info"
+    access_log: str = "-"
+    verify_on_read: VerifyMode = "first"
+    timeouts: Timeouts = Timeouts()
+    limits: Limits = Limits()
+
+    def origin_policy(self) -> OriginPolicy:
+        """The compiled allowlist (``--origin``'s host is allowed too)."""
+        patterns = list(self.allow_origins)
+        if self.origin:
+            patterns.append(_url_authority(self.origin))
+        return OriginPolicy.build(patterns, self.canonical_hosts)
+
+
+def _url_authority(url: str) -> str:
+    rest = url.split("://", 1)[1] if "://" in url else url
+    authority = rest.split("/", 1)[0]
+    host, port = split_host_port(authority, default_port=80)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _make_converter() -> cattrs.Converter:
+    conv = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
+
+    def size(value: object, _: type) -> int:
+        return parse_size(value)
+
+    def seconds(value: object, _: type) -> float:
+        return parse_duration(value)
+
+    def strict_int(value: object, _: type) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{value!r} is not an integer")
+        return value
+
+    def strict_bool(value: object, _: type) -> bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{value!r} is not true or false")
+        return value
+
+    def strict_str(value: object, _: type) -> str:
+        if not isinstance(value, str):
+            raise ValueError(f"{value!r} is not a string")
+        return value
+
+    def literal(value: object, kind: Any) -> object:
+        choices = typing.get_args(kind)
+        if value not in choices:
+            raise ValueError(f"{value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+
+    conv.register_structure_hook_func(lambda t: typing.get_origin(t) is Literal, literal)
+    conv.register_structure_hook(HostPort, lambda v, _: HostPort.parse(v))
+    conv.register_structure_hook(Path, lambda v, _: Path(strict_str(v, str)))
+    conv.register_structure_hook(int, strict_int)
+    conv.register_structure_hook(bool, strict_bool)
+    conv.register_structure_hook(str, strict_str)
+    conv.register_structure_hook(float, seconds)
+    for cls, fields in (
+        (Drive, ("max_size", "min_free")),
+        (Config, ("block_size",)),
+        (Limits, ("max_request_head",)),
+    ):
+        overrides = {f: cattrs.gen.override(struct_hook=size) for f in fields}
+        conv.register_structure_hook(
+            cls, cattrs.gen.make_dict_structure_fn(cls, conv, _cattrs_forbid_extra_keys=True, **overrides)
+        )
+    return conv
+
+
+_converter = _make_converter()
+
+
+def _flatten_errors(exc: BaseException, path: str) -> list[str]:
+    if isinstance(exc, (ClassValidationError, IterableValidationError)):
+        out: list[str] = []
+        for sub in exc.exceptions:
+            note = next((n for n in getattr(sub, "__notes__", []) if hasattr(n, "name")), None)
+            index = next((n for n in getattr(sub, "__notes__", []) if hasattr(n, "index")), None)
+            if note is not None:
+                sub_path = f"{path}.{note.name}" if path else note.name
+            elif index is not None:
+                sub_path = f"{path}[{index.index}]"
+            else:
+                sub_path = path
+            out += _flatten_errors(sub, sub_path)
+        return out
+    if isinstance(exc, ForbiddenExtraKeysError):
+        prefix = f"{path}." if path else ""
+        return [f"{prefix}{k}: unknown key" for k in sorted(exc.extra_fields)]
+    if isinstance(exc, KeyError):
+        return [f"{path}.{exc.args[0]}: required key is missing"]
+    message = str(exc) if isinstance(exc, ValueError) else f"has the wrong type ({exc})"
+    return [f"{path or 'config'}: {message}"]
+
+
+def check_config(config: Config) -> list[str]:
+    """Semantic checks the types cannot express; returns one line per problem."""
+    problems: list[str] = []
+    b = config.block_size
+    if b & (b - 1) or not MIN_BLOCK_SIZE <= b <= MAX_BLOCK_SIZE:
+        problems.append(f"block_size: {b} is not a power of two between 64 KiB and 64 MiB")
+    if not config.listen:
+        problems.append("listen: at least one address is needed")
+    if not config.drives:
+        problems.append("drives: at least one cache drive is needed")
+    paths = [d.path.resolve() for d in config.drives]
+    if len(set(paths)) != len(paths):
+        problems.append("drives: the same folder is named twice")
+    for i, d in enumerate(config.drives):
+        if d.max_size < 16 * b:
+            problems.append(
+                f"drives[{i}].max_size: {d.max_size} is smaller than 16 blocks ({16 * b})"
+            )
+    if not 0 <= config.readahead_blocks <= 64:
+        problems.append(f"readahead_blocks: {config.readahead_blocks} is not between 0 and 64")
+    for i, pattern in enumerate(config.allow_origins):
+        try:
+            OriginPolicy.build([pattern])
+        except ValueError as exc:
+            problems.append(f"allow_origins[{i}]: {exc}")
+    for host, canon in config.canonical_hosts.items():
+        try:
+            normalize_host(host)
+            normalize_host(canon)
+        except ValueError as exc:
+            problems.append(f"canonical_hosts.{host}: {exc}")
+    for key, urls in (("origin", [config.origin] if config.origin else []), ("parents", config.parents)):
+        for i, url in enumerate(urls):
+            where = key if key == "origin" else f"{key}[{i}]"
+            problem = _check_http_url(url)
+            if problem:
+                problems.append(f"{where}: {url!r} {problem}")
+    if not config.node_id or not all(c.isalnum() or c in "-_." for c in config.node_id):
+        problems.append(
+            f"node_id: {config.node_id!r} must be letters, digits, '-', '_' or '.' (a Via token)"
+        )
+    for name in attrs.fields_dict(Timeouts):
+        value = getattr(config.timeouts, name)
+        if value <= 0:
+            problems.append(f"timeouts.{name}: {value} must be more than zero")
+    lim = config.limits
+    for name, low in (
+        ("max_connections", 1),
+        ("max_request_head", 1024),
+        ("max_ranges", 1),
+        ("upstream_retries", 0),
+        ("upstream_connections_per_host", 0),
+        ("max_orphan_flights", 0),
+    ):
+        if getattr(lim, name) < low:
+            problems.append(f"limits.{name}: {getattr(lim, name)} is less than {low}")
+    return problems
+
+
+def _check_http_url(url: str) -> str | None:
+    if not url.startswith("http://"):
+        return "is not an http:// URL (only plain HTTP is spoken upstream)"
+    try:
+        _url_authority(url)
+    except ValueError as exc:
+        return f"has a bad host: {exc}"
+    return None
+
+
+def load_config(
+    path: Path | str | None = None, overrides: Mapping[str, Any] | None = None
+) -> Config:
+    """Build the effective config: defaults, then the TOML file, then ``overrides``.
+
+    Args:
+      path: a TOML file, or None for the embedded defaults.
+      overrides: keys as in the file (``"timeouts": {"read": 5}``); they win.
+
+    Returns:
+      The checked, frozen :class:`Config`.
+
+    Raises:
+      ConfigError: one line per problem, naming the key.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except OSError as exc:
+            raise ConfigError([f"config: cannot read {str(path)!r}: {exc.strerror}"]) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError([f"config: {str(path)!r} is not valid TOML: {exc}"]) from None
+    for key, value in (overrides or {}).items():
+        if isinstance(value, Mapping) and isinstance(raw.get(key), Mapping):
+            raw[key] = {**raw[key], **value}
+        else:
+            raw[key] = value
+    return structure_config(raw)
+
+
+def structure_config(raw: Mapping[str, Any]) -> Config:
+    """Turn a plain mapping (as read from TOML) into a checked Config.
+
+    Raises:
+      ConfigError: one line per problem, naming the key.
+    """
+    try:
+        config = _converter.structure(dict(raw), Config)
+    except (ClassValidationError, ForbiddenExtraKeysError) as exc:
+        raise ConfigError(_flatten_errors(exc, "")) from None
+    problems = check_config(config)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def config_to_toml(config: Config) -> str:
+    """The config as TOML that :func:`load_config` reads back to an equal Config."""
+    top: list[str] = []
+    tables: list[str] = []
+
+    def value(v: object, key: str) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, float):
+            return _toml_str(format_duration(v))
+        if isinstance(v, int):
+            sized = key in ("block_size", "max_size", "min_free", "max_request_head")
+            return _toml_str(format_size(v)) if sized else str(v)
+        if isinstance(v, (HostPort, Path)):
+            return _toml_str(str(v))
+        if isinstance(v, str):
+            return _toml_str(v)
+        if isinstance(v, tuple):
+            return "[" + ", ".join(value(x, key) for x in v) + "]"
+        if isinstance(v, Mapping):
+            items = ", ".join(f"{_toml_str(k)} = {value(x, k)}" for k, x in v.items())
+            return "{ " + items + " }" if items else "{}"
+        raise TypeError(f"cannot write {v!r} as TOML")
+
+    for field in attrs.fields(Config):
+        v = getattr(config, field.name)
+        if field.name == "drives":
+            for d in v:
+                tables.append("[[drives]]")
+                tables += [f"{f.name} = {value(getattr(d, f.name), f.name)}" for f in attrs.fields(Drive)]
+                tables.append("")
+        elif isinstance(v, (Timeouts, Limits)):
+            tables.append(f"[{field.name}]")
+            tables += [f"{f.name} = {value(getattr(v, f.name), f.name)}" for f in attrs.fields(type(v))]
+            tables.append("")
+        elif v is None:
+            top.append(f"# {field.name} is not set")
+        else:
+            top.append(f"{field.name} = {value(v, field.name)}")
+    return "\n".join([*top, "", *tables]).rstrip() + "\n"
+
+
+def _toml_str(s: str) -> str:
+    escaped = s.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'

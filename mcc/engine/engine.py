@@ -1,0 +1,729 @@
+"""The cache engine: read any byte range of any allowed URL, from disk or upstream.
+
+Theory of operation: ``segments(meta, start, end)`` walks the blocks that the range
+touches. A stored block is handed out as an open file slice (for ``sendfile``); a
+missing block is read from its :class:`~mcc.engine.flight.Flight`, joining the one
+in flight or starting one. Ahead of the block being read, up to
+``readahead_blocks`` further missing blocks are started, each its own upstream
+request, so a cold sequential read keeps several round-trips in flight.
+
+An object's metadata (size, validators, version) is learned by *discovery*: the
+first read of an unknown URL fetches the block it needs with a plain range request,
+and the response's Content-Range gives the size while its body fills that block.
+Concurrent first readers share one discovery. Later block fetches carry ``If-Range``
+with the version's validator, so an object that changed upstream answers 200 (or a
+different ETag) and becomes a :class:`~mcc.errors.VersionChanged`, never a mix of
+old and new bytes.
+
+Every fetch task runs in the engine's nursery. A fetch whose readers all left is an
+*orphan*; it keeps going (so the block is stored) unless more than
+``max_orphan_flights`` orphans exist, in which case it is cancelled.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+from ..config import Config, Drive, structure_config
+from ..errors import BadRequest, NotCacheable, RangeNotSatisfiable, UpstreamError, VersionChanged
+from ..headers import parse_cache_control, parse_content_range, parse_unsatisfied_range
+from ..store.blobs import BlobStore, DriveInfo
+from ..store.index import Index
+from ..upstream.client import Upstream, UpstreamResponse, parse_http_url
+from .blocks import ObjectMeta, block_bounds, block_count, blocks_for_range, make_version
+from .flight import Fetch, Flight, FlightKey, FlightTable
+
+__all__ = ["Cache", "FileSlice", "ObjectInfo", "Statistics", "open_cache"]
+
+log = logging.getLogger("mcc.engine")
+
+# Upstream headers kept with an object and replayed to clients.
+_KEPT_HEADERS = frozenset(
+    {
+        "cache-control",
+        "expires",
+        "content-disposition",
+        "content-language",
+        "content-encoding",
+        "x-content-type-options",
+    }
+)
+# Retry backoff for block fetches: 0.1 s, 0.2 s, 0.4 s... capped at 2 s.
+_BACKOFF_BASE = 0.1
+_BACKOFF_CAP = 2.0
+
+
+@attrs.frozen
+class FileSlice:
+    """Bytes of a stored blob: ``length`` bytes at ``offset`` of the open file ``fd``.
+
+    The fd is valid until the consumer asks the iterator for its next item.
+    """
+
+    fd: int
+    offset: int
+    length: int
+
+
+@attrs.frozen
+class ObjectInfo:
+    """What :meth:`Cache.stat` reports about one object."""
+
+    url: str
+    key: str
+    size: int
+    etag: str | None
+    last_modified: str | None
+    content_type: str | None
+    cached_blocks: int
+    total_blocks: int
+
+    @property
+    def cached(self) -> bool:
+        """True when every block is stored."""
+        return self.cached_blocks == self.total_blocks
+
+
+@attrs.frozen
+class Statistics:
+    """Counters since the cache was opened."""
+
+    hits: int = 0
+    misses: int = 0
+    partial_hits: int = 0
+    upstream_fetches: int = 0
+    flight_joins: int = 0
+    bytes_from_cache: int = 0
+    bytes_from_upstream: int = 0
+    blocks_stored: int = 0
+    store_failures: int = 0
+    corrupt_blocks: int = 0
+
+
+class _Discovery:
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.meta: ObjectMeta | None = None
+        self.error: Exception | None = None
+
+    async def wait(self) -> ObjectMeta:
+        await self.done.wait()
+        if self.meta is not None:
+            return self.meta
+        assert self.error is not None
+        if isinstance(self.error, UpstreamError):
+            raise UpstreamError(str(self.error), status_hint=self.error.status_hint)
+        if isinstance(self.error, NotCacheable):
+            raise NotCacheable(str(self.error))
+        raise UpstreamError(f"discovery failed: {self.error}")
+
+
+class Cache:
+    """The cache engine. Make one with :func:`open_cache`.
+
+    Args:
+      config: the node's configuration.
+      nursery: the nursery that owns every upstream fetch.
+      index, blobs, upstream: the parts it ties together.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        nursery: trio.Nursery,
+        *,
+        index: Index,
+        blobs: BlobStore,
+        upstream: Upstream,
+    ) -> None:
+        self.config = config
+        self.block_size = config.block_size
+        self.policy = config.origin_policy()
+        self.index = index
+        self.blobs = blobs
+        self.upstream = upstream
+        self._nursery = nursery
+        self._flights = FlightTable()
+        self._metas: dict[str, ObjectMeta] = {}
+        self._fetch_urls: dict[str, str] = {}
+        self._discoveries: dict[str, _Discovery] = {}
+        self._orphans: set[Fetch] = set()
+        self._verified: set[str] = set()
+        self._stats: dict[str, int] = dict.fromkeys(attrs.fields_dict(Statistics), 0)
+        self._tasks = 0
+        self._idle = trio.Event()
+        self._idle.set()
+
+    def _spawn(self, fn: Any, *args: Any) -> None:
+        """Start an engine-owned task, counted for :meth:`wait_idle`."""
+        if self._tasks == 0:
+            self._idle = trio.Event()
+        self._tasks += 1
+
+        async def run() -> None:
+            try:
+                await fn(*args)
+            finally:
+                self._tasks -= 1
+                if self._tasks == 0:
+                    self._idle.set()
+
+        self._nursery.start_soon(run)
+
+    async def wait_idle(self) -> None:
+        """Wait until no upstream fetch is running (every started block is stored or failed)."""
+        await self._idle.wait()
+
+    # -- names -------------------------------------------------------------------
+
+    def resolve(self, url: str) -> str:
+        """The cache key of ``url``: the normalised URL with the canonical host.
+
+        Raises:
+          BadRequest: 400 for a URL that is not http://, 403 for a host not allowed.
+        """
+        try:
+            host, port, target = parse_http_url(url)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        if not self.policy.allows(host, port):
+            shown = f"[{host}]" if ":" in host else host
+            raise BadRequest(f"origin {shown}:{port} is not allowed", status_hint=403)
+        canon = self.policy.canonical(host)
+        authority = f"[{canon}]" if ":" in canon else canon
+        if port != 80:
+            authority += f":{port}"
+        key = f"http://{authority}{target}"
+        self._fetch_urls.setdefault(key, url)
+        return key
+
+    # -- public API ----------------------------------------------------------------
+
+    async def meta(self, url: str, *, hint_block: int = 0) -> ObjectMeta:
+        """The metadata of ``url``'s current version, discovering it upstream if needed.
+
+        Args:
+          url: absolute http URL.
+          hint_block: the block a discovery should fetch (the one the caller needs).
+
+        Raises:
+          BadRequest: the URL is not allowed (403) or malformed (400).
+          NotCacheable: upstream's answer must not be stored; forward instead.
+          UpstreamError: upstream failed.
+        """
+        key = self.resolve(url)
+        meta = self._metas.get(key)
+        if meta is None:
+            meta = self.index.get_object(key)
+            if meta is not None:
+                self._metas[key] = meta
+        if meta is not None:
+            return meta
+        disc = self._discoveries.get(key)
+        if disc is None:
+            disc = _Discovery()
+            self._discoveries[key] = disc
+            self._spawn(self._discover, url, key, hint_block, disc)
+        else:
+            self._count("flight_joins")
+        return await disc.wait()
+
+    async def stat(self, url: str) -> ObjectInfo:
+        """Size, validators and how much of ``url`` is stored (discovering it if new)."""
+        meta = await self.meta(url)
+        total = block_count(meta.size, self.block_size)
+        stored = self.index.get_blocks(meta.key, meta.version, 0, max(total - 1, 0))
+        return ObjectInfo(
+            url=url,
+            key=meta.key,
+            size=meta.size,
+            etag=meta.etag,
+            last_modified=meta.last_modified,
+            content_type=meta.content_type,
+            cached_blocks=len(stored),
+            total_blocks=total,
+        )
+
+    async def read(self, url: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        """The bytes ``start..end`` (inclusive; ``end=None`` means to the last byte).
+
+        Raises:
+          RangeNotSatisfiable: ``start`` is beyond the object.
+          UpstreamError: upstream failed; no wrong bytes were yielded before it.
+        """
+        meta = await self.meta(url, hint_block=start // self.block_size)
+        if start >= meta.size and not (start == 0 and meta.size == 0):
+            raise RangeNotSatisfiable(meta.size)
+        last = meta.size - 1 if end is None else min(end, meta.size - 1)
+        async with aclosing(self.segments(meta, start, last)) as segments:
+            async for seg in segments:
+                if isinstance(seg, FileSlice):
+                    yield await trio.to_thread.run_sync(_pread_all, seg)
+                else:
+                    yield seg
+
+    async def warm(self, url: str) -> ObjectInfo:
+        """Fetch every missing block of ``url`` into the store; returns the new stat."""
+        meta = await self.meta(url)
+        if meta.size:
+            async with aclosing(self.segments(meta, 0, meta.size - 1)) as segments:
+                async for _ in segments:
+                    pass
+        return await self.stat(url)
+
+    async def purge(self, url: str) -> bool:
+        """Forget ``url`` and delete its blobs no other object shares; True if it was stored."""
+        key = self.resolve(url)
+        known = self.index.get_object(key) is not None
+        self._metas.pop(key, None)
+        freed = self.index.delete_object(key)
+        await self._delete_blobs(freed)
+        return known
+
+    def statistics(self) -> Statistics:
+        """A frozen snapshot of the counters."""
+        return Statistics(**self._stats)
+
+    # -- reading -------------------------------------------------------------------
+
+    async def segments(
+        self, meta: ObjectMeta, start: int, end: int
+    ) -> AsyncIterator[bytes | FileSlice]:
+        """The bytes ``start..end`` (inclusive, within the object) as stored-file slices
+        and in-memory chunks, in order.
+
+        Raises:
+          UpstreamError: a block could not be fetched (VersionChanged when the object
+            changed upstream). Bytes yielded before are correct.
+        """
+        B = self.block_size
+        wanted = blocks_for_range(start, end, B)
+        if not wanted:
+            return
+        stored = self.index.get_blocks(meta.key, meta.version, wanted.start, wanted.stop - 1)
+        claims: dict[int, Flight] = {}
+        from_cache = from_upstream = 0
+        try:
+            for idx in wanted:
+                self._claim_ahead(meta, idx, wanted.stop - 1, stored, claims)
+                b_start, b_end = block_bounds(idx, B, meta.size)
+                lo, hi = max(start, b_start) - b_start, min(end + 1, b_end) - b_start
+                flight = claims.pop(idx, None)
+                if flight is None:
+                    fd = await self._open_verified(stored[idx])
+                    if fd is None:  # missing or corrupt on disk: fetch it again
+                        del stored[idx]
+                        self._claim_ahead(meta, idx, idx, stored, claims)
+                        flight = claims.pop(idx, None)
+                    else:
+                        try:
+                            yield FileSlice(fd, lo, hi - lo)
+                        finally:
+                            os.close(fd)
+                        from_cache += hi - lo
+                        self._count("bytes_from_cache", hi - lo)
+                        continue
+                if flight is None:  # stored meanwhile by another reader's fetch
+                    stored.update(self.index.get_blocks(meta.key, meta.version, idx, idx))
+                    fd = await self._open_verified(stored[idx])
+                    if fd is None:
+                        raise UpstreamError(f"block {idx} of {meta.key} vanished while read")
+                    try:
+                        yield FileSlice(fd, lo, hi - lo)
+                    finally:
+                        os.close(fd)
+                    from_cache += hi - lo
+                    continue
+                try:
+                    async for chunk in flight.read(lo, hi):
+                        self._count("bytes_from_upstream", len(chunk))
+                        yield chunk
+                finally:
+                    self._release(flight)
+                from_upstream += hi - lo
+        finally:
+            for flight in claims.values():
+                self._release(flight)
+            if from_upstream == 0:
+                self._count("hits")
+            elif from_cache == 0:
+                self._count("misses")
+            else:
+                self._count("partial_hits")
+            if stored:
+                self.index.touch(set(stored.values()))
+
+    def _claim_ahead(
+        self,
+        meta: ObjectMeta,
+        idx: int,
+        last: int,
+        stored: dict[int, str],
+        claims: dict[int, Flight],
+    ) -> None:
+        """Make sure blocks ``idx..idx+readahead`` (up to ``last``) are stored or claimed."""
+        for j in range(idx, min(last, idx + self.config.readahead_blocks) + 1):
+            if j in stored or j in claims:
+                continue
+            fkey = FlightKey(meta.key, meta.version, j)
+            flight = self._flights.get(fkey)
+            if flight is None:
+                again = self.index.get_blocks(meta.key, meta.version, j, j)
+                if again:
+                    stored.update(again)
+                    continue
+                b_start, b_end = block_bounds(j, self.block_size, meta.size)
+                flight = Flight(fkey, b_start, b_end - b_start)
+                self._flights.add(flight)
+                fetch = Fetch([flight])
+                self._spawn(self._run_fetch, meta, fetch)
+            else:
+                self._count("flight_joins")
+                if flight.fetch is not None:
+                    self._orphans.discard(flight.fetch)
+            flight.waiters += 1
+            claims[j] = flight
+
+    def _release(self, flight: Flight) -> None:
+        flight.waiters -= 1
+        fetch = flight.fetch
+        if fetch is None or flight.finished or fetch.waiters > 0:
+            return
+        self._orphans.add(fetch)
+        if len(self._orphans) > self.config.limits.max_orphan_flights:
+            fetch.cancel_scope.cancel()
+
+    async def _open_verified(self, digest: str) -> int | None:
+        """Open a stored blob, checking it against its name per ``verify_on_read``."""
+        mode = self.config.verify_on_read
+        if mode == "always" or (mode == "first" and digest not in self._verified):
+            ok = await trio.to_thread.run_sync(self.blobs.verify, digest)
+            if not ok:
+                self._count("corrupt_blocks")
+                log.warning("blob %s does not match its digest: quarantined, refetching", digest)
+                self.blobs.quarantine(digest)
+                self.index.drop_digest(digest)
+                return None
+            self._verified.add(digest)
+        try:
+            return self.blobs.open(digest)
+        except FileNotFoundError:
+            log.warning("blob %s is missing from disk: refetching", digest)
+            self.index.drop_digest(digest)
+            return None
+
+    # -- upstream --------------------------------------------------------------------
+
+    def _fetch_url(self, key: str) -> str:
+        return self._fetch_urls.get(key, key)
+
+    async def _discover(self, url: str, key: str, hint: int, disc: _Discovery) -> None:
+        B = self.block_size
+        try:
+            range_header = ("range", f"bytes={hint * B}-{hint * B + B - 1}")
+            async with self.upstream.request("GET", url, [range_header]) as resp:
+                self._count("upstream_fetches")
+                if resp.status == 416:
+                    size = parse_unsatisfied_range(resp.header("content-range"))
+                    meta = await self._discover_by_head(url, key, size)
+                    self._adopt(meta)
+                    disc.meta = meta
+                    disc.done.set()
+                    return
+                meta, first = self._meta_from(key, resp, hint * B)
+                self._adopt(meta)
+                fetch = self._start_fill(meta, first)
+                disc.meta = meta
+                disc.done.set()
+                with fetch.cancel_scope:
+                    try:
+                        await self._fill(meta, fetch, resp, first)
+                    finally:
+                        self._end_fetch(meta, fetch)
+        except (UpstreamError, NotCacheable) as exc:
+            if not disc.done.is_set():
+                disc.error = exc
+            else:
+                log.info("filling %s failed: %s", url, exc)
+        finally:
+            self._discoveries.pop(key, None)
+            disc.done.set()
+
+    async def _discover_by_head(self, url: str, key: str, size: int | None) -> ObjectMeta:
+        async with self.upstream.request("HEAD", url) as resp:
+            self._count("upstream_fetches")
+            meta, _ = self._meta_from(key, resp, 0)
+        if size is not None and size != meta.size:
+            raise UpstreamError(f"{url}: HEAD says {meta.size} bytes, a 416 said {size}")
+        return meta
+
+    def _meta_from(self, key: str, resp: UpstreamResponse, asked: int) -> tuple[ObjectMeta, int]:
+        """Metadata from a discovery response, and the offset its body starts at."""
+        if resp.status not in (200, 206):
+            raise NotCacheable(f"upstream answered {resp.status}")
+        cc = parse_cache_control(resp.header("cache-control"))
+        if "no-store" in cc or "private" in cc:
+            raise NotCacheable("upstream said no-store or private")
+        vary = {v.strip().lower() for v in (resp.header("vary") or "").split(",") if v.strip()}
+        if vary - {"accept-encoding"}:
+            raise NotCacheable(f"upstream varies on {', '.join(sorted(vary))}")
+        first = 0
+        if resp.status == 206:
+            cr = parse_content_range(resp.header("content-range"))
+            if cr is None or cr[2] is None or cr[0] != asked:
+                raise UpstreamError(
+                    f"{key}: Content-Range {resp.header('content-range')!r} does not answer "
+                    f"a request starting at byte {asked}"
+                )
+            first, size = cr[0], cr[2]
+        else:
+            length = resp.header("content-length")
+            if length is None or not length.isdigit():
+                raise NotCacheable("upstream sent no Content-Length")
+            size = int(length)
+        etag, lm = resp.header("etag"), resp.header("last-modified")
+        meta = ObjectMeta(
+            key=key,
+            version=make_version(etag, lm, size),
+            size=size,
+            etag=etag,
+            last_modified=lm,
+            content_type=resp.header("content-type"),
+            headers=tuple((k, v) for k, v in resp.headers if k in _KEPT_HEADERS),
+            fetched_at=time.time(),
+        )
+        return meta, first
+
+    def _adopt(self, meta: ObjectMeta) -> None:
+        freed = self.index.put_object(meta)
+        self._metas[meta.key] = meta
+        for digest in freed:
+            self.blobs.delete(digest)
+
+    def _forget(self, meta: ObjectMeta) -> None:
+        """Drop ``meta``'s version (it changed upstream); the next read rediscovers."""
+        current = self.index.get_object(meta.key)
+        if current is not None and current.version == meta.version:
+            for digest in self.index.delete_object(meta.key):
+                self.blobs.delete(digest)
+        if self._metas.get(meta.key) == meta:
+            del self._metas[meta.key]
+
+    def _start_fill(self, meta: ObjectMeta, first: int) -> Fetch:
+        """A fetch for the block at byte ``first`` (registered in the flight table)."""
+        idx = first // self.block_size
+        b_start, b_end = block_bounds(idx, self.block_size, meta.size)
+        fetch = Fetch([])
+        if meta.size:
+            flight = Flight(FlightKey(meta.key, meta.version, idx), b_start, b_end - b_start)
+            self._flights.add(flight)
+            fetch.add(flight)
+        return fetch
+
+    async def _run_fetch(self, meta: ObjectMeta, fetch: Fetch) -> None:
+        """Fill ``fetch``'s flights from upstream, with bounded retries that resume."""
+        url = self._fetch_url(meta.key)
+        retries = self.config.limits.upstream_retries
+        with fetch.cancel_scope:
+            try:
+                for attempt in range(retries + 1):
+                    todo = [f for f in fetch.flights if not f.finished]
+                    if not todo:
+                        return
+                    start = todo[0].start + len(todo[0].buf)
+                    end = todo[-1].start + todo[-1].length - 1
+                    headers = [("range", f"bytes={start}-{end}")]
+                    validator = meta.strong_etag or meta.last_modified
+                    if validator:
+                        headers.append(("if-range", validator))
+                    try:
+                        async with self.upstream.request("GET", url, headers) as resp:
+                            self._count("upstream_fetches")
+                            self._check_block_response(meta, resp, start, end)
+                            await self._fill(meta, fetch, resp, start if resp.status == 206 else 0)
+                        return
+                    except VersionChanged as exc:
+                        log.info("%s changed upstream: dropping version %s", meta.key, meta.version)
+                        self._forget(meta)
+                        fetch.fail_unfinished(exc)
+                        return
+                    except UpstreamError as exc:
+                        if attempt == retries:
+                            fetch.fail_unfinished(exc)
+                            return
+                        log.info("retrying %s bytes=%d-%d after: %s", url, start, end, exc)
+                        await trio.sleep(min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempt))
+            finally:
+                self._end_fetch(meta, fetch)
+
+    def _check_block_response(
+        self, meta: ObjectMeta, resp: UpstreamResponse, start: int, end: int
+    ) -> None:
+        etag, lm = resp.header("etag"), resp.header("last-modified")
+        if (meta.etag and etag and etag != meta.etag) or (
+            not meta.etag and meta.last_modified and lm and lm != meta.last_modified
+        ):
+            raise VersionChanged(f"{meta.key}: validator changed from {meta.etag or meta.last_modified}")
+        if resp.status == 206:
+            cr = parse_content_range(resp.header("content-range"))
+            if cr != (start, end, meta.size):
+                raise UpstreamError(
+                    f"{meta.key}: asked bytes {start}-{end}/{meta.size}, "
+                    f"got Content-Range {resp.header('content-range')!r}"
+                )
+        elif resp.status == 200:
+            length = resp.header("content-length")
+            if length is not None and length.isdigit() and int(length) != meta.size:
+                raise VersionChanged(f"{meta.key}: length changed from {meta.size} to {length}")
+        elif resp.status in (404, 410, 412, 416):
+            raise VersionChanged(f"{meta.key}: upstream now answers {resp.status}")
+        else:
+            raise UpstreamError(f"{meta.key}: upstream answered {resp.status} to a block fetch")
+
+    async def _fill(self, meta: ObjectMeta, fetch: Fetch, resp: UpstreamResponse, pos: int) -> None:
+        """Cut ``resp``'s body (starting at object byte ``pos``) into ``fetch``'s flights.
+
+        Blocks the body passes that no flight claims are claimed on the way when they
+        are neither stored nor in flight (an origin that ignores Range sends them all).
+        """
+        B = self.block_size
+        by_index = {f.key.index: f for f in fetch.flights}
+        async for chunk in resp.iter_body():
+            view = memoryview(chunk)
+            while view:
+                if pos >= meta.size:
+                    raise UpstreamError(f"{meta.key}: body runs past the object's {meta.size} bytes")
+                idx = pos // B
+                b_start, b_end = block_bounds(idx, B, meta.size)
+                take = min(len(view), b_end - pos)
+                flight = by_index.get(idx)
+                if flight is None and pos == b_start:
+                    flight = self._claim_passing(meta, idx, fetch)
+                    if flight is not None:
+                        by_index[idx] = flight
+                if flight is not None and not flight.finished:
+                    have = flight.start + len(flight.buf)
+                    if pos + take > have:
+                        if pos > have:
+                            raise UpstreamError(f"{meta.key}: gap in block {idx}")
+                        flight.feed(view[have - pos : take])
+                        if flight.complete:
+                            await self._store(meta, flight)
+                pos += take
+                view = view[take:]
+        unfinished = [f for f in fetch.flights if not f.finished]
+        if unfinished:
+            raise UpstreamError(f"{meta.key}: body ended before block {unfinished[0].key.index}")
+
+    def _claim_passing(self, meta: ObjectMeta, idx: int, fetch: Fetch) -> Flight | None:
+        fkey = FlightKey(meta.key, meta.version, idx)
+        if self._flights.get(fkey) is not None:
+            return None
+        if self.index.get_blocks(meta.key, meta.version, idx, idx):
+            return None
+        b_start, b_end = block_bounds(idx, self.block_size, meta.size)
+        flight = Flight(fkey, b_start, b_end - b_start)
+        self._flights.add(flight)
+        fetch.add(flight)
+        return flight
+
+    async def _store(self, meta: ObjectMeta, flight: Flight) -> None:
+        """Write a complete block to the store and index; then it leaves the table."""
+        assert flight.digest is not None
+        data = bytes(flight.buf)
+        try:
+            await trio.to_thread.run_sync(self.blobs.put, data, flight.digest)
+        except OSError as exc:
+            self._count("store_failures")
+            log.warning("could not store block %d of %s: %s", flight.key.index, meta.key, exc)
+        else:
+            if self.index.add_block(meta.key, meta.version, flight.key.index, flight.digest, len(data)):
+                self._count("blocks_stored")
+                self._verified.add(flight.digest)
+        self._flights.remove(flight)
+
+    def _end_fetch(self, meta: ObjectMeta, fetch: Fetch) -> None:
+        fetch.fail_unfinished(UpstreamError(f"{meta.key}: fetch abandoned"))
+        for f in fetch.flights:
+            if not f.complete:
+                self._flights.remove(f)
+        self._orphans.discard(fetch)
+
+    async def _delete_blobs(self, digests: list[str]) -> None:
+        if digests:
+            await trio.to_thread.run_sync(lambda: [self.blobs.delete(d) for d in digests])
+
+    def _count(self, name: str, n: int = 1) -> None:
+        if name in self._stats:
+            self._stats[name] += n
+
+
+def _pread_all(s: FileSlice) -> bytes:
+    out = os.pread(s.fd, s.length, s.offset)
+    if len(out) != s.length:
+        raise UpstreamError(f"blob is shorter than expected ({len(out)} < {s.length} bytes)")
+    return out
+
+
+def _drive_infos(drives: tuple[Drive, ...]) -> list[DriveInfo]:
+    return [DriveInfo(Path(d.path), d.max_size, d.min_free) for d in drives]
+
+
+@asynccontextmanager
+async def open_cache(config: Config | None = None, **overrides: Any) -> AsyncIterator[Cache]:
+    """Open a cache for use as a library.
+
+    Args:
+      config: a full :class:`~mcc.config.Config`; or None for the defaults.
+      **overrides: config keys to change (``block_size=``, ``allow_origins=`` ...);
+        ``cache_dir=`` is short for one drive at that folder.
+
+    Yields:
+      The :class:`Cache`; its fetches stop when the block exits.
+
+    Raises:
+      ConfigError: a bad override, one line per problem.
+    """
+    if overrides or config is None:
+        raw: dict[str, Any] = {}
+        if config is not None:
+            raw = _config_as_raw(config)
+        cache_dir = overrides.pop("cache_dir", None)
+        if cache_dir is not None:
+            raw["drives"] = [{"path": str(cache_dir)}]
+        raw.update(overrides)
+        config = structure_config(raw)
+    blobs = BlobStore(_drive_infos(config.drives))
+    swept = blobs.sweep_tmp()
+    if swept:
+        log.info("removed %d temp files left by an earlier crash", swept)
+    index = Index(Path(config.drives[0].path) / "index.sqlite3")
+    upstream = Upstream(config)
+    try:
+        async with trio.open_nursery() as nursery:
+            cache = Cache(config, nursery, index=index, blobs=blobs, upstream=upstream)
+            try:
+                yield cache
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            await upstream.aclose()
+        index.close()
+
+
+def _config_as_raw(config: Config) -> dict[str, Any]:
+    import tomllib
+
+    from ..config import config_to_toml
+
+    return dict(tomllib.loads(config_to_toml(config)))

@@ -1,0 +1,1 @@
+"""Operations: access log, metrics, health."""

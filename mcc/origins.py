@@ -1,0 +1,167 @@
+"""Which origin hosts mcc serves, and the names it files them under.
+
+mcc is never an open proxy: a request is served only when its origin host matches
+an allowlist pattern. A pattern is ``host``, ``host:port`` or ``*.suffix`` (which
+matches any name ending in ``.suffix`` but not ``suffix`` itself). A pattern
+without a port matches ports 80 and 443 only, the ports real mirrors use; name the
+port to allow any other.
+
+``DEFAULT_ALLOW_ORIGINS`` holds the content endpoints that Microsoft Connected
+Cache caches for Delivery Optimization clients. Source: "Microsoft Connected Cache
+content and services endpoints",
+https://learn.microsoft.com/windows/deployment/do/delivery-optimization-endpoints
+(content rows; the service and management endpoints are not content and are left out).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import attrs
+
+__all__ = ["DEFAULT_ALLOW_ORIGINS", "OriginPolicy", "normalize_host", "split_host_port"]
+
+DEFAULT_ALLOW_ORIGINS: tuple[str, ...] = (
+    # Windows Update, Microsoft Store, Edge and Delivery Optimization content
+    "*.windowsupdate.com",
+    "*.dl.delivery.mp.microsoft.com",
+    "*.delivery.mp.microsoft.com",
+    "*.do.dsp.mp.microsoft.com",
+    "emdl.ws.microsoft.com",
+    # Office Click-to-Run / Microsoft 365 Apps CDN
+    "officecdn.microsoft.com",
+    "*.officecdn.microsoft.com",
+    "officecdn.microsoft.com.edgesuite.net",
+    "*.officecdn.microsoft.com.edgesuite.net",
+    # Intune Win32 apps
+    "swda01-mscdn.manage.microsoft.com",
+    "swda02-mscdn.manage.microsoft.com",
+    "swdb01-mscdn.manage.microsoft.com",
+    "swdb02-mscdn.manage.microsoft.com",
+    "swdc01-mscdn.manage.microsoft.com",
+    "swdc02-mscdn.manage.microsoft.com",
+    "swdd01-mscdn.manage.microsoft.com",
+    "swdd02-mscdn.manage.microsoft.com",
+    "swdin01-mscdn.manage.microsoft.com",
+    "swdin02-mscdn.manage.microsoft.com",
+    # Microsoft Defender definition updates
+    "definitionupdates.microsoft.com",
+    # Device Update for IoT Hub
+    "*.dl.adu.microsoft.com",
+)
+
+_DEFAULT_PORTS = (80, 443)
+
+
+def split_host_port(authority: str, default_port: int = 80) -> tuple[str, int]:
+    """Split ``host[:port]`` (IPv6 in brackets) into a normalised host and a port.
+
+    Raises:
+      ValueError: naming the authority when it is malformed.
+    """
+    if "@" in authority:
+        raise ValueError(f"{authority!r} carries userinfo, which is not allowed")
+    host, port = authority, default_port
+    if authority.startswith("["):
+        end = authority.find("]")
+        if end < 0:
+            raise ValueError(f"{authority!r} has an unclosed IPv6 bracket")
+        host, rest = authority[1:end], authority[end + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"{authority!r} is not host[:port]")
+            port = _parse_port(rest[1:], authority)
+    elif authority.count(":") == 1:
+        host, port_text = authority.split(":")
+        port = _parse_port(port_text, authority)
+    elif ":" in authority:
+        raise ValueError(f"{authority!r} is not host[:port] (IPv6 needs brackets)")
+    return normalize_host(host), port
+
+
+def _parse_port(text: str, authority: str) -> int:
+    if not text.isascii() or not text.isdigit() or not 0 < int(text) < 65536:
+        raise ValueError(f"{authority!r} has an invalid port {text!r}")
+    return int(text)
+
+
+def normalize_host(host: str) -> str:
+    """Lower-case, strip one trailing dot, IDNA-encode; reject anything that is not a host.
+
+    Raises:
+      ValueError: naming the host when it cannot be a DNS name or an IP literal.
+    """
+    h = host.strip().rstrip(".").lower() if host.endswith(".") else host.strip().lower()
+    if not h:
+        raise ValueError("empty host")
+    if ":" in h:  # an IPv6 literal (brackets already removed)
+        if not all(c in "0123456789abcdef:." for c in h):
+            raise ValueError(f"{host!r} is not a valid IPv6 address")
+        return h
+    if not h.isascii():
+        try:
+            h = h.encode("idna").decode("ascii")
+        except UnicodeError as exc:
+            raise ValueError(f"{host!r} is not a valid host name") from exc
+    if any(not (c.isalnum() or c in "-._") for c in h) or ".." in h or len(h) > 253:
+        raise ValueError(f"{host!r} is not a valid host name")
+    return h
+
+
+@attrs.frozen
+class _Pattern:
+    host: str  # normalised; for a wildcard, the suffix without "*."
+    port: int | None
+    wildcard: bool
+
+    @classmethod
+    def parse(cls, text: str) -> _Pattern:
+        wildcard = text.startswith("*.")
+        body = text[2:] if wildcard else text
+        host, port = split_host_port(body, default_port=0)
+        return cls(host, port or None, wildcard)
+
+    def matches(self, host: str, port: int) -> bool:
+        if self.port is None:
+            if port not in _DEFAULT_PORTS:
+                return False
+        elif port != self.port:
+            return False
+        if self.wildcard:
+            return host.endswith("." + self.host)
+        return host == self.host
+
+
+@attrs.frozen
+class OriginPolicy:
+    """The allowlist plus the canonical-alias table, compiled for matching.
+
+    Args:
+      patterns: allowlist entries (``host``, ``host:port``, ``*.suffix``).
+      canonical_hosts: mirror host -> canonical host; a mirror named here is allowed
+        and its objects are filed under the canonical name, so that several mirrors
+        share one cache entry.
+    """
+
+    _patterns: tuple[_Pattern, ...]
+    _canonical: Mapping[str, str]
+
+    @classmethod
+    def build(
+        cls, patterns: Iterable[str], canonical_hosts: Mapping[str, str] | None = None
+    ) -> OriginPolicy:
+        """Compile patterns; raises ValueError naming the first bad one."""
+        canonical = {
+            normalize_host(k): normalize_host(v) for k, v in (canonical_hosts or {}).items()
+        }
+        compiled = [_Pattern.parse(p) for p in patterns]
+        compiled += [_Pattern(h, None, False) for h in canonical]
+        return cls(tuple(compiled), canonical)
+
+    def allows(self, host: str, port: int) -> bool:
+        """True when ``host:port`` (already normalised) may be fetched."""
+        return any(p.matches(host, port) for p in self._patterns)
+
+    def canonical(self, host: str) -> str:
+        """The name objects from ``host`` are filed under."""
+        return self._canonical.get(host, host)

@@ -1,0 +1,186 @@
+"""Blob files named by the BLAKE3 digest of their content.
+
+Theory of operation: a blob is written to ``<drive>/tmp/`` and renamed to
+``<drive>/blobs/<d[0:2]>/<d[2:4]>/<digest>``, so a blob file is either whole or
+absent: a crash mid-write leaves only a temp file, which :meth:`BlobStore.sweep_tmp`
+removes at the next start. The digest is the name, so equal blocks under different
+URLs are one file, and a reader can check a blob against its name at any time.
+
+A blob lives on one drive, chosen by weighted rendezvous hashing of its digest over
+the drives (weight = the drive's ``max_size``): the choice is stable across restarts
+and adding a drive moves only the blobs that now belong to it.
+
+Everything here is blocking file I/O; the engine calls it through ``trio.to_thread``
+where a call may take long (writes, hashing) and directly where it is one syscall.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import attrs
+import blake3
+
+__all__ = ["BlobStore", "DriveInfo", "digest_of"]
+
+_READ_CHUNK = 1024 * 1024
+
+
+def digest_of(data: bytes | bytearray | memoryview) -> str:
+    """The hex BLAKE3 digest that names ``data``."""
+    return str(blake3.blake3(data).hexdigest())
+
+
+@attrs.frozen
+class DriveInfo:
+    """One cache drive as the store sees it."""
+
+    root: Path
+    max_size: int
+    min_free: int
+
+
+class BlobStore:
+    """Blob files across one or more drives.
+
+    Args:
+      drives: the drives, each with a root folder (created if missing).
+
+    Raises:
+      OSError: when a drive folder cannot be created.
+    """
+
+    def __init__(self, drives: Sequence[DriveInfo]) -> None:
+        if not drives:
+            raise ValueError("drives: at least one drive is needed")
+        self.drives = tuple(drives)
+        for d in self.drives:
+            for sub in ("blobs", "tmp", "quarantine"):
+                (d.root / sub).mkdir(parents=True, exist_ok=True)
+        self._tmp_counter = 0
+
+    def drive_for(self, digest: str) -> DriveInfo:
+        """The drive a blob lives on (weighted rendezvous hash of its digest)."""
+        if len(self.drives) == 1:
+            return self.drives[0]
+        best, best_score = self.drives[0], -math.inf
+        for d in self.drives:
+            h = int(digest_of(f"{d.root}\0{digest}".encode())[:15], 16)
+            u = (h + 1) / (16**15 + 1)  # in (0, 1)
+            score = -d.max_size / math.log(u)
+            if score > best_score:
+                best, best_score = d, score
+        return best
+
+    def path(self, digest: str) -> Path:
+        """Where the blob named ``digest`` lives (whether or not it exists)."""
+        return self.drive_for(digest).root / "blobs" / digest[0:2] / digest[2:4] / digest
+
+    def put(self, data: bytes | bytearray | memoryview, digest: str | None = None) -> str:
+        """Write a blob (if not already present) and return its digest.
+
+        Args:
+          data: the block's bytes.
+          digest: its digest when already computed while streaming; checked, not trusted,
+            only in the sense that the name must be 64 hex digits.
+
+        Raises:
+          OSError: ENOSPC and friends; no partial blob is ever left under its name.
+        """
+        if digest is None:
+            digest = digest_of(data)
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise ValueError(f"digest: {digest!r} is not 64 lower-case hex digits")
+        final = self.path(digest)
+        if final.exists():
+            return digest
+        drive = self.drive_for(digest)
+        self._tmp_counter += 1
+        tmp = drive.root / "tmp" / f"{digest}.{os.getpid()}.{self._tmp_counter}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, final)
+        except BaseException:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+            raise
+        return digest
+
+    def open(self, digest: str) -> int:
+        """Open a blob for reading and return the fd (the caller closes it).
+
+        Raises:
+          FileNotFoundError: the blob is not there.
+        """
+        return os.open(self.path(digest), os.O_RDONLY | os.O_CLOEXEC)
+
+    def exists(self, digest: str) -> bool:
+        """True when the blob file is present."""
+        return self.path(digest).exists()
+
+    def size_of(self, digest: str) -> int | None:
+        """The blob file's length, or None when it is missing."""
+        try:
+            return self.path(digest).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def verify(self, digest: str) -> bool:
+        """Re-hash the blob; True when its content still matches its name."""
+        h = blake3.blake3()
+        try:
+            with open(self.path(digest), "rb") as f:
+                while chunk := f.read(_READ_CHUNK):
+                    h.update(chunk)
+        except FileNotFoundError:
+            return False
+        return bool(h.hexdigest() == digest)
+
+    def quarantine(self, digest: str) -> None:
+        """Move a corrupt blob aside (kept for inspection, never served)."""
+        src = self.path(digest)
+        dst = self.drive_for(digest).root / "quarantine" / digest
+        try:
+            os.replace(src, dst)
+        except FileNotFoundError:
+            pass
+
+    def delete(self, digest: str) -> int:
+        """Remove a blob; returns the bytes freed (0 when it was already gone)."""
+        p = self.path(digest)
+        try:
+            size = p.stat().st_size
+            p.unlink()
+        except FileNotFoundError:
+            return 0
+        return size
+
+    def sweep_tmp(self) -> int:
+        """Remove temp files left by a crash mid-write; returns how many."""
+        removed = 0
+        for d in self.drives:
+            for p in (d.root / "tmp").iterdir():
+                try:
+                    p.unlink()
+                    removed += 1
+                except OSError:
+                    pass
+        return removed
+
+    def iter_digests(self) -> Iterator[str]:
+        """Every blob digest present on any drive (walks the folders)."""
+        for d in self.drives:
+            for p in (d.root / "blobs").glob("*/*/*"):
+                yield p.name
+
+    def free_space(self, drive: DriveInfo) -> int:
+        """Bytes free on the filesystem holding ``drive``."""
+        return shutil.disk_usage(drive.root).free

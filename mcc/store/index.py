@@ -1,0 +1,241 @@
+"""The sqlite index: (url, version, block index) -> blob digest, plus object metadata.
+
+Theory of operation: sqlite in WAL mode with ``synchronous=NORMAL``: a commit is a
+sequential append to the WAL with no fsync, so a process crash (``kill -9``) loses
+nothing committed and a power loss loses at most the last commits, never the
+database's consistency. The ordering rules that keep the index and the blob files
+in step across a crash:
+
+- a block row is inserted only after its blob file was renamed into place, so a
+  crash in between leaves an orphan blob (reclaimed later), never a row without a blob;
+- a blob file is deleted only after its last row is gone, with the same result.
+
+Each call is one short transaction (tens of microseconds), so the engine calls it
+directly on the trio thread; see ``benchmarks/`` for the measurement.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from ..engine.blocks import ObjectMeta
+
+__all__ = ["SCHEMA_VERSION", "Index"]
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS objects (
+    key TEXT PRIMARY KEY,
+    version TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    etag TEXT,
+    last_modified TEXT,
+    content_type TEXT,
+    headers TEXT NOT NULL,
+    fetched_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS blocks (
+    key TEXT NOT NULL,
+    version TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    digest TEXT NOT NULL,
+    PRIMARY KEY (key, version, idx)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS blocks_by_digest ON blocks (digest);
+CREATE TABLE IF NOT EXISTS blobs (
+    digest TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    last_access REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS blobs_by_access ON blobs (last_access);
+"""
+
+
+class Index:
+    """The index database of one cache.
+
+    Args:
+      path: the sqlite file (created with the schema when missing).
+
+    Raises:
+      sqlite3.DatabaseError: the file is not an mcc index, or is from a newer mcc.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA foreign_keys=OFF")
+        self._db.executescript(_SCHEMA)  # idempotent; executescript commits by itself
+        with self._tx():
+            row = self._db.execute("SELECT value FROM meta WHERE name='schema'").fetchone()
+            if row is None:
+                self._db.execute(
+                    "INSERT INTO meta (name, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),)
+                )
+            elif int(row[0]) > SCHEMA_VERSION:
+                raise sqlite3.DatabaseError(
+                    f"{path}: index schema {row[0]} is newer than this mcc understands "
+                    f"({SCHEMA_VERSION})"
+                )
+
+    def _tx(self) -> _Tx:
+        return _Tx(self._db)
+
+    def close(self) -> None:
+        """Close the database."""
+        self._db.close()
+
+    # -- objects ---------------------------------------------------------------
+
+    def get_object(self, key: str) -> ObjectMeta | None:
+        """The stored metadata for ``key``, or None."""
+        row = self._db.execute(
+            "SELECT key, version, size, etag, last_modified, content_type, headers, fetched_at "
+            "FROM objects WHERE key=?",
+            (key,),
+        ).fetchone()
+        if row is None:
+            return None
+        headers = tuple((str(k), str(v)) for k, v in json.loads(row[6]))
+        return ObjectMeta(row[0], row[1], row[2], row[3], row[4], row[5], headers, row[7])
+
+    def put_object(self, meta: ObjectMeta) -> list[str]:
+        """Store ``meta``; a different version of the same key is dropped with its blocks.
+
+        Returns:
+          Digests no longer referenced by any block (the caller deletes their files).
+        """
+        with self._tx():
+            old = self._db.execute("SELECT version FROM objects WHERE key=?", (meta.key,)).fetchone()
+            freed: list[str] = []
+            if old is not None and old[0] != meta.version:
+                freed = self._drop_blocks(meta.key)
+            self._db.execute(
+                "INSERT OR REPLACE INTO objects VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    meta.key,
+                    meta.version,
+                    meta.size,
+                    meta.etag,
+                    meta.last_modified,
+                    meta.content_type,
+                    json.dumps(meta.headers),
+                    meta.fetched_at,
+                ),
+            )
+            return freed
+
+    def delete_object(self, key: str) -> list[str]:
+        """Forget ``key`` and its blocks; returns digests no longer referenced."""
+        with self._tx():
+            freed = self._drop_blocks(key)
+            self._db.execute("DELETE FROM objects WHERE key=?", (key,))
+            return freed
+
+    def keys(self) -> list[str]:
+        """Every object key."""
+        return [r[0] for r in self._db.execute("SELECT key FROM objects ORDER BY key")]
+
+    def _drop_blocks(self, key: str) -> list[str]:
+        digests = [
+            r[0] for r in self._db.execute("SELECT DISTINCT digest FROM blocks WHERE key=?", (key,))
+        ]
+        self._db.execute("DELETE FROM blocks WHERE key=?", (key,))
+        return self._unreferenced(digests)
+
+    def _unreferenced(self, digests: Iterable[str]) -> list[str]:
+        freed = []
+        for d in digests:
+            if self._db.execute("SELECT 1 FROM blocks WHERE digest=? LIMIT 1", (d,)).fetchone():
+                continue
+            self._db.execute("DELETE FROM blobs WHERE digest=?", (d,))
+            freed.append(d)
+        return freed
+
+    # -- blocks ----------------------------------------------------------------
+
+    def add_block(self, key: str, version: str, idx: int, digest: str, size: int) -> bool:
+        """Record that block ``idx`` of ``key``/``version`` is blob ``digest``.
+
+        Returns:
+          False (and records nothing) when that object version is no longer current,
+          e.g. it changed upstream while the block was in flight.
+        """
+        with self._tx():
+            row = self._db.execute("SELECT version FROM objects WHERE key=?", (key,)).fetchone()
+            if row is None or row[0] != version:
+                return False
+            self._db.execute(
+                "INSERT OR REPLACE INTO blocks VALUES (?, ?, ?, ?)", (key, version, idx, digest)
+            )
+            self._db.execute(
+                "INSERT INTO blobs VALUES (?, ?, ?) ON CONFLICT(digest) DO UPDATE "
+                "SET last_access=excluded.last_access",
+                (digest, size, time.time()),
+            )
+            return True
+
+    def get_blocks(self, key: str, version: str, first: int, last: int) -> dict[int, str]:
+        """Digests of the stored blocks ``first..last`` (inclusive) of ``key``/``version``."""
+        return dict(
+            self._db.execute(
+                "SELECT idx, digest FROM blocks WHERE key=? AND version=? AND idx BETWEEN ? AND ?",
+                (key, version, first, last),
+            ).fetchall()
+        )
+
+    def drop_digest(self, digest: str) -> list[tuple[str, str, int]]:
+        """Forget every block naming ``digest`` (a corrupt or missing blob).
+
+        Returns:
+          The (key, version, idx) rows that were dropped.
+        """
+        with self._tx():
+            rows = self._db.execute(
+                "SELECT key, version, idx FROM blocks WHERE digest=?", (digest,)
+            ).fetchall()
+            self._db.execute("DELETE FROM blocks WHERE digest=?", (digest,))
+            self._db.execute("DELETE FROM blobs WHERE digest=?", (digest,))
+            return [(r[0], r[1], r[2]) for r in rows]
+
+    def touch(self, digests: Iterable[str], when: float | None = None) -> None:
+        """Record a read of these blobs (for least-recently-used eviction)."""
+        now = time.time() if when is None else when
+        with self._tx():
+            self._db.executemany(
+                "UPDATE blobs SET last_access=? WHERE digest=?", [(now, d) for d in digests]
+            )
+
+    def all_digests(self) -> dict[str, int]:
+        """Every blob the index knows, with its size."""
+        return dict(self._db.execute("SELECT digest, size FROM blobs").fetchall())
+
+    def stored_bytes(self) -> int:
+        """Total size of the blobs the index knows."""
+        return int(self._db.execute("SELECT COALESCE(SUM(size), 0) FROM blobs").fetchone()[0])
+
+
+class _Tx:
+    """BEGIN; then COMMIT on success, ROLLBACK on any exception.
+
+    The connection runs with ``isolation_level=None`` (sqlite3 opens no transaction
+    by itself), so each multi-statement change is wrapped in one of these.
+    """
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> sqlite3.Connection:
+        self._db.execute("BEGIN")
+        return self._db
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self._db.execute("COMMIT" if exc_type is None else "ROLLBACK")

@@ -1,0 +1,1 @@
+"""The h11 client that fetches from origins and parent caches."""

@@ -1,0 +1,330 @@
+"""An HTTP/1.1 client on h11 and trio: keep-alive pool, timeouts, parents in order.
+
+Theory of operation: every upstream request goes to a *route*. The routes for a URL
+are the healthy parents in configured order (each reached in forward-proxy form:
+absolute URL as the request target), then the origin itself (directly, or through
+``upstream_proxy``), unless ``origin_fallback`` is off. A parent that cannot be
+reached, times out before answering, or answers 5xx is marked down for
+``parent_backoff`` seconds and the next route is tried. Requests whose body cannot
+be replayed only move on to the next route when nothing was sent.
+
+Connections are pooled per (host, port): a response read to its end on a keep-alive
+connection returns the connection to the pool; anything else closes it. A pooled
+connection the peer closed meanwhile fails before any response byte arrives; the
+request is then retried once on a fresh connection.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from urllib.parse import urlsplit
+
+import attrs
+import h11
+import trio
+
+from ..config import Config
+from ..errors import UpstreamError
+from ..origins import split_host_port
+
+__all__ = ["Route", "Upstream", "UpstreamResponse", "parse_http_url"]
+
+# Bytes asked of the socket per receive: large enough that a 1 MiB block takes
+# a few dozen calls, small enough to bound the memory one connection holds.
+_RECEIVE_SIZE = 256 * 1024
+# RFC 9110 s5.4 leaves the limit to us; h11's default (16 KiB) refuses larger heads.
+_MAX_RESPONSE_HEAD = 64 * 1024
+
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+
+
+def parse_http_url(url: str) -> tuple[str, int, str]:
+    """Split ``http://host[:port]/path?q`` into (host, port, path-and-query).
+
+    Raises:
+      ValueError: naming the URL when it is not a plain http URL.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "http" or not parts.netloc:
+        raise ValueError(f"{url!r} is not an http:// URL")
+    host, port = split_host_port(parts.netloc, 80)
+    target = parts.path or "/"
+    if parts.query:
+        target += "?" + parts.query
+    return host, port, target
+
+
+@attrs.frozen
+class Route:
+    """One way upstream: where to connect and whether to use proxy (absolute) form."""
+
+    name: str
+    host: str
+    port: int
+    proxy_form: bool
+    is_parent: bool = False
+
+
+class _Connection:
+    def __init__(self, stream: trio.SocketStream, key: tuple[str, int]) -> None:
+        self.stream = stream
+        self.key = key
+        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_RESPONSE_HEAD)
+        self.reused = False
+
+    async def send(self, event: h11.Event) -> None:
+        data = self.h11.send(event)
+        if data:
+            await self.stream.send_all(data)
+
+    async def next_event(self, timeout: float) -> h11.Event:
+        while True:
+            event = self.h11.next_event()
+            if event is h11.NEED_DATA:
+                with trio.fail_after(timeout):
+                    data = await self.stream.receive_some(_RECEIVE_SIZE)
+                self.h11.receive_data(data)
+                continue
+            assert not isinstance(event, type)  # PAUSED cannot happen: one request per cycle
+            return event
+
+
+class UpstreamResponse:
+    """A response head from upstream plus its body, read with :meth:`receive`.
+
+    Attributes:
+      status: the status code.
+      headers: (lower-case name, value) pairs, hop-by-hop headers removed.
+      route: the route that answered.
+    """
+
+    def __init__(
+        self, conn: _Connection, response: h11.Response, route: Route, timeout: float
+    ) -> None:
+        self._conn = conn
+        self.route = route
+        self.status = response.status_code
+        self.reason = response.reason.decode("latin-1")
+        self.headers = [
+            (k.decode("latin-1"), v.decode("latin-1"))
+            for k, v in response.headers
+            if k.decode("latin-1") not in _HOP_BY_HOP
+        ]
+        self._timeout = timeout
+        self.complete = False
+
+    def header(self, name: str) -> str | None:
+        """The first value of header ``name`` (lower case), or None."""
+        for k, v in self.headers:
+            if k == name:
+                return v
+        return None
+
+    async def receive(self) -> bytes:
+        """The next piece of the body; ``b""`` at its end.
+
+        Raises:
+          UpstreamError: the connection broke, timed out, or the framing was wrong
+            (e.g. fewer bytes than Content-Length).
+        """
+        if self.complete:
+            return b""
+        with _map_errors(self.route, "reading the body"):
+            event = await self._conn.next_event(self._timeout)
+        if isinstance(event, h11.Data):
+            return bytes(event.data)
+        if isinstance(event, h11.EndOfMessage):
+            self.complete = True
+            return b""
+        raise UpstreamError(f"{self.route.name}: unexpected {type(event).__name__} in body")
+
+    async def iter_body(self) -> AsyncIterator[bytes]:
+        """Every remaining piece of the body."""
+        while chunk := await self.receive():
+            yield chunk
+
+
+@contextmanager
+def _map_errors(route: Route, doing: str) -> Iterator[None]:
+    try:
+        yield
+    except trio.TooSlowError:
+        raise UpstreamError(f"{route.name}: timed out {doing}", status_hint=504) from None
+    except h11.ProtocolError as exc:
+        raise UpstreamError(f"{route.name}: broken HTTP while {doing}: {exc}") from None
+    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        raise UpstreamError(f"{route.name}: connection failed while {doing}: {exc}") from None
+
+
+class Upstream:
+    """Fetches from parents and origins for one mcc node.
+
+    Args:
+      config: the node's configuration (parents, proxy, timeouts, pool size, node id).
+    """
+
+    def __init__(self, config: Config) -> None:
+        self._config = config
+        self._idle: dict[tuple[str, int], list[_Connection]] = defaultdict(list)
+        self._parents = [self._parent_route(u) for u in config.parents]
+        self._down_until: dict[str, float] = {}
+        self.via = f"1.1 {config.node_id}"
+        self.requests = 0
+
+    @staticmethod
+    def _parent_route(url: str) -> Route:
+        host, port, _ = parse_http_url(url if url.endswith("/") else url + "/")
+        return Route(url, host, port, proxy_form=True, is_parent=True)
+
+    def parent_health(self) -> dict[str, bool]:
+        """Each parent URL -> True when it is currently considered up."""
+        now = time.monotonic()
+        return {r.name: self._down_until.get(r.name, 0) <= now for r in self._parents}
+
+    def routes(self, url: str) -> list[Route]:
+        """The routes to try for ``url``, in order."""
+        now = time.monotonic()
+        routes = [r for r in self._parents if self._down_until.get(r.name, 0) <= now]
+        if not self._parents or self._config.origin_fallback:
+            proxy = self._config.upstream_proxy
+            if proxy is not None:
+                routes.append(Route(f"proxy {proxy}", proxy.host, proxy.port, proxy_form=True))
+            else:
+                host, port, _ = parse_http_url(url)
+                routes.append(Route(f"origin {host}:{port}", host, port, proxy_form=False))
+        if not routes:  # every parent down and no fallback: try them anyway
+            routes = list(self._parents)
+        return routes
+
+    def _mark_down(self, route: Route) -> None:
+        if route.is_parent:
+            self._down_until[route.name] = time.monotonic() + self._config.timeouts.parent_backoff
+
+    async def _connect(self, route: Route) -> _Connection:
+        key = (route.host, route.port)
+        idle = self._idle[key]
+        while idle:
+            conn = idle.pop()
+            if conn.h11.our_state is h11.IDLE and conn.h11.their_state is h11.IDLE:
+                conn.reused = True
+                return conn
+            await conn.stream.aclose()
+        with _map_errors(route, "connecting"), trio.fail_after(self._config.timeouts.connect):
+            stream = await trio.open_tcp_stream(route.host, route.port)
+        return _Connection(stream, key)
+
+    async def _release(self, conn: _Connection, reusable: bool) -> None:
+        if reusable and conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE:
+            conn.h11.start_next_cycle()
+            idle = self._idle[conn.key]
+            if len(idle) < self._config.limits.upstream_connections_per_host:
+                idle.append(conn)
+                return
+        with trio.CancelScope(shield=True):
+            await conn.stream.aclose()
+
+    async def aclose(self) -> None:
+        """Close every pooled connection."""
+        for conns in self._idle.values():
+            for conn in conns:
+                with trio.CancelScope(shield=True):
+                    await conn.stream.aclose()
+        self._idle.clear()
+
+    @asynccontextmanager
+    async def request(
+        self,
+        method: str,
+        url: str,
+        headers: Sequence[tuple[str, str]] = (),
+        body: AsyncIterator[bytes] | None = None,
+        body_length: int | None = None,
+    ) -> AsyncIterator[UpstreamResponse]:
+        """Send one request upstream, trying routes in order; yields the response.
+
+        Args:
+          method: the request method.
+          url: the absolute origin URL (``http://host[:port]/path?query``).
+          headers: end-to-end request headers to send (Host, Via are added).
+          body: the request body, streamed once (so only a connect failure moves on).
+          body_length: its Content-Length, or None for chunked.
+
+        Raises:
+          UpstreamError: no route answered.
+        """
+        host, port, target = parse_http_url(url)
+        authority = host if port == 80 else f"{host}:{port}"
+        if ":" in host:
+            authority = f"[{host}]" if port == 80 else f"[{host}]:{port}"
+        base = [(k, v) for k, v in headers if k.lower() not in _HOP_BY_HOP | {"host", "via"}]
+        via = [v for k, v in headers if k.lower() == "via"]
+        base.append(("via", ", ".join([*via, self.via])))
+        if body is not None and body_length is not None:
+            base = [(k, v) for k, v in base if k.lower() != "content-length"]
+            base.append(("content-length", str(body_length)))
+        elif body is not None:
+            base.append(("transfer-encoding", "chunked"))
+        last_error: UpstreamError | None = None
+        for route in self.routes(url):
+            request_target = f"http://{authority}{target}" if route.proxy_form else target
+            h11_request = h11.Request(
+                method=method, target=request_target, headers=[("host", authority), *base]
+            )
+            for fresh_try in range(2):
+                conn = await self._connect(route)
+                sent_body = False
+                try:
+                    with _map_errors(route, "sending the request"):
+                        await conn.send(h11_request)
+                        if body is not None:
+                            sent_body = True
+                            async for chunk in body:
+                                await conn.send(h11.Data(data=chunk))
+                        await conn.send(h11.EndOfMessage())
+                    with _map_errors(route, "waiting for the response"):
+                        event = await conn.next_event(self._config.timeouts.read)
+                        while isinstance(event, h11.InformationalResponse):
+                            event = await conn.next_event(self._config.timeouts.read)
+                    if not isinstance(event, h11.Response):
+                        raise UpstreamError(f"{route.name}: closed without a response")
+                except UpstreamError as exc:
+                    await self._release(conn, reusable=False)
+                    if conn.reused and fresh_try == 0 and not sent_body:
+                        continue  # a stale pooled connection: once more on a fresh one
+                    last_error = exc
+                    self._mark_down(route)
+                    if sent_body:
+                        raise
+                    break
+                except BaseException:
+                    await self._release(conn, reusable=False)
+                    raise
+                self.requests += 1
+                response = UpstreamResponse(conn, event, route, self._config.timeouts.read)
+                if route.is_parent and response.status >= 500 and body is None:
+                    self._mark_down(route)
+                    last_error = UpstreamError(f"{route.name}: answered {response.status}")
+                    await self._release(conn, reusable=False)
+                    break
+                try:
+                    yield response
+                finally:
+                    await self._release(conn, reusable=response.complete)
+                return
+        assert last_error is not None
+        raise last_error
