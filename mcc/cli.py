@@ -22,55 +22,157 @@ EXIT_USAGE = 2
 
 # (flag, config key with dots for tables, argparse options, help)
 FLAGS: tuple[tuple[str, str, dict[str, Any], str], ...] = (
-    ("--listen", "listen", {"action": "append", "metavar": "HOST:PORT"},
-     "address to serve clients on (repeatable; default 127.0.0.1:8080)"),
-    ("--admin-listen", "admin_listen", {"metavar": "HOST:PORT"},
-     "address of the admin API and status page (default 127.0.0.1:8081)"),
-    ("--block-size", "block_size", {"metavar": "SIZE"},
-     "cache block size, a power of two from 64KiB to 64MiB (default 1MiB)"),
-    ("--readahead-blocks", "readahead_blocks", {"type": int, "metavar": "N"},
-     "blocks a sequential reader keeps in flight ahead of itself (default 4)"),
-    ("--allow-origin", "allow_origins", {"action": "append", "metavar": "PATTERN"},
-     "origin host to serve: host, host:port or *.suffix (repeatable; replaces the default list)"),
-    ("--origin", "origin", {"metavar": "URL"},
-     "default upstream for requests that name no origin (reverse-proxy use)"),
-    ("--parent", "parents", {"action": "append", "metavar": "URL"},
-     "parent cache to fetch misses from, tried in order (repeatable)"),
-    ("--upstream-proxy", "upstream_proxy", {"metavar": "HOST:PORT"},
-     "send all upstream traffic through this HTTP proxy"),
-    ("--node-id", "node_id", {"metavar": "NAME"},
-     "this node's name, used in Via and Cache-Status (default: the host name)"),
-    ("--log-level", "log_level", {"choices": ["debug", "info", "warning", "error"]},
-     "least severe log level written (default info)"),
-    ("--access-log", "access_log", {"metavar": "PATH"},
-     "access log file, '-' for standard error, '' for none (default -)"),
-    ("--verify-on-read", "verify_on_read", {"choices": ["always", "first", "never"]},
-     "check blobs against their digest when read (default first)"),
+    (
+        "--listen",
+        "listen",
+        {"action": "append", "metavar": "HOST:PORT"},
+        "address to serve clients on (repeatable; default 127.0.0.1:8080)",
+    ),
+    (
+        "--admin-listen",
+        "admin_listen",
+        {"metavar": "HOST:PORT"},
+        "address of the admin API and status page (default 127.0.0.1:8081)",
+    ),
+    (
+        "--admin-token",
+        "admin_token",
+        {"metavar": "TOKEN"},
+        "bearer token for the admin API's write endpoints (all endpoints off loopback)",
+    ),
+    (
+        "--block-size",
+        "block_size",
+        {"metavar": "SIZE"},
+        "cache block size, a power of two from 64KiB to 64MiB (default 1MiB)",
+    ),
+    (
+        "--readahead-blocks",
+        "readahead_blocks",
+        {"type": int, "metavar": "N"},
+        "blocks a sequential reader keeps in flight ahead of itself (default 4)",
+    ),
+    (
+        "--allow-origin",
+        "allow_origins",
+        {"action": "append", "metavar": "PATTERN"},
+        "origin host to serve: host, host:port or *.suffix (repeatable; replaces the default list)",
+    ),
+    (
+        "--origin",
+        "origin",
+        {"metavar": "URL"},
+        "default upstream for requests that name no origin (reverse-proxy use)",
+    ),
+    (
+        "--parent",
+        "parents",
+        {"action": "append", "metavar": "URL"},
+        "parent cache to fetch misses from, tried in order (repeatable)",
+    ),
+    (
+        "--upstream-proxy",
+        "upstream_proxy",
+        {"metavar": "HOST:PORT"},
+        "send all upstream traffic through this HTTP proxy",
+    ),
+    (
+        "--node-id",
+        "node_id",
+        {"metavar": "NAME"},
+        "this node's name, used in Via and Cache-Status (default: the host name)",
+    ),
+    (
+        "--log-level",
+        "log_level",
+        {"choices": ["debug", "info", "warning", "error"]},
+        "least severe log level written (default info)",
+    ),
+    (
+        "--access-log",
+        "access_log",
+        {"metavar": "PATH"},
+        "access log file, '-' for standard error, '' for none (default -)",
+    ),
+    (
+        "--verify-on-read",
+        "verify_on_read",
+        {"choices": ["always", "first", "never"]},
+        "check blobs against their digest when read (default first)",
+    ),
     ("--connect-timeout", "timeouts.connect", {"metavar": "DURATION"}, "upstream connect timeout"),
-    ("--read-timeout", "timeouts.read", {"metavar": "DURATION"},
-     "longest upstream silence while waiting for bytes"),
-    ("--request-head-timeout", "timeouts.request_head", {"metavar": "DURATION"},
-     "time a client has to send a whole request head"),
-    ("--keepalive-timeout", "timeouts.keepalive", {"metavar": "DURATION"},
-     "idle time allowed between requests on one client connection"),
-    ("--send-timeout", "timeouts.send", {"metavar": "DURATION"},
-     "longest time one chunk of a response may take to reach a client"),
-    ("--shutdown-grace", "timeouts.shutdown_grace", {"metavar": "DURATION"},
-     "on SIGTERM, time in-flight responses get to finish"),
-    ("--parent-backoff", "timeouts.parent_backoff", {"metavar": "DURATION"},
-     "how long a failed parent is skipped"),
-    ("--max-connections", "limits.max_connections", {"type": int, "metavar": "N"},
-     "concurrent client connections; more get 503"),
-    ("--max-request-head", "limits.max_request_head", {"metavar": "SIZE"},
-     "largest request head accepted; larger gets 431"),
-    ("--max-ranges", "limits.max_ranges", {"type": int, "metavar": "N"},
-     "ranges per request; more are answered with the whole object"),
-    ("--upstream-retries", "limits.upstream_retries", {"type": int, "metavar": "N"},
-     "extra tries of a failed block fetch"),
-    ("--upstream-connections-per-host", "limits.upstream_connections_per_host",
-     {"type": int, "metavar": "N"}, "idle keep-alive connections kept per upstream"),
-    ("--max-orphan-flights", "limits.max_orphan_flights", {"type": int, "metavar": "N"},
-     "fetches that keep going after every client left"),
+    (
+        "--read-timeout",
+        "timeouts.read",
+        {"metavar": "DURATION"},
+        "longest upstream silence while waiting for bytes",
+    ),
+    (
+        "--request-head-timeout",
+        "timeouts.request_head",
+        {"metavar": "DURATION"},
+        "time a client has to send a whole request head",
+    ),
+    (
+        "--keepalive-timeout",
+        "timeouts.keepalive",
+        {"metavar": "DURATION"},
+        "idle time allowed between requests on one client connection",
+    ),
+    (
+        "--send-timeout",
+        "timeouts.send",
+        {"metavar": "DURATION"},
+        "longest time one chunk of a response may take to reach a client",
+    ),
+    (
+        "--shutdown-grace",
+        "timeouts.shutdown_grace",
+        {"metavar": "DURATION"},
+        "on SIGTERM, time in-flight responses get to finish",
+    ),
+    (
+        "--parent-backoff",
+        "timeouts.parent_backoff",
+        {"metavar": "DURATION"},
+        "how long a failed parent is skipped",
+    ),
+    (
+        "--max-connections",
+        "limits.max_connections",
+        {"type": int, "metavar": "N"},
+        "concurrent client connections; more get 503",
+    ),
+    (
+        "--max-request-head",
+        "limits.max_request_head",
+        {"metavar": "SIZE"},
+        "largest request head accepted; larger gets 431",
+    ),
+    (
+        "--max-ranges",
+        "limits.max_ranges",
+        {"type": int, "metavar": "N"},
+        "ranges per request; more are answered with the whole object",
+    ),
+    (
+        "--upstream-retries",
+        "limits.upstream_retries",
+        {"type": int, "metavar": "N"},
+        "extra tries of a failed block fetch",
+    ),
+    (
+        "--upstream-connections-per-host",
+        "limits.upstream_connections_per_host",
+        {"type": int, "metavar": "N"},
+        "idle keep-alive connections kept per upstream",
+    ),
+    (
+        "--max-orphan-flights",
+        "limits.max_orphan_flights",
+        {"type": int, "metavar": "N"},
+        "fetches that keep going after every client left",
+    ),
 )
 
 
@@ -84,16 +186,31 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", type=Path, metavar="FILE", help="TOML config file")
     for flag, key, options, text in FLAGS:
         p.add_argument(flag, dest="cfg:" + key, help=text, **options)
-    p.add_argument("--cache-dir", action="append", type=Path, metavar="DIR",
-                   help="cache drive folder (repeatable; replaces the config's drives)")
-    p.add_argument("--max-size", metavar="SIZE",
-                   help="most each cache drive may hold, e.g. 50GiB or 800MB")
-    p.add_argument("--min-free", metavar="SIZE",
-                   help="free space to leave on each cache drive's filesystem")
-    p.add_argument("--canonical-host", action="append", metavar="HOST=CANONICAL",
-                   help="file a mirror host's objects under a canonical name (repeatable)")
-    p.add_argument("--no-origin-fallback", action="store_true", default=None,
-                   help="never go to the origin directly when every parent is down")
+    p.add_argument(
+        "--cache-dir",
+        action="append",
+        type=Path,
+        metavar="DIR",
+        help="cache drive folder (repeatable; replaces the config's drives)",
+    )
+    p.add_argument(
+        "--max-size", metavar="SIZE", help="most each cache drive may hold, e.g. 50GiB or 800MB"
+    )
+    p.add_argument(
+        "--min-free", metavar="SIZE", help="free space to leave on each cache drive's filesystem"
+    )
+    p.add_argument(
+        "--canonical-host",
+        action="append",
+        metavar="HOST=CANONICAL",
+        help="file a mirror host's objects under a canonical name (repeatable)",
+    )
+    p.add_argument(
+        "--no-origin-fallback",
+        action="store_true",
+        default=None,
+        help="never go to the origin directly when every parent is down",
+    )
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -175,17 +292,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"mcc {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    serve = sub.add_parser("serve", help="run the cache server",
-                           description="Run the cache server. With no --config, runs on the "
-                           "embedded defaults: 127.0.0.1:8080, cache in ./mcc-cache.")
+    serve = sub.add_parser(
+        "serve",
+        help="run the cache server",
+        description="Run the cache server. With no --config, runs on the "
+        "embedded defaults: 127.0.0.1:8080, cache in ./mcc-cache.",
+    )
     _add_config_flags(serve)
     serve.set_defaults(func=_cmd_serve)
     config = sub.add_parser("config", help="inspect the configuration")
-    config_sub = config.add_subparsers(dest="config_command", metavar="ACTION",
-                                       parser_class=_Parser)
-    show = config_sub.add_parser("show", help="print the effective config as TOML",
-                                 description="Print the effective config (defaults, "
-                                 "file, flags) as TOML.")
+    config_sub = config.add_subparsers(
+        dest="config_command", metavar="ACTION", parser_class=_Parser
+    )
+    show = config_sub.add_parser(
+        "show",
+        help="print the effective config as TOML",
+        description="Print the effective config (defaults, file, flags) as TOML.",
+    )
     _add_config_flags(show)
     show.set_defaults(func=_cmd_config_show)
     return parser

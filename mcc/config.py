@@ -8,8 +8,8 @@ one line per problem, ``key: value reason``, through :class:`~mcc.errors.ConfigE
 from __future__ import annotations
 
 import socket
-import typing
 import tomllib
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -56,7 +56,7 @@ class HostPort:
         """Raises ValueError naming the text when it is not ``host:port``."""
         if not isinstance(text, str):
             raise ValueError(f"{text!r} is not a 'host:port' string")
-        host, port = split_host_port(text, default_port=-1)
+        host, port = split_host_port(text, default_port=-1, allow_zero=True)
         if port < 0:
             raise ValueError(f"{text!r} has no port (write host:port)")
         return cls(host, port)
@@ -109,6 +109,7 @@ class Config:
 
     listen: tuple[HostPort, ...] = (HostPort("127.0.0.1", 8080),)
     admin_listen: HostPort = HostPort("127.0.0.1", 8081)
+    admin_token: str = ""
     drives: tuple[Drive, ...] = (Drive(Path("mcc-cache")),)
     block_size: int = 1024 * 1024
     readahead_blocks: int = 4
@@ -138,6 +139,9 @@ def _url_authority(url: str) -> str:
     authority = rest.split("/", 1)[0]
     host, port = split_host_port(authority, default_port=80)
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+_LITERAL: object = Literal
 
 
 def _make_converter() -> cattrs.Converter:
@@ -170,22 +174,19 @@ def _make_converter() -> cattrs.Converter:
             raise ValueError(f"{value!r} is not one of {', '.join(map(str, choices))}")
         return value
 
-    conv.register_structure_hook_func(lambda t: typing.get_origin(t) is Literal, literal)
+    conv.register_structure_hook_func(lambda t: typing.get_origin(t) is _LITERAL, literal)
     conv.register_structure_hook(HostPort, lambda v, _: HostPort.parse(v))
     conv.register_structure_hook(Path, lambda v, _: Path(strict_str(v, str)))
     conv.register_structure_hook(int, strict_int)
     conv.register_structure_hook(bool, strict_bool)
     conv.register_structure_hook(str, strict_str)
     conv.register_structure_hook(float, seconds)
-    for cls, fields in (
-        (Drive, ("max_size", "min_free")),
-        (Config, ("block_size",)),
-        (Limits, ("max_request_head",)),
-    ):
-        overrides = {f: cattrs.gen.override(struct_hook=size) for f in fields}
-        conv.register_structure_hook(
-            cls, cattrs.gen.make_dict_structure_fn(cls, conv, _cattrs_forbid_extra_keys=True, **overrides)
-        )
+    sized = cattrs.gen.override(struct_hook=size)
+    make = cattrs.gen.make_dict_structure_fn
+    conv.register_structure_hook(Drive, make(Drive, conv, max_size=sized, min_free=sized))
+    conv.register_structure_hook(Limits, make(Limits, conv, max_request_head=sized))
+    # last: Config's structuring function captures the hooks of its nested classes
+    conv.register_structure_hook(Config, make(Config, conv, block_size=sized))
     return conv
 
 
@@ -221,8 +222,16 @@ def check_config(config: Config) -> list[str]:
     b = config.block_size
     if b & (b - 1) or not MIN_BLOCK_SIZE <= b <= MAX_BLOCK_SIZE:
         problems.append(f"block_size: {b} is not a power of two between 64 KiB and 64 MiB")
+    if config.admin_token and len(config.admin_token) < 16:
+        problems.append("admin_token: must be at least 16 characters (or empty for none)")
+    if not config.admin_token and config.admin_listen.host not in ("127.0.0.1", "::1", "localhost"):
+        problems.append(
+            f"admin_token: required when admin_listen ({config.admin_listen}) is not on loopback"
+        )
     if not config.listen:
         problems.append("listen: at least one address is needed")
+    if config.upstream_proxy is not None and config.upstream_proxy.port == 0:
+        problems.append(f"upstream_proxy: {config.upstream_proxy} needs a real port")
     if not config.drives:
         problems.append("drives: at least one cache drive is needed")
     paths = [d.path.resolve() for d in config.drives]
@@ -246,7 +255,10 @@ def check_config(config: Config) -> list[str]:
             normalize_host(canon)
         except ValueError as exc:
             problems.append(f"canonical_hosts.{host}: {exc}")
-    for key, urls in (("origin", [config.origin] if config.origin else []), ("parents", config.parents)):
+    for key, urls in (
+        ("origin", [config.origin] if config.origin else []),
+        ("parents", config.parents),
+    ):
         for i, url in enumerate(urls):
             where = key if key == "origin" else f"{key}[{i}]"
             problem = _check_http_url(url)
@@ -291,7 +303,9 @@ def load_config(
 
     Args:
       path: a TOML file, or None for the embedded defaults.
-      overrides: keys as in the file (``"timeouts": {"read": 5}``); they win.
+      overrides: keys as in the file (``"timeouts": {"read": 5}``); they win. The
+        ``timeouts`` and ``limits`` tables are merged key by key; every other key,
+        lists and ``canonical_hosts`` included, is replaced whole.
 
     Returns:
       The checked, frozen :class:`Config`.
@@ -309,7 +323,7 @@ def load_config(
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError([f"config: {str(path)!r} is not valid TOML: {exc}"]) from None
     for key, value in (overrides or {}).items():
-        if isinstance(value, Mapping) and isinstance(raw.get(key), Mapping):
+        if key in ("timeouts", "limits") and isinstance(raw.get(key), Mapping):
             raw[key] = {**raw[key], **value}
         else:
             raw[key] = value
@@ -361,11 +375,15 @@ def config_to_toml(config: Config) -> str:
         if field.name == "drives":
             for d in v:
                 tables.append("[[drives]]")
-                tables += [f"{f.name} = {value(getattr(d, f.name), f.name)}" for f in attrs.fields(Drive)]
+                tables += [
+                    f"{f.name} = {value(getattr(d, f.name), f.name)}" for f in attrs.fields(Drive)
+                ]
                 tables.append("")
         elif isinstance(v, (Timeouts, Limits)):
             tables.append(f"[{field.name}]")
-            tables += [f"{f.name} = {value(getattr(v, f.name), f.name)}" for f in attrs.fields(type(v))]
+            tables += [
+                f"{f.name} = {value(getattr(v, f.name), f.name)}" for f in attrs.fields(type(v))
+            ]
             tables.append("")
         elif v is None:
             top.append(f"# {field.name} is not set")

@@ -53,8 +53,12 @@ DEFAULT_ALLOW_ORIGINS: tuple[str, ...] = (
 _DEFAULT_PORTS = (80, 443)
 
 
-def split_host_port(authority: str, default_port: int = 80) -> tuple[str, int]:
+def split_host_port(
+    authority: str, default_port: int = 80, *, allow_zero: bool = False
+) -> tuple[str, int]:
     """Split ``host[:port]`` (IPv6 in brackets) into a normalised host and a port.
+
+    ``allow_zero`` admits port 0 (a listener on an ephemeral port).
 
     Raises:
       ValueError: naming the authority when it is malformed.
@@ -70,17 +74,18 @@ def split_host_port(authority: str, default_port: int = 80) -> tuple[str, int]:
         if rest:
             if not rest.startswith(":"):
                 raise ValueError(f"{authority!r} is not host[:port]")
-            port = _parse_port(rest[1:], authority)
+            port = _parse_port(rest[1:], authority, allow_zero)
     elif authority.count(":") == 1:
         host, port_text = authority.split(":")
-        port = _parse_port(port_text, authority)
+        port = _parse_port(port_text, authority, allow_zero)
     elif ":" in authority:
         raise ValueError(f"{authority!r} is not host[:port] (IPv6 needs brackets)")
     return normalize_host(host), port
 
 
-def _parse_port(text: str, authority: str) -> int:
-    if not text.isascii() or not text.isdigit() or not 0 < int(text) < 65536:
+def _parse_port(text: str, authority: str, allow_zero: bool = False) -> int:
+    low = 0 if allow_zero else 1
+    if not text.isascii() or not text.isdigit() or not low <= int(text) < 65536:
         raise ValueError(f"{authority!r} has an invalid port {text!r}")
     return int(text)
 

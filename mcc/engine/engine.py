@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -107,6 +107,7 @@ class Statistics:
     blocks_stored: int = 0
     store_failures: int = 0
     corrupt_blocks: int = 0
+    evictions: int = 0
 
 
 class _Discovery:
@@ -253,7 +254,9 @@ class Cache:
             total_blocks=total,
         )
 
-    async def read(self, url: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+    async def read(
+        self, url: str, start: int = 0, end: int | None = None
+    ) -> AsyncGenerator[bytes, None]:
         """The bytes ``start..end`` (inclusive; ``end=None`` means to the last byte).
 
         Raises:
@@ -297,7 +300,7 @@ class Cache:
 
     async def segments(
         self, meta: ObjectMeta, start: int, end: int
-    ) -> AsyncIterator[bytes | FileSlice]:
+    ) -> AsyncGenerator[bytes | FileSlice, None]:
         """The bytes ``start..end`` (inclusive, within the object) as stored-file slices
         and in-memory chunks, in order.
 
@@ -572,7 +575,9 @@ class Cache:
         if (meta.etag and etag and etag != meta.etag) or (
             not meta.etag and meta.last_modified and lm and lm != meta.last_modified
         ):
-            raise VersionChanged(f"{meta.key}: validator changed from {meta.etag or meta.last_modified}")
+            raise VersionChanged(
+                f"{meta.key}: validator changed from {meta.etag or meta.last_modified}"
+            )
         if resp.status == 206:
             cr = parse_content_range(resp.header("content-range"))
             if cr != (start, end, meta.size):
@@ -601,7 +606,9 @@ class Cache:
             view = memoryview(chunk)
             while view:
                 if pos >= meta.size:
-                    raise UpstreamError(f"{meta.key}: body runs past the object's {meta.size} bytes")
+                    raise UpstreamError(
+                        f"{meta.key}: body runs past the object's {meta.size} bytes"
+                    )
                 idx = pos // B
                 b_start, b_end = block_bounds(idx, B, meta.size)
                 take = min(len(view), b_end - pos)
@@ -646,7 +653,10 @@ class Cache:
             self._count("store_failures")
             log.warning("could not store block %d of %s: %s", flight.key.index, meta.key, exc)
         else:
-            if self.index.add_block(meta.key, meta.version, flight.key.index, flight.digest, len(data)):
+            drive = self.blobs.drive_index(flight.digest)
+            if self.index.add_block(
+                meta.key, meta.version, flight.key.index, flight.digest, len(data), drive
+            ):
                 self._count("blocks_stored")
                 self._verified.add(flight.digest)
         self._flights.remove(flight)

@@ -76,6 +76,10 @@ class BlobStore:
                 best, best_score = d, score
         return best
 
+    def drive_index(self, digest: str) -> int:
+        """The position in ``drives`` of the drive a blob lives on."""
+        return self.drives.index(self.drive_for(digest))
+
     def path(self, digest: str) -> Path:
         """Where the blob named ``digest`` lives (whether or not it exists)."""
         return self.drive_for(digest).root / "blobs" / digest[0:2] / digest[2:4] / digest

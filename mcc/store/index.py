@@ -51,7 +51,8 @@ CREATE INDEX IF NOT EXISTS blocks_by_digest ON blocks (digest);
 CREATE TABLE IF NOT EXISTS blobs (
     digest TEXT PRIMARY KEY,
     size INTEGER NOT NULL,
-    last_access REAL NOT NULL
+    last_access REAL NOT NULL,
+    drive INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS blobs_by_access ON blobs (last_access);
 """
@@ -114,7 +115,9 @@ class Index:
           Digests no longer referenced by any block (the caller deletes their files).
         """
         with self._tx():
-            old = self._db.execute("SELECT version FROM objects WHERE key=?", (meta.key,)).fetchone()
+            old = self._db.execute(
+                "SELECT version FROM objects WHERE key=?", (meta.key,)
+            ).fetchone()
             freed: list[str] = []
             if old is not None and old[0] != meta.version:
                 freed = self._drop_blocks(meta.key)
@@ -140,7 +143,7 @@ class Index:
             self._db.execute("DELETE FROM objects WHERE key=?", (key,))
             return freed
 
-    def keys(self) -> list[str]:
+    def object_keys(self) -> list[str]:
         """Every object key."""
         return [r[0] for r in self._db.execute("SELECT key FROM objects ORDER BY key")]
 
@@ -162,7 +165,9 @@ class Index:
 
     # -- blocks ----------------------------------------------------------------
 
-    def add_block(self, key: str, version: str, idx: int, digest: str, size: int) -> bool:
+    def add_block(
+        self, key: str, version: str, idx: int, digest: str, size: int, drive: int = 0
+    ) -> bool:
         """Record that block ``idx`` of ``key``/``version`` is blob ``digest``.
 
         Returns:
@@ -177,9 +182,9 @@ class Index:
                 "INSERT OR REPLACE INTO blocks VALUES (?, ?, ?, ?)", (key, version, idx, digest)
             )
             self._db.execute(
-                "INSERT INTO blobs VALUES (?, ?, ?) ON CONFLICT(digest) DO UPDATE "
+                "INSERT INTO blobs VALUES (?, ?, ?, ?) ON CONFLICT(digest) DO UPDATE "
                 "SET last_access=excluded.last_access",
-                (digest, size, time.time()),
+                (digest, size, time.time(), drive),
             )
             return True
 
@@ -217,6 +222,13 @@ class Index:
     def all_digests(self) -> dict[str, int]:
         """Every blob the index knows, with its size."""
         return dict(self._db.execute("SELECT digest, size FROM blobs").fetchall())
+
+    def stored_bytes_on(self, drive: int) -> int:
+        """Total size of the blobs on drive number ``drive``."""
+        row = self._db.execute(
+            "SELECT COALESCE(SUM(size), 0) FROM blobs WHERE drive=?", (drive,)
+        ).fetchone()
+        return int(row[0])
 
     def stored_bytes(self) -> int:
         """Total size of the blobs the index knows."""

@@ -92,11 +92,11 @@ class _Connection:
         if data:
             await self.stream.send_all(data)
 
-    async def next_event(self, timeout: float) -> h11.Event:
+    async def next_event(self, read_timeout: float) -> h11.Event:
         while True:
             event = self.h11.next_event()
             if event is h11.NEED_DATA:
-                with trio.fail_after(timeout):
+                with trio.fail_after(read_timeout):
                     data = await self.stream.receive_some(_RECEIVE_SIZE)
                 self.h11.receive_data(data)
                 continue
@@ -114,9 +114,15 @@ class UpstreamResponse:
     """
 
     def __init__(
-        self, conn: _Connection, response: h11.Response, route: Route, timeout: float
+        self,
+        conn: _Connection,
+        response: h11.Response,
+        route: Route,
+        timeout: float,
+        counters: Upstream | None = None,
     ) -> None:
         self._conn = conn
+        self._counters = counters
         self.route = route
         self.status = response.status_code
         self.reason = response.reason.decode("latin-1")
@@ -147,6 +153,8 @@ class UpstreamResponse:
         with _map_errors(self.route, "reading the body"):
             event = await self._conn.next_event(self._timeout)
         if isinstance(event, h11.Data):
+            if self._counters is not None:
+                self._counters.bytes_received += len(event.data)
             return bytes(event.data)
         if isinstance(event, h11.EndOfMessage):
             self.complete = True
@@ -185,6 +193,8 @@ class Upstream:
         self._down_until: dict[str, float] = {}
         self.via = f"1.1 {config.node_id}"
         self.requests = 0
+        self.bytes_received = 0
+        self.outcomes: dict[tuple[str, str], int] = defaultdict(int)
 
     @staticmethod
     def _parent_route(url: str) -> Route:
@@ -307,6 +317,7 @@ class Upstream:
                     if conn.reused and fresh_try == 0 and not sent_body:
                         continue  # a stale pooled connection: once more on a fresh one
                     last_error = exc
+                    self.outcomes[(route.name, "error")] += 1
                     self._mark_down(route)
                     if sent_body:
                         raise
@@ -315,7 +326,9 @@ class Upstream:
                     await self._release(conn, reusable=False)
                     raise
                 self.requests += 1
-                response = UpstreamResponse(conn, event, route, self._config.timeouts.read)
+                outcome = "5xx" if event.status_code >= 500 else "ok"
+                self.outcomes[(route.name, outcome)] += 1
+                response = UpstreamResponse(conn, event, route, self._config.timeouts.read, self)
                 if route.is_parent and response.status >= 500 and body is None:
                     self._mark_down(route)
                     last_error = UpstreamError(f"{route.name}: answered {response.status}")

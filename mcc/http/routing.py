@@ -1,0 +1,122 @@
+"""From a request to the origin URL it asks for. Pure; the allowlist is checked by the engine.
+
+The four forms, tried in order:
+
+1. Delivery Optimization: ``GET /path?query&cacheHostOrigin=HOST`` ->
+   ``http://HOST/path?query`` (the parameter removed).
+2. Forward proxy (apt, ``curl -x``, a child mcc): ``GET http://HOST[:PORT]/path``.
+3. Host header (DNS redirection): ``Host: HOST`` that is not one of this node's names.
+4. Reverse proxy: with ``origin`` configured, ``origin + path?query``.
+
+Anything else names no origin: 400.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterable
+from urllib.parse import parse_qsl, urlencode
+
+import attrs
+
+from ..errors import BadRequest
+from ..origins import split_host_port
+
+__all__ = ["OwnNames", "Route", "route_request"]
+
+_DO_PARAM = "cachehostorigin"
+
+
+@attrs.frozen
+class Route:
+    """Where a request goes: the absolute origin URL and which form named it."""
+
+    url: str
+    form: str  # "do", "proxy", "host", "origin"
+
+
+@attrs.frozen
+class OwnNames:
+    """The names and addresses this node answers to, for the Host-header form."""
+
+    hosts: frozenset[str]
+    ports: frozenset[int]
+
+    @classmethod
+    def build(cls, listen: Iterable[tuple[str, int]], node_id: str) -> OwnNames:
+        """From the listen addresses plus the usual local names."""
+        hosts = {"localhost", "127.0.0.1", "::1", node_id.lower()}
+        try:
+            hostname = socket.gethostname().lower()
+            hosts |= {hostname, hostname.split(".")[0], socket.getfqdn().lower()}
+        except OSError:
+            pass
+        ports = set()
+        for host, port in listen:
+            ports.add(port)
+            if host not in ("0.0.0.0", "::", ""):
+                hosts.add(host.lower())
+        return cls(frozenset(hosts), frozenset(ports))
+
+    def owns(self, host: str, port: int | None) -> bool:
+        """True when ``Host: host[:port]`` names this node."""
+        return host in self.hosts and (port is None or port in self.ports)
+
+
+def route_request(target: str, host_header: str | None, own: OwnNames, origin: str | None) -> Route:
+    """The origin URL a request names.
+
+    Args:
+      target: the request-target as sent.
+      host_header: the Host header's value, if any.
+      own: this node's names.
+      origin: the configured default origin URL (reverse-proxy form), or None.
+
+    Raises:
+      BadRequest: 400 when the target is malformed or names no origin.
+    """
+    if target.startswith("/"):
+        path, sep, query = target.partition("?")
+        if sep:
+            pairs = parse_qsl(query, keep_blank_values=True)
+            hosts = [v for k, v in pairs if k.lower() == _DO_PARAM]
+            if hosts:
+                if len(hosts) > 1 or not hosts[0]:
+                    raise BadRequest("cacheHostOrigin must appear once with a host")
+                host, port = _authority(hosts[0])
+                rest = [(k, v) for k, v in pairs if k.lower() != _DO_PARAM]
+                new_query = "?" + urlencode(rest) if rest else ""
+                return Route(f"http://{_join(host, port)}{path}{new_query}", "do")
+        if host_header:
+            host, maybe_port = _host_header(host_header)
+            if not own.owns(host, maybe_port):
+                return Route(f"http://{_join(host, maybe_port or 80)}{target}", "host")
+        if origin:
+            return Route(origin.rstrip("/") + target, "origin")
+        raise BadRequest("the request names no origin (no cacheHostOrigin, absolute URL or Host)")
+    lowered = target[:8].lower()
+    if lowered.startswith("http://"):
+        authority, slash, path = target[7:].partition("/")
+        host, port = _authority(authority)
+        return Route(f"http://{_join(host, port)}/{path if slash else ''}", "proxy")
+    if lowered.startswith("https://"):
+        raise BadRequest("https:// targets cannot be cached (mcc speaks plain HTTP upstream)")
+    raise BadRequest(f"request target {target[:100]!r} is not a path or an http:// URL")
+
+
+def _host_header(text: str) -> tuple[str, int | None]:
+    try:
+        host, port = split_host_port(text.strip(), default_port=-1)
+    except ValueError as exc:
+        raise BadRequest(f"bad host: {exc}") from None
+    return host, (None if port < 0 else port)
+
+
+def _authority(text: str) -> tuple[str, int]:
+    host, port = _host_header(text)
+    return host, 80 if port is None else port
+
+
+def _join(host: str, port: int) -> str:
+    h = f"[{host}]" if ":" in host else host
+    return h if port == 80 else f"{h}:{port}"

@@ -1,0 +1,589 @@
+"""The trio I/O layer: listeners, one nursery per connection, responses from the engine.
+
+Theory of operation: :class:`Server` accepts connections on every ``listen``
+address. Each connection runs :meth:`Server.handle_connection` inside its own
+nursery: the request loop reads a head (``request_head`` timeout once bytes start
+arriving, ``keepalive`` timeout while idle), routes it, answers it, and loops while
+keep-alive holds. Pipelined requests wait in h11's buffer and are answered in order.
+
+GET and HEAD of cacheable objects are answered from the engine: stored blocks go out
+with ``os.sendfile``, blocks in flight as they arrive. Anything else (other methods,
+requests with credentials, answers upstream marks private) is forwarded unstored.
+
+On SIGTERM or SIGINT the listeners close, idle keep-alive connections are closed,
+and responses in progress get ``shutdown_grace`` seconds to finish.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
+from typing import Any
+
+import trio
+
+from ..config import Config
+from ..engine.blocks import ObjectMeta, blocks_for_range
+from ..engine.engine import Cache, FileSlice, open_cache
+from ..errors import BadRequest, NotCacheable, UpstreamError, VersionChanged
+from ..ops.accesslog import AccessRecord, configure_logging, write_access
+from ..ops.admin import AdminServer
+from ..ops.metrics import Metrics
+from .protocol import CLOSED, END_OF_BODY, NEED_DATA, Request, ServerProtocol
+from .ranges import UNSATISFIABLE, ByteRange, content_range, if_range_matches, parse_range
+from .routing import OwnNames, route_request
+from .sendfile import SendfileBody, send_bytes, sendfile
+
+__all__ = ["Server", "run_server"]
+
+log = logging.getLogger("mcc.http")
+
+_RECEIVE_SIZE = 64 * 1024
+# Bytes per send for in-memory chunks; a response is written in pieces this size so
+# the send timeout bounds the time any one piece may take (slow-reader floor).
+_SEND_PIECE = 256 * 1024
+_CREDENTIAL_HEADERS = ("authorization", "cookie")
+_REQUEST_HEADERS_FORWARDED_EXCLUDE = frozenset(
+    {"host", "connection", "keep-alive", "te", "upgrade", "proxy-connection", "proxy-authorization"}
+)
+
+
+class _ClientGone(Exception):
+    """The client stopped reading or closed; the connection is finished."""
+
+
+class _Conn:
+    """Per-connection state shared by the request loop and the drain logic."""
+
+    def __init__(self, stream: trio.SocketStream, peer: str, max_head: int) -> None:
+        self.stream = stream
+        self.sock = stream.socket
+        self.peer = peer
+        self.proto = ServerProtocol(max_head)
+        self.idle_scope: trio.CancelScope | None = None
+
+
+class Server:
+    """The client-facing HTTP server.
+
+    Args:
+      config: the node's configuration.
+      cache: the engine answering GET and HEAD.
+    """
+
+    def __init__(self, config: Config, cache: Cache) -> None:
+        self.config = config
+        self.cache = cache
+        self.own = OwnNames.build([(a.host, a.port) for a in config.listen], config.node_id)
+        self.via_token = config.node_id.lower()
+        self.metrics = Metrics()
+        self.open_connections = 0
+        self.draining = False
+        self._conns: set[_Conn] = set()
+        self._all_closed = trio.Event()
+        self._stopped = trio.Event()
+        self.ports: list[int] = []
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def listen(self) -> list[trio.SocketListener]:
+        """Open every ``listen`` address.
+
+        Raises:
+          OSError: an address cannot be bound (message names it).
+        """
+        listeners: list[trio.SocketListener] = []
+        for addr in self.config.listen:
+            try:
+                listeners += await trio.open_tcp_listeners(addr.port, host=addr.host)
+            except OSError as exc:
+                for lst in listeners:
+                    await lst.aclose()
+                raise OSError(exc.errno, f"cannot listen on {addr}: {exc.strerror}") from None
+        self.ports = [lst.socket.getsockname()[1] for lst in listeners]
+        if any(a.port == 0 for a in self.config.listen):
+            ports = set(self.own.ports) | set(self.ports)
+            self.own = OwnNames(self.own.hosts, frozenset(ports))
+        return listeners
+
+    async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen and serve until cancelled or :meth:`drain` is called.
+
+        ``task_status.started`` receives the bound ports.
+        """
+        listeners = await self.listen()
+        async with trio.open_nursery() as conns:
+            async with trio.open_nursery() as accept:
+                self._accept_scope = accept.cancel_scope
+                for lst in listeners:
+                    accept.start_soon(self._accept_loop, lst, conns)
+                task_status.started(self.ports)
+            # accepting stopped: drain
+            for lst in listeners:
+                await lst.aclose()
+            with trio.move_on_after(self.config.timeouts.shutdown_grace):
+                while self._conns:
+                    await self._all_closed.wait()
+            conns.cancel_scope.cancel()
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        """Wait until :meth:`serve` has drained and returned."""
+        await self._stopped.wait()
+
+    def drain(self) -> None:
+        """Stop accepting, close idle connections; running responses continue."""
+        self.draining = True
+        self._accept_scope.cancel()
+        for c in list(self._conns):
+            if c.idle_scope is not None:
+                c.idle_scope.cancel()
+
+    async def _accept_loop(self, listener: trio.SocketListener, conns: trio.Nursery) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:  # EMFILE and friends: back off rather than spin
+                log.warning("accept failed: %s", exc)
+                await trio.sleep(0.1)
+                continue
+            conns.start_soon(self.handle_connection, stream)
+
+    # -- one connection ------------------------------------------------------------
+
+    async def handle_connection(self, stream: trio.SocketStream) -> None:
+        """Serve one client connection until it closes, errs or idles out."""
+        try:
+            peer_addr = stream.socket.getpeername()
+            peer = f"{peer_addr[0]}:{peer_addr[1]}"
+        except OSError:
+            peer = "?"
+        conn = _Conn(stream, peer, self.config.limits.max_request_head)
+        self.open_connections += 1
+        self._conns.add(conn)
+        if self._all_closed.is_set():
+            self._all_closed = trio.Event()
+        try:
+            if self.open_connections > self.config.limits.max_connections:
+                data = conn.proto.error_response(503, "too many connections")
+                if data:
+                    with trio.move_on_after(1):
+                        await _send_quiet(stream, data)
+                return
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._request_loop, conn)
+        finally:
+            self.open_connections -= 1
+            self._conns.discard(conn)
+            if not self._conns:
+                self._all_closed.set()
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+    async def _request_loop(self, conn: _Conn) -> None:
+        proto = conn.proto
+        while not self.draining:
+            try:
+                request = await self._read_head(conn)
+            except BadRequest as exc:
+                log.info("%s: bad request: %s", conn.peer, exc)
+                data = proto.error_response(exc.status_hint, str(exc))
+                if data:
+                    await _send_quiet(conn.stream, data)
+                return
+            if request is None:
+                return
+            try:
+                keep = await self._answer(conn, request)
+            except _ClientGone:
+                return
+            if not keep or not proto.reusable:
+                return
+            proto.start_next_cycle()
+
+    async def _read_head(self, conn: _Conn) -> Request | None:
+        """The next request head; None when the client closed or idled out."""
+        proto = conn.proto
+        t = self.config.timeouts
+        head_deadline = math.inf
+        while True:
+            event = proto.next_event()
+            if isinstance(event, Request):
+                return event
+            if event is CLOSED:
+                return None
+            if event is not NEED_DATA:
+                raise BadRequest("body bytes where a request head was expected")
+            if proto.has_partial_request and head_deadline == math.inf:
+                head_deadline = trio.current_time() + t.request_head
+            deadline = (
+                head_deadline if head_deadline != math.inf else trio.current_time() + t.keepalive
+            )
+            with trio.CancelScope(deadline=deadline) as scope:
+                if head_deadline == math.inf:
+                    conn.idle_scope = scope
+                    if self.draining:
+                        scope.cancel()
+                try:
+                    data = await conn.stream.receive_some(_RECEIVE_SIZE)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return None
+                finally:
+                    conn.idle_scope = None
+            if scope.cancelled_caught:
+                if head_deadline != math.inf and not self.draining:
+                    log.info(
+                        "%s: request head not complete in %.0fs: closing", conn.peer, t.request_head
+                    )
+                return None
+            proto.receive_data(data)
+            if data and head_deadline == math.inf:
+                head_deadline = trio.current_time() + t.request_head
+
+    async def _read_body(self, conn: _Conn) -> AsyncIterator[bytes]:
+        proto = conn.proto
+        while True:
+            event = proto.next_event()
+            if event is END_OF_BODY:
+                return
+            if isinstance(event, bytes):
+                yield event
+                continue
+            if event is NEED_DATA:
+                with trio.fail_after(self.config.timeouts.read):
+                    data = await conn.stream.receive_some(_RECEIVE_SIZE)
+                proto.receive_data(data)
+                continue
+            raise BadRequest("request body ended early")
+
+    # -- one request ---------------------------------------------------------------
+
+    async def _answer(self, conn: _Conn, req: Request) -> bool:
+        """Answer ``req``; True when the connection may carry another request."""
+        started = time.monotonic()
+        rec = AccessRecord(
+            client=conn.peer, method=req.method, url=req.target, range=req.header("range") or "-"
+        )
+        try:
+            keep = await self._dispatch(conn, req, rec)
+        except BadRequest as exc:
+            log.info("%s: %s %s refused: %s", conn.peer, req.method, req.target[:200], exc)
+            keep = await self._error(conn, rec, exc.status_hint, str(exc))
+        except UpstreamError as exc:
+            log.info("%s: %s %s: upstream failed: %s", conn.peer, req.method, rec.url, exc)
+            keep = await self._error(conn, rec, exc.status_hint, f"upstream failed: {exc}")
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, trio.TooSlowError):
+            rec.status = rec.status or 499
+            rec.cache = rec.cache or "aborted"
+            raise _ClientGone() from None
+        finally:
+            rec.duration = time.monotonic() - started
+            write_access(rec)
+            self.metrics.record(rec.cache, rec.bytes, rec.duration, _host_of(rec.url), rec.url)
+        return keep
+
+    async def _error(self, conn: _Conn, rec: AccessRecord, status: int, message: str) -> bool:
+        data = conn.proto.error_response(status, message)
+        if data is None:  # a response was under way: the only honest signal is to close
+            rec.cache = "aborted"
+            raise _ClientGone()
+        rec.status = status
+        rec.cache = rec.cache or "error"
+        await _send_quiet(conn.stream, data)
+        return False
+
+    async def _dispatch(self, conn: _Conn, req: Request, rec: AccessRecord) -> bool:
+        if req.method == "CONNECT":
+            raise BadRequest("CONNECT is not supported: mcc is not a tunnel", status_hint=405)
+        via = [v.split()[-1].lower() for v in req.header_list("via") if v.split()]
+        if self.via_token in via:
+            raise BadRequest(
+                f"forwarding loop: request already passed {self.via_token}", status_hint=508
+            )
+        if req.method in ("GET", "HEAD") and req.target == "/health" and self._names_no_origin(req):
+            rec.status, rec.cache = 204, "health"
+            await self._send_simple(conn, 204, [], b"")
+            return True
+        route = route_request(req.target, req.header("host"), self.own, self.config.origin)
+        rec.url = route.url
+        self.cache.resolve(route.url)  # 403 for hosts not allowed, before anything else
+        if (
+            req.method in ("GET", "HEAD")
+            and not req.has_body
+            and not any(req.header(h) for h in _CREDENTIAL_HEADERS)
+        ):
+            for attempt in range(2):
+                try:
+                    return await self._answer_cached(conn, req, route.url, rec)
+                except NotCacheable:
+                    break
+                except VersionChanged:
+                    if attempt or conn.proto.response_started:
+                        raise
+        return await self._forward(conn, req, route.url, rec)
+
+    def _names_no_origin(self, req: Request) -> bool:
+        try:
+            route_request(req.target, req.header("host"), self.own, None)
+        except BadRequest:
+            return True
+        return False
+
+    async def _answer_cached(self, conn: _Conn, req: Request, url: str, rec: AccessRecord) -> bool:
+        cache = self.cache
+        B = cache.block_size
+        hint = _first_byte(req.header("range")) // B
+        meta = await cache.meta(url, hint_block=hint)
+        ranges = parse_range(req.header("range"), meta.size, self.config.limits.max_ranges)
+        if_range = req.header("if-range")
+        if (
+            ranges is not None
+            and if_range is not None
+            and not if_range_matches(if_range, meta.etag, meta.last_modified)
+        ):
+            ranges = None
+        headers = self._object_headers(meta)
+        if ranges is UNSATISFIABLE:
+            rec.status, rec.cache = 416, "hit"
+            headers.append(("content-range", f"bytes */{meta.size}"))
+            await self._send_simple(conn, 416, headers, b"")
+            return True
+        if not isinstance(ranges, list):
+            ranges = []
+        spans = ranges or ([ByteRange(0, meta.size - 1)] if meta.size else [])
+        rec.cache = self._cache_status(meta, spans)
+        headers.append(("cache-status", self._cache_status_header(rec.cache)))
+        head_only = req.method == "HEAD"
+        if len(ranges) > 1:
+            return await self._send_multipart(conn, meta, ranges, headers, head_only, rec)
+        status = 206 if ranges else 200
+        if ranges:
+            headers.append(("content-range", content_range(ranges[0], meta.size)))
+        length = sum(r.length for r in spans)
+        headers.append(("content-length", str(length)))
+        rec.status = status
+        head = conn.proto.response_head(status, headers)
+        if head_only or not length:
+            await self._send_all(conn, head + conn.proto.end())
+            return True
+        await send_bytes(conn.sock, head, more=True)
+        await self._send_span(conn, meta, spans[0], rec)
+        await self._send_all(conn, conn.proto.end())
+        return True
+
+    def _cache_status(self, meta: ObjectMeta, spans: Sequence[ByteRange]) -> str:
+        if not spans:
+            return "hit"
+        wanted = 0
+        stored = 0
+        for r in spans:
+            blocks = blocks_for_range(r.start, r.end, self.cache.block_size)
+            wanted += len(blocks)
+            stored += len(
+                self.cache.index.get_blocks(meta.key, meta.version, blocks.start, blocks.stop - 1)
+            )
+        if stored == wanted:
+            return "hit"
+        return "miss" if stored == 0 else "partial"
+
+    def _cache_status_header(self, status: str) -> str:
+        node = self.config.node_id
+        if status == "hit":
+            return f"{node}; hit"
+        return f"{node}; fwd={status}; stored"
+
+    def _object_headers(self, meta: ObjectMeta) -> list[tuple[str, str]]:
+        headers = [("accept-ranges", "bytes")]
+        if meta.content_type:
+            headers.append(("content-type", meta.content_type))
+        if meta.etag:
+            headers.append(("etag", meta.etag))
+        if meta.last_modified:
+            headers.append(("last-modified", meta.last_modified))
+        headers += list(meta.headers)
+        headers.append(("age", str(max(0, int(time.time() - meta.fetched_at)))))
+        return headers
+
+    async def _send_span(
+        self, conn: _Conn, meta: ObjectMeta, span: ByteRange, rec: AccessRecord
+    ) -> None:
+        async with aclosing(self.cache.segments(meta, span.start, span.end)) as segments:
+            async for seg in segments:
+                if isinstance(seg, FileSlice):
+                    body = SendfileBody(seg.fd, seg.offset, seg.length)
+                    for piece in conn.proto.body(body):
+                        if piece is body:
+                            with trio.fail_after(self._send_limit(seg.length)):
+                                rec.bytes += await sendfile(conn.sock, body)
+                        else:
+                            await self._send_all(conn, piece)
+                else:
+                    for i in range(0, len(seg), _SEND_PIECE):
+                        piece = seg[i : i + _SEND_PIECE]
+                        for framed in conn.proto.body(piece):
+                            await self._send_all(conn, framed)
+                        rec.bytes += len(piece)
+
+    def _send_limit(self, nbytes: int) -> float:
+        # send timeout per 256 KiB piece: a client slower than that floor is dropped
+        return self.config.timeouts.send * max(1, nbytes / _SEND_PIECE)
+
+    async def _send_multipart(
+        self,
+        conn: _Conn,
+        meta: ObjectMeta,
+        ranges: list[ByteRange],
+        headers: list[tuple[str, str]],
+        head_only: bool,
+        rec: AccessRecord,
+    ) -> bool:
+        boundary = os.urandom(12).hex()
+        ctype = meta.content_type or "application/octet-stream"
+        part_heads = [
+            (
+                f"\r\n--{boundary}\r\ncontent-type: {ctype}\r\n"
+                f"content-range: {content_range(r, meta.size)}\r\n\r\n"
+            ).encode("latin-1")
+            for r in ranges
+        ]
+        tail = f"\r\n--{boundary}--\r\n".encode("latin-1")
+        length = sum(len(h) for h in part_heads) + sum(r.length for r in ranges) + len(tail)
+        headers = [(k, v) for k, v in headers if k != "content-type"]
+        headers += [
+            ("content-type", f"multipart/byteranges; boundary={boundary}"),
+            ("content-length", str(length)),
+        ]
+        rec.status = 206
+        head = conn.proto.response_head(206, headers)
+        if head_only:
+            await self._send_all(conn, head + conn.proto.end())
+            return True
+        await send_bytes(conn.sock, head, more=True)
+        for part_head, r in zip(part_heads, ranges, strict=True):
+            for framed in conn.proto.body(part_head):
+                await self._send_all(conn, framed)
+            await self._send_span(conn, meta, r, rec)
+        for framed in conn.proto.body(tail):
+            await self._send_all(conn, framed)
+        await self._send_all(conn, conn.proto.end())
+        return True
+
+    async def _forward(self, conn: _Conn, req: Request, url: str, rec: AccessRecord) -> bool:
+        """Pass the request upstream unstored, streaming bodies both ways."""
+        rec.cache = "pass"
+        headers = [(k, v) for k, v in req.headers if k not in _REQUEST_HEADERS_FORWARDED_EXCLUDE]
+        length = req.header("content-length")
+        body = self._read_body(conn) if req.has_body else None
+        async with self.cache.upstream.request(
+            req.method,
+            url,
+            headers,
+            body=body,
+            body_length=int(length) if length and length.isdigit() else None,
+        ) as resp:
+            if not req.has_body:
+                async for _ in self._read_body(conn):
+                    pass
+            out = [(k, v) for k, v in resp.headers if k not in ("content-length", "date", "server")]
+            resp_len = resp.header("content-length")
+            # HEAD answers carry the length of the body they omit; 204/304 carry none
+            if resp_len is not None and (req.method == "HEAD" or resp.status not in (204, 304)):
+                out.append(("content-length", resp_len))
+            out.append(("cache-status", f"{self.config.node_id}; fwd=uri-miss"))
+            rec.status = resp.status
+            await self._send_all(conn, conn.proto.response_head(resp.status, out))
+            async for chunk in resp.iter_body():
+                for framed in conn.proto.body(chunk):
+                    await self._send_all(conn, framed)
+                rec.bytes += len(chunk)
+            await self._send_all(conn, conn.proto.end())
+        if req.method not in ("GET", "HEAD", "OPTIONS", "TRACE") and resp.status < 400:
+            await self.cache.purge(url)  # RFC 9111 s4.4: unsafe methods invalidate
+        return True
+
+    async def _send_simple(
+        self, conn: _Conn, status: int, headers: list[tuple[str, str]], body: bytes
+    ) -> None:
+        data = conn.proto.response_head(status, [*headers, ("content-length", str(len(body)))])
+        if body:
+            data += b"".join(conn.proto.body(body))
+        data += conn.proto.end()
+        await self._send_all(conn, data)
+
+    async def _send_all(self, conn: _Conn, data: bytes) -> None:
+        if data:
+            with trio.fail_after(self._send_limit(len(data))):
+                await conn.stream.send_all(data)
+
+
+def _host_of(url: str) -> str | None:
+    if not url.startswith("http://"):
+        return None
+    return url[7:].split("/", 1)[0] or None
+
+
+def _first_byte(range_header: str | None) -> int:
+    """The first byte a Range header asks for (for discovery's block hint); 0 if unsure."""
+    if not range_header or "=" not in range_header:
+        return 0
+    first = range_header.split("=", 1)[1].split(",")[0].strip()
+    start = first.split("-")[0].strip()
+    return int(start) if start.isdigit() and len(start) < 19 else 0
+
+
+async def _send_quiet(stream: trio.SocketStream, data: bytes) -> None:
+    try:
+        with trio.move_on_after(5):
+            await stream.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
+
+
+async def _main(config: Config) -> int:
+    async with open_cache(config) as cache:
+        server = Server(config, cache)
+        async with trio.open_nursery() as nursery:
+            admin = AdminServer(cache, server.metrics, lambda: server.open_connections)
+            try:
+                ports = await nursery.start(server.serve)
+                await nursery.start(admin.serve)
+            except OSError as exc:
+                sys.stderr.write(f"mcc: {exc.strerror}\n")
+                nursery.cancel_scope.cancel()
+                return 1
+            addrs = ", ".join(str(a) for a in config.listen)
+            log.info(
+                "mcc serving on %s (ports %s), cache in %s",
+                addrs,
+                ports,
+                ", ".join(str(d.path) for d in config.drives),
+            )
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    log.info(
+                        "got %s: draining (grace %.0fs)",
+                        signal.Signals(signum).name,
+                        config.timeouts.shutdown_grace,
+                    )
+                    server.drain()
+                    break
+            # the server task ends once drained; the admin listener goes with it
+            await server.wait_stopped()
+            nursery.cancel_scope.cancel()
+    return 0
+
+
+def run_server(config: Config) -> int:
+    """Run the server until SIGTERM/SIGINT; returns the exit status."""
+    configure_logging(config)
+    try:
+        return trio.run(_main, config)
+    except OSError as exc:
+        sys.stderr.write(f"mcc: cannot start: {exc}\n")
+        return 1

@@ -1,0 +1,131 @@
+"""Counters for monitoring, and their Prometheus text exposition (format 0.0.4).
+
+The server records each response here; the engine, the store and the upstream
+client keep their own counters, which :func:`render` reads at scrape time.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections import defaultdict, deque
+from collections.abc import Iterable
+
+__all__ = ["DURATION_BUCKETS", "WINDOW_SECONDS", "Metrics", "exposition"]
+
+# Request duration histogram bounds in seconds: from a fast hit to a slow cold miss.
+DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# The summary's "recent" window, as Connected Cache's summary report uses.
+WINDOW_SECONDS = 15
+# Per-second history kept for the status page's throughput chart.
+HISTORY_SECONDS = 600
+# Objects tracked for the status page's "top objects" (halved when exceeded).
+_MAX_TRACKED_URLS = 1000
+
+
+class _Second:
+    __slots__ = ("hit_bytes", "hit_requests", "miss_bytes", "miss_requests", "t")
+
+    def __init__(self, t: int) -> None:
+        self.t = t
+        self.hit_bytes = self.miss_bytes = self.hit_requests = self.miss_requests = 0
+
+
+class Metrics:
+    """What the HTTP server has answered, by cache status, byte volume and time."""
+
+    def __init__(self) -> None:
+        self.started = time.time()
+        self.requests: dict[str, int] = defaultdict(int)
+        self.bytes_by_source: dict[str, int] = defaultdict(int)
+        self.bytes_by_host: dict[str, int] = defaultdict(int)
+        self.bytes_by_url: dict[str, int] = defaultdict(int)
+        self.buckets = [0] * (len(DURATION_BUCKETS) + 1)
+        self.duration_sum = 0.0
+        self.duration_count = 0
+        self._history: deque[_Second] = deque(maxlen=HISTORY_SECONDS)
+
+    def record(
+        self, cache_status: str, nbytes: int, duration: float, host: str | None, url: str
+    ) -> None:
+        """Count one response."""
+        kind = _kind(cache_status)
+        self.requests[kind] += 1
+        source = "cache" if kind == "hit" else "upstream"
+        self.bytes_by_source[source] += nbytes
+        if host:
+            self.bytes_by_host[host] += nbytes
+            self.bytes_by_url[url] += nbytes
+            if len(self.bytes_by_url) > _MAX_TRACKED_URLS:
+                keep = sorted(self.bytes_by_url.items(), key=lambda kv: -kv[1])
+                self.bytes_by_url = defaultdict(int, keep[: _MAX_TRACKED_URLS // 2])
+        self.buckets[bisect.bisect_left(DURATION_BUCKETS, duration)] += 1
+        self.duration_sum += duration
+        self.duration_count += 1
+        sec = self._second(int(time.time()))
+        if kind == "hit":
+            sec.hit_bytes += nbytes
+            sec.hit_requests += 1
+        elif kind in ("miss", "partial", "pass"):
+            sec.miss_bytes += nbytes
+            sec.miss_requests += 1
+
+    def _second(self, t: int) -> _Second:
+        if not self._history or self._history[-1].t != t:
+            self._history.append(_Second(t))
+        return self._history[-1]
+
+    def window(self, seconds: int, now: float | None = None) -> dict[str, int]:
+        """Hit/miss bytes and requests over the last ``seconds``."""
+        edge = int(time.time() if now is None else now) - seconds
+        out = {"hitBytes": 0, "missBytes": 0, "hitRequests": 0, "missRequests": 0}
+        for s in self._history:
+            if s.t > edge:
+                out["hitBytes"] += s.hit_bytes
+                out["missBytes"] += s.miss_bytes
+                out["hitRequests"] += s.hit_requests
+                out["missRequests"] += s.miss_requests
+        return out
+
+    def history(self, seconds: int) -> list[tuple[int, int, int]]:
+        """(unix second, hit bytes, miss bytes) for each of the last ``seconds``."""
+        now = int(time.time())
+        by_t = {s.t: s for s in self._history}
+        return [
+            (t, by_t[t].hit_bytes if t in by_t else 0, by_t[t].miss_bytes if t in by_t else 0)
+            for t in range(now - seconds + 1, now + 1)
+        ]
+
+
+def _kind(cache_status: str) -> str:
+    if cache_status in ("hit", "miss", "partial", "pass"):
+        return cache_status
+    return "error"
+
+
+def exposition(families: Iterable[tuple[str, str, str, list[tuple[dict[str, str], float]]]]) -> str:
+    """Prometheus text format from (name, type, help, [(labels, value)]) families."""
+    lines: list[str] = []
+    for name, kind, text, samples in families:
+        lines.append(f"# HELP {name} {text}")
+        lines.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            lines.append(f"{name}{_labels(labels)} {_number(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _labels(labels: dict[str, str]) -> str:
+    if not labels:
+        return ""
+    inner = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
+    return "{" + inner + "}"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _number(v: float) -> str:
+    if isinstance(v, int) or float(v).is_integer():
+        return str(int(v))
+    return repr(float(v))
