@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -209,12 +209,14 @@ class Cache:
 
     # -- public API ----------------------------------------------------------------
 
-    async def meta(self, url: str, *, hint_block: int = 0) -> ObjectMeta:
+    async def meta(self, url: str, *, hint_block: int = 0, via: Sequence[str] = ()) -> ObjectMeta:
         """The metadata of ``url``'s current version, discovering it upstream if needed.
 
         Args:
           url: absolute http URL.
           hint_block: the block a discovery should fetch (the one the caller needs).
+          via: the Via entries of the request that asks (sent upstream, so that a
+            forwarding loop through other caches is detected).
 
         Raises:
           BadRequest: the URL is not allowed (403) or malformed (400).
@@ -233,7 +235,7 @@ class Cache:
         if disc is None:
             disc = _Discovery()
             self._discoveries[key] = disc
-            self._spawn(self._discover, url, key, hint_block, disc)
+            self._spawn(self._discover, url, key, hint_block, disc, tuple(via))
         else:
             self._count("flight_joins")
         return await disc.wait()
@@ -299,7 +301,7 @@ class Cache:
     # -- reading -------------------------------------------------------------------
 
     async def segments(
-        self, meta: ObjectMeta, start: int, end: int
+        self, meta: ObjectMeta, start: int, end: int, via: Sequence[str] = ()
     ) -> AsyncGenerator[bytes | FileSlice, None]:
         """The bytes ``start..end`` (inclusive, within the object) as stored-file slices
         and in-memory chunks, in order.
@@ -317,7 +319,7 @@ class Cache:
         from_cache = from_upstream = 0
         try:
             for idx in wanted:
-                self._claim_ahead(meta, idx, wanted.stop - 1, stored, claims)
+                self._claim_ahead(meta, idx, wanted.stop - 1, stored, claims, via)
                 b_start, b_end = block_bounds(idx, B, meta.size)
                 lo, hi = max(start, b_start) - b_start, min(end + 1, b_end) - b_start
                 flight = claims.pop(idx, None)
@@ -325,7 +327,7 @@ class Cache:
                     fd = await self._open_verified(stored[idx])
                     if fd is None:  # missing or corrupt on disk: fetch it again
                         del stored[idx]
-                        self._claim_ahead(meta, idx, idx, stored, claims)
+                        self._claim_ahead(meta, idx, idx, stored, claims, via)
                         flight = claims.pop(idx, None)
                     else:
                         try:
@@ -347,9 +349,10 @@ class Cache:
                     from_cache += hi - lo
                     continue
                 try:
-                    async for chunk in flight.read(lo, hi):
-                        self._count("bytes_from_upstream", len(chunk))
-                        yield chunk
+                    async with aclosing(flight.read(lo, hi)) as chunks:
+                        async for chunk in chunks:
+                            self._count("bytes_from_upstream", len(chunk))
+                            yield chunk
                 finally:
                     self._release(flight)
                 from_upstream += hi - lo
@@ -372,6 +375,7 @@ class Cache:
         last: int,
         stored: dict[int, str],
         claims: dict[int, Flight],
+        via: Sequence[str],
     ) -> None:
         """Make sure blocks ``idx..idx+readahead`` (up to ``last``) are stored or claimed."""
         for j in range(idx, min(last, idx + self.config.readahead_blocks) + 1):
@@ -388,7 +392,7 @@ class Cache:
                 flight = Flight(fkey, b_start, b_end - b_start)
                 self._flights.add(flight)
                 fetch = Fetch([flight])
-                self._spawn(self._run_fetch, meta, fetch)
+                self._spawn(self._run_fetch, meta, fetch, tuple(via))
             else:
                 self._count("flight_joins")
                 if flight.fetch is not None:
@@ -429,15 +433,18 @@ class Cache:
     def _fetch_url(self, key: str) -> str:
         return self._fetch_urls.get(key, key)
 
-    async def _discover(self, url: str, key: str, hint: int, disc: _Discovery) -> None:
+    async def _discover(
+        self, url: str, key: str, hint: int, disc: _Discovery, via: tuple[str, ...]
+    ) -> None:
         B = self.block_size
         try:
             range_header = ("range", f"bytes={hint * B}-{hint * B + B - 1}")
-            async with self.upstream.request("GET", url, [range_header]) as resp:
+            headers = [range_header, *(("via", v) for v in via)]
+            async with self.upstream.request("GET", url, headers) as resp:
                 self._count("upstream_fetches")
                 if resp.status == 416:
                     size = parse_unsatisfied_range(resp.header("content-range"))
-                    meta = await self._discover_by_head(url, key, size)
+                    meta = await self._discover_by_head(url, key, size, via)
                     self._adopt(meta)
                     disc.meta = meta
                     disc.done.set()
@@ -461,8 +468,10 @@ class Cache:
             self._discoveries.pop(key, None)
             disc.done.set()
 
-    async def _discover_by_head(self, url: str, key: str, size: int | None) -> ObjectMeta:
-        async with self.upstream.request("HEAD", url) as resp:
+    async def _discover_by_head(
+        self, url: str, key: str, size: int | None, via: tuple[str, ...]
+    ) -> ObjectMeta:
+        async with self.upstream.request("HEAD", url, [("via", v) for v in via]) as resp:
             self._count("upstream_fetches")
             meta, _ = self._meta_from(key, resp, 0)
         if size is not None and size != meta.size:
@@ -532,7 +541,7 @@ class Cache:
             fetch.add(flight)
         return fetch
 
-    async def _run_fetch(self, meta: ObjectMeta, fetch: Fetch) -> None:
+    async def _run_fetch(self, meta: ObjectMeta, fetch: Fetch, via: tuple[str, ...]) -> None:
         """Fill ``fetch``'s flights from upstream, with bounded retries that resume."""
         url = self._fetch_url(meta.key)
         retries = self.config.limits.upstream_retries
@@ -544,7 +553,7 @@ class Cache:
                         return
                     start = todo[0].start + len(todo[0].buf)
                     end = todo[-1].start + todo[-1].length - 1
-                    headers = [("range", f"bytes={start}-{end}")]
+                    headers = [("range", f"bytes={start}-{end}"), *(("via", v) for v in via)]
                     validator = meta.strong_etag or meta.last_modified
                     if validator:
                         headers.append(("if-range", validator))

@@ -25,7 +25,7 @@ the table.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 
 import attrs
 import blake3
@@ -97,7 +97,7 @@ class Flight:
         self._changed.set()
         self._changed = trio.Event()
 
-    async def read(self, lo: int, hi: int) -> AsyncIterator[bytes]:
+    async def read(self, lo: int, hi: int) -> AsyncGenerator[bytes, None]:
         """The block's bytes ``[lo, hi)`` as they arrive.
 
         Raises:

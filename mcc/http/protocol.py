@@ -89,6 +89,7 @@ class ServerProtocol:
     """
 
     def __init__(self, max_head: int = DEFAULT_MAX_HEAD) -> None:
+        self._max_head = max_head
         self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head)
 
     # -- input ---------------------------------------------------------------------
@@ -142,6 +143,13 @@ class ServerProtocol:
 
     def _request(self, event: h11.Request) -> Request:
         headers = tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in event.headers)
+        # h11 enforces the limit only on heads that arrive in pieces; a head that came
+        # in one read is measured here (request line + "name: value\r\n" per header)
+        size = len(event.target) + 14 + sum(len(k) + len(v) + 4 for k, v in headers)
+        if size > self._max_head:
+            raise BadRequest(
+                f"request head of {size} bytes exceeds {self._max_head}", status_hint=431
+            )
         names = [k for k, _ in headers]
         if "transfer-encoding" in names and "content-length" in names:
             raise BadRequest("both Transfer-Encoding and Content-Length: refused (smuggling)")

@@ -45,10 +45,15 @@ __all__ = ["Server", "run_server"]
 log = logging.getLogger("mcc.http")
 
 _RECEIVE_SIZE = 64 * 1024
+# After an error response: how long, and how many bytes, to keep reading before close
+# (nginx's lingering_close does the same, with 5 s).
+_LINGER_SECONDS = 2.0
+_LINGER_BYTES = 1024 * 1024
 # Bytes per send for in-memory chunks; a response is written in pieces this size so
 # the send timeout bounds the time any one piece may take (slow-reader floor).
 _SEND_PIECE = 256 * 1024
 _CREDENTIAL_HEADERS = ("authorization", "cookie")
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 _REQUEST_HEADERS_FORWARDED_EXCLUDE = frozenset(
     {"host", "connection", "keep-alive", "te", "upgrade", "proxy-connection", "proxy-authorization"}
 )
@@ -118,20 +123,25 @@ class Server:
         ``task_status.started`` receives the bound ports.
         """
         listeners = await self.listen()
-        async with trio.open_nursery() as conns:
-            async with trio.open_nursery() as accept:
-                self._accept_scope = accept.cancel_scope
+        try:
+            async with trio.open_nursery() as conns:
+                async with trio.open_nursery() as accept:
+                    self._accept_scope = accept.cancel_scope
+                    for lst in listeners:
+                        accept.start_soon(self._accept_loop, lst, conns)
+                    task_status.started(self.ports)
+                # accepting stopped: drain
                 for lst in listeners:
-                    accept.start_soon(self._accept_loop, lst, conns)
-                task_status.started(self.ports)
-            # accepting stopped: drain
-            for lst in listeners:
-                await lst.aclose()
-            with trio.move_on_after(self.config.timeouts.shutdown_grace):
-                while self._conns:
-                    await self._all_closed.wait()
-            conns.cancel_scope.cancel()
-        self._stopped.set()
+                    await lst.aclose()
+                with trio.move_on_after(self.config.timeouts.shutdown_grace):
+                    while self._conns:
+                        await self._all_closed.wait()
+                conns.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                for lst in listeners:
+                    await lst.aclose()
+            self._stopped.set()
 
     async def wait_stopped(self) -> None:
         """Wait until :meth:`serve` has drained and returned."""
@@ -178,6 +188,9 @@ class Server:
                 return
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._request_loop, conn)
+        except Exception:
+            # a bug of ours: log it with its traceback, close this connection, keep serving
+            log.exception("%s: internal error; connection closed", peer)
         finally:
             self.open_connections -= 1
             self._conns.discard(conn)
@@ -201,6 +214,9 @@ class Server:
                 return
             try:
                 keep = await self._answer(conn, request)
+                if keep and not proto.client_done:
+                    async for _ in self._read_body(conn):
+                        pass  # a body-less GET's end, or what a forward left unread
             except _ClientGone:
                 return
             if not keep or not proto.reusable:
@@ -278,7 +294,13 @@ class Server:
         except UpstreamError as exc:
             log.info("%s: %s %s: upstream failed: %s", conn.peer, req.method, rec.url, exc)
             keep = await self._error(conn, rec, exc.status_hint, f"upstream failed: {exc}")
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, trio.TooSlowError):
+        except (
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            OSError,
+            trio.TooSlowError,
+        ) as exc:
+            log.debug("%s: connection ended while answering: %r", conn.peer, exc)
             rec.status = rec.status or 499
             rec.cache = rec.cache or "aborted"
             raise _ClientGone() from None
@@ -339,7 +361,8 @@ class Server:
         cache = self.cache
         B = cache.block_size
         hint = _first_byte(req.header("range")) // B
-        meta = await cache.meta(url, hint_block=hint)
+        via = req.header_list("via")
+        meta = await cache.meta(url, hint_block=hint, via=via)
         ranges = parse_range(req.header("range"), meta.size, self.config.limits.max_ranges)
         if_range = req.header("if-range")
         if (
@@ -361,7 +384,7 @@ class Server:
         headers.append(("cache-status", self._cache_status_header(rec.cache)))
         head_only = req.method == "HEAD"
         if len(ranges) > 1:
-            return await self._send_multipart(conn, meta, ranges, headers, head_only, rec)
+            return await self._send_multipart(conn, meta, ranges, headers, head_only, rec, via)
         status = 206 if ranges else 200
         if ranges:
             headers.append(("content-range", content_range(ranges[0], meta.size)))
@@ -373,7 +396,7 @@ class Server:
             await self._send_all(conn, head + conn.proto.end())
             return True
         await send_bytes(conn.sock, head, more=True)
-        await self._send_span(conn, meta, spans[0], rec)
+        await self._send_span(conn, meta, spans[0], rec, via)
         await self._send_all(conn, conn.proto.end())
         return True
 
@@ -411,9 +434,14 @@ class Server:
         return headers
 
     async def _send_span(
-        self, conn: _Conn, meta: ObjectMeta, span: ByteRange, rec: AccessRecord
+        self,
+        conn: _Conn,
+        meta: ObjectMeta,
+        span: ByteRange,
+        rec: AccessRecord,
+        via: Sequence[str],
     ) -> None:
-        async with aclosing(self.cache.segments(meta, span.start, span.end)) as segments:
+        async with aclosing(self.cache.segments(meta, span.start, span.end, via)) as segments:
             async for seg in segments:
                 if isinstance(seg, FileSlice):
                     body = SendfileBody(seg.fd, seg.offset, seg.length)
@@ -442,6 +470,7 @@ class Server:
         headers: list[tuple[str, str]],
         head_only: bool,
         rec: AccessRecord,
+        via: Sequence[str],
     ) -> bool:
         boundary = os.urandom(12).hex()
         ctype = meta.content_type or "application/octet-stream"
@@ -468,7 +497,7 @@ class Server:
         for part_head, r in zip(part_heads, ranges, strict=True):
             for framed in conn.proto.body(part_head):
                 await self._send_all(conn, framed)
-            await self._send_span(conn, meta, r, rec)
+            await self._send_span(conn, meta, r, rec, via)
         for framed in conn.proto.body(tail):
             await self._send_all(conn, framed)
         await self._send_all(conn, conn.proto.end())
@@ -497,14 +526,14 @@ class Server:
                 out.append(("content-length", resp_len))
             out.append(("cache-status", f"{self.config.node_id}; fwd=uri-miss"))
             rec.status = resp.status
+            if req.method not in _SAFE_METHODS and resp.status < 400:
+                await self.cache.purge(url)  # RFC 9111 s4.4: unsafe methods invalidate
             await self._send_all(conn, conn.proto.response_head(resp.status, out))
             async for chunk in resp.iter_body():
                 for framed in conn.proto.body(chunk):
                     await self._send_all(conn, framed)
                 rec.bytes += len(chunk)
             await self._send_all(conn, conn.proto.end())
-        if req.method not in ("GET", "HEAD", "OPTIONS", "TRACE") and resp.status < 400:
-            await self.cache.purge(url)  # RFC 9111 s4.4: unsafe methods invalidate
         return True
 
     async def _send_simple(
@@ -538,9 +567,19 @@ def _first_byte(range_header: str | None) -> int:
 
 
 async def _send_quiet(stream: trio.SocketStream, data: bytes) -> None:
+    """Send a final error response, then close gently: stop sending, and read (and drop)
+    what the client still sends for a moment, so that unread request bytes do not make
+    the kernel reset the connection before the client has read the response."""
     try:
-        with trio.move_on_after(5):
+        with trio.move_on_after(_LINGER_SECONDS):
             await stream.send_all(data)
+            await stream.send_eof()
+            drained = 0
+            while drained < _LINGER_BYTES:
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    break
+                drained += len(chunk)
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         pass
 

@@ -97,10 +97,15 @@ class AdminServer:
         except OSError as exc:
             raise OSError(exc.errno, f"cannot listen on {addr} (admin): {exc.strerror}") from None
         self.port = listeners[0].socket.getsockname()[1]
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            await nursery.start(trio.serve_listeners, self._handle, listeners)
-            task_status.started(self.port)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await nursery.start(trio.serve_listeners, self._handle, listeners)
+                task_status.started(self.port)
+        finally:
+            with trio.CancelScope(shield=True):
+                for lst in listeners:
+                    await lst.aclose()
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         proto = ServerProtocol()
