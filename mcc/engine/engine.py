@@ -122,7 +122,7 @@ class _Discovery:
             return self.meta
         assert self.error is not None
         if isinstance(self.error, UpstreamError):
-            raise UpstreamError(str(self.error), status_hint=self.error.status_hint)
+            raise type(self.error)(str(self.error), status_hint=self.error.status_hint)
         if isinstance(self.error, NotCacheable):
             raise NotCacheable(str(self.error))
         raise UpstreamError(f"discovery failed: {self.error}")
@@ -283,6 +283,9 @@ class Cache:
             async with aclosing(self.segments(meta, 0, meta.size - 1)) as segments:
                 async for _ in segments:
                     pass
+        for flight in self._flights:  # blocks read from flights: wait until stored
+            if flight.key.key == meta.key and flight.key.version == meta.version:
+                await flight.settled.wait()
         return await self.stat(url)
 
     async def purge(self, url: str) -> bool:

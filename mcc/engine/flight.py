@@ -65,6 +65,7 @@ class Flight:
         self.fetch: Fetch | None = None
         self._hasher = blake3.blake3()
         self._changed = trio.Event()
+        self.settled = trio.Event()  # set when it leaves the table (stored or failed)
 
     @property
     def complete(self) -> bool:
@@ -111,7 +112,9 @@ class Flight:
                 pos = end
                 yield chunk
             elif self.error is not None:
-                raise UpstreamError(str(self.error), status_hint=self.error.status_hint)
+                # a fresh exception per reader (one object raised in many tasks would
+                # collect their tracebacks), of the same class (VersionChanged stays one)
+                raise type(self.error)(str(self.error), status_hint=self.error.status_hint)
             else:
                 await self._changed.wait()
 
@@ -165,6 +168,7 @@ class FlightTable:
         """Unregister ``flight`` (no-op when another flight now holds its key)."""
         if self._flights.get(flight.key) is flight:
             del self._flights[flight.key]
+        flight.settled.set()
 
     def __len__(self) -> int:
         return len(self._flights)

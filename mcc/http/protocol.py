@@ -140,6 +140,9 @@ class ServerProtocol:
             raise BadRequest("bare LF line ending in the request head")
         if b"\r\n " in head or b"\r\n\t" in head:
             raise BadRequest("obs-fold (folded header line) in the request head")
+        if end >= 0 and head.lower().count(b"\r\ncontent-length:") > 1:
+            # h11 merges identical repeats; a proxy must not (RFC 9112 s6.3)
+            raise BadRequest("repeated Content-Length: refused (smuggling)")
 
     def _request(self, event: h11.Request) -> Request:
         headers = tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in event.headers)
