@@ -46,12 +46,13 @@ class StoreMachine(RuleBasedStateMachine):
     @rule(key=KEYS, version=VERSIONS, idx=st.integers(0, 3), content=CONTENTS)
     def add_block(self, key: str, version: str, idx: int, content: bytes) -> None:
         digest = self.blobs.put(content)
-        stored = self.index.add_block(
+        freed = self.index.add_block(
             key, version, idx, digest, len(content), self.blobs.drive_index(digest)
         )
         current = self.model.get(key)
-        assert stored == (current is not None and current[0] == version)
-        if stored and current is not None:
+        assert (freed is not None) == (current is not None and current[0] == version)
+        if freed is not None and current is not None:
+            self._delete(freed)
             current[1][idx] = content
         elif not any(
             digest_of(c) == digest for _, (_, b) in self.model.items() for c in b.values()

@@ -666,11 +666,15 @@ class Cache:
             log.warning("could not store block %d of %s: %s", flight.key.index, meta.key, exc)
         else:
             drive = self.blobs.drive_index(flight.digest)
-            if self.index.add_block(
+            freed = self.index.add_block(
                 meta.key, meta.version, flight.key.index, flight.digest, len(data), drive
-            ):
+            )
+            if freed is not None:
                 self._count("blocks_stored")
                 self._verified.add(flight.digest)
+                await self._delete_blobs(freed)
+            elif not self.index.is_referenced(flight.digest):
+                await self._delete_blobs([flight.digest])  # its version is gone already
         self._flights.remove(flight)
 
     def _end_fetch(self, meta: ObjectMeta, fetch: Fetch) -> None:

@@ -167,17 +167,21 @@ class Index:
 
     def add_block(
         self, key: str, version: str, idx: int, digest: str, size: int, drive: int = 0
-    ) -> bool:
+    ) -> list[str] | None:
         """Record that block ``idx`` of ``key``/``version`` is blob ``digest``.
 
         Returns:
-          False (and records nothing) when that object version is no longer current,
-          e.g. it changed upstream while the block was in flight.
+          None (and records nothing) when that object version is no longer current,
+          e.g. it changed upstream while the block was in flight; else the digests no
+          longer referenced (a block re-stored with other bytes frees its old blob).
         """
         with self._tx():
             row = self._db.execute("SELECT version FROM objects WHERE key=?", (key,)).fetchone()
             if row is None or row[0] != version:
-                return False
+                return None
+            old = self._db.execute(
+                "SELECT digest FROM blocks WHERE key=? AND version=? AND idx=?", (key, version, idx)
+            ).fetchone()
             self._db.execute(
                 "INSERT OR REPLACE INTO blocks VALUES (?, ?, ?, ?)", (key, version, idx, digest)
             )
@@ -186,7 +190,9 @@ class Index:
                 "SET last_access=excluded.last_access",
                 (digest, size, time.time(), drive),
             )
-            return True
+            if old is not None and old[0] != digest:
+                return self._unreferenced([old[0]])
+            return []
 
     def get_blocks(self, key: str, version: str, first: int, last: int) -> dict[int, str]:
         """Digests of the stored blocks ``first..last`` (inclusive) of ``key``/``version``."""
@@ -210,6 +216,11 @@ class Index:
             self._db.execute("DELETE FROM blocks WHERE digest=?", (digest,))
             self._db.execute("DELETE FROM blobs WHERE digest=?", (digest,))
             return [(r[0], r[1], r[2]) for r in rows]
+
+    def is_referenced(self, digest: str) -> bool:
+        """True when some block names ``digest``."""
+        row = self._db.execute("SELECT 1 FROM blocks WHERE digest=? LIMIT 1", (digest,)).fetchone()
+        return row is not None
 
     def touch(self, digests: Iterable[str], when: float | None = None) -> None:
         """Record a read of these blobs (for least-recently-used eviction)."""
