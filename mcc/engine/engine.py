@@ -40,7 +40,7 @@ from ..store.blobs import BlobStore, DriveInfo
 from ..store.index import Index
 from ..upstream.client import Upstream, UpstreamResponse, parse_http_url
 from .blocks import ObjectMeta, block_bounds, block_count, blocks_for_range, make_version
-from .flight import Fetch, Flight, FlightKey, FlightTable
+from .flight import BufferPool, Fetch, Flight, FlightKey, FlightTable
 
 __all__ = ["Cache", "FileSlice", "ObjectInfo", "Statistics", "open_cache"]
 
@@ -57,6 +57,10 @@ _KEPT_HEADERS = frozenset(
         "x-content-type-options",
     }
 )
+# Idle block buffers kept for reuse (each block_size bytes).
+_POOL_BUFFERS = 32
+# How often the index's WAL is checkpointed by a worker thread (see store/index.py).
+_CHECKPOINT_SECONDS = 2.0
 # Retry backoff for block fetches: 0.1 s, 0.2 s, 0.4 s... capped at 2 s.
 _BACKOFF_BASE = 0.1
 _BACKOFF_CAP = 2.0
@@ -154,6 +158,8 @@ class Cache:
         self.upstream = upstream
         self._nursery = nursery
         self._flights = FlightTable()
+        # enough buffers for every reader's read-ahead window plus stores in progress
+        self._pool = BufferPool(config.block_size, keep=_POOL_BUFFERS)
         self._metas: dict[str, ObjectMeta] = {}
         self._fetch_urls: dict[str, str] = {}
         self._discoveries: dict[str, _Discovery] = {}
@@ -179,6 +185,12 @@ class Cache:
                     self._idle.set()
 
         self._nursery.start_soon(run)
+
+    async def run_maintenance(self) -> None:
+        """Background upkeep, run in the engine's nursery for its whole life."""
+        while True:
+            await trio.sleep(_CHECKPOINT_SECONDS)
+            await trio.to_thread.run_sync(self.index.checkpoint)
 
     async def wait_idle(self) -> None:
         """Wait until no upstream fetch is running (every started block is stored or failed)."""
@@ -274,7 +286,7 @@ class Cache:
                 if isinstance(seg, FileSlice):
                     yield await trio.to_thread.run_sync(_pread_all, seg)
                 else:
-                    yield seg
+                    yield bytes(seg)
 
     async def warm(self, url: str) -> ObjectInfo:
         """Fetch every missing block of ``url`` into the store; returns the new stat."""
@@ -305,7 +317,7 @@ class Cache:
 
     async def segments(
         self, meta: ObjectMeta, start: int, end: int, via: Sequence[str] = ()
-    ) -> AsyncGenerator[bytes | FileSlice, None]:
+    ) -> AsyncGenerator[memoryview | FileSlice, None]:
         """The bytes ``start..end`` (inclusive, within the object) as stored-file slices
         and in-memory chunks, in order.
 
@@ -392,7 +404,7 @@ class Cache:
                     stored.update(again)
                     continue
                 b_start, b_end = block_bounds(j, self.block_size, meta.size)
-                flight = Flight(fkey, b_start, b_end - b_start)
+                flight = Flight(fkey, b_start, b_end - b_start, self._pool)
                 self._flights.add(flight)
                 fetch = Fetch([flight])
                 self._spawn(self._run_fetch, meta, fetch, tuple(via))
@@ -405,6 +417,8 @@ class Cache:
 
     def _release(self, flight: Flight) -> None:
         flight.waiters -= 1
+        if flight.waiters == 0 and flight.settled.is_set():
+            flight.recycle()
         fetch = flight.fetch
         if fetch is None or flight.finished or fetch.waiters > 0:
             return
@@ -539,7 +553,8 @@ class Cache:
         b_start, b_end = block_bounds(idx, self.block_size, meta.size)
         fetch = Fetch([])
         if meta.size:
-            flight = Flight(FlightKey(meta.key, meta.version, idx), b_start, b_end - b_start)
+            fkey = FlightKey(meta.key, meta.version, idx)
+            flight = Flight(fkey, b_start, b_end - b_start, self._pool)
             self._flights.add(flight)
             fetch.add(flight)
         return fetch
@@ -554,7 +569,7 @@ class Cache:
                     todo = [f for f in fetch.flights if not f.finished]
                     if not todo:
                         return
-                    start = todo[0].start + len(todo[0].buf)
+                    start = todo[0].start + todo[0].filled
                     end = todo[-1].start + todo[-1].length - 1
                     headers = [("range", f"bytes={start}-{end}"), *(("via", v) for v in via)]
                     validator = meta.strong_etag or meta.last_modified
@@ -611,37 +626,70 @@ class Cache:
 
         Blocks the body passes that no flight claims are claimed on the way when they
         are neither stored nor in flight (an origin that ignores Range sends them all).
+        Where the next body bytes are exactly what a flight lacks, they are received
+        straight into its buffer (no intermediate copy); otherwise piece by piece.
         """
         B = self.block_size
         by_index = {f.key.index: f for f in fetch.flights}
-        async for chunk in resp.iter_body():
-            view = memoryview(chunk)
-            while view:
-                if pos >= meta.size:
+        while True:
+            if pos >= meta.size:
+                if await resp.receive():
                     raise UpstreamError(
                         f"{meta.key}: body runs past the object's {meta.size} bytes"
                     )
-                idx = pos // B
-                b_start, b_end = block_bounds(idx, B, meta.size)
-                take = min(len(view), b_end - pos)
-                flight = by_index.get(idx)
-                if flight is None and pos == b_start:
-                    flight = self._claim_passing(meta, idx, fetch)
-                    if flight is not None:
-                        by_index[idx] = flight
-                if flight is not None and not flight.finished:
-                    have = flight.start + len(flight.buf)
-                    if pos + take > have:
-                        if pos > have:
-                            raise UpstreamError(f"{meta.key}: gap in block {idx}")
-                        flight.feed(view[have - pos : take])
-                        if flight.complete:
-                            await self._store(meta, flight)
-                pos += take
-                view = view[take:]
+                break
+            idx = pos // B
+            b_start, b_end = block_bounds(idx, B, meta.size)
+            flight = by_index.get(idx)
+            if flight is None and pos == b_start:
+                flight = self._claim_passing(meta, idx, fetch)
+                if flight is not None:
+                    by_index[idx] = flight
+            if (
+                flight is not None
+                and not flight.finished
+                and pos == flight.start + flight.filled
+                and resp.can_receive_into
+            ):
+                n = await resp.receive_into(flight.view[flight.filled :])
+                if not n:
+                    break
+                flight.filled_by(n)
+                pos += n
+                if flight.complete:
+                    await self._store(meta, flight)
+                continue
+            chunk = await resp.receive()
+            if not chunk:
+                break
+            pos = await self._place(meta, by_index, memoryview(chunk), pos)
         unfinished = [f for f in fetch.flights if not f.finished]
         if unfinished:
             raise UpstreamError(f"{meta.key}: body ended before block {unfinished[0].key.index}")
+
+    async def _place(
+        self, meta: ObjectMeta, by_index: dict[int, Flight], view: memoryview, pos: int
+    ) -> int:
+        """Copy a piece of body at object byte ``pos`` into the flights it covers."""
+        B = self.block_size
+        while view:
+            if pos >= meta.size:
+                raise UpstreamError(f"{meta.key}: body runs past the object's {meta.size} bytes")
+            idx = pos // B
+            _, b_end = block_bounds(idx, B, meta.size)
+            take = min(len(view), b_end - pos)
+            flight = by_index.get(idx)
+            if flight is not None and not flight.finished:
+                have = flight.start + flight.filled
+                if pos + take > have:
+                    if pos > have:
+                        raise UpstreamError(f"{meta.key}: gap in block {idx}")
+                    flight.feed(view[have - pos : take])
+                    if flight.complete:
+                        await self._store(meta, flight)
+            pos += take
+            view = view[take:]
+        return pos
 
     def _claim_passing(self, meta: ObjectMeta, idx: int, fetch: Fetch) -> Flight | None:
         fkey = FlightKey(meta.key, meta.version, idx)
@@ -650,21 +698,22 @@ class Cache:
         if self.index.get_blocks(meta.key, meta.version, idx, idx):
             return None
         b_start, b_end = block_bounds(idx, self.block_size, meta.size)
-        flight = Flight(fkey, b_start, b_end - b_start)
+        flight = Flight(fkey, b_start, b_end - b_start, self._pool)
         self._flights.add(flight)
         fetch.add(flight)
         return flight
 
     async def _store(self, meta: ObjectMeta, flight: Flight) -> None:
         """Write a complete block to the store and index; then it leaves the table."""
-        assert flight.digest is not None
-        data = bytes(flight.buf)
+        data = flight.view
         try:
-            await trio.to_thread.run_sync(self.blobs.put, data, flight.digest)
+            # hashing (BLAKE3 releases the GIL) and writing both run off the trio thread
+            flight.digest = await trio.to_thread.run_sync(self.blobs.put, data)
         except OSError as exc:
             self._count("store_failures")
             log.warning("could not store block %d of %s: %s", flight.key.index, meta.key, exc)
         else:
+            assert flight.digest is not None
             drive = self.blobs.drive_index(flight.digest)
             freed = self.index.add_block(
                 meta.key, meta.version, flight.key.index, flight.digest, len(data), drive
@@ -675,14 +724,20 @@ class Cache:
                 await self._delete_blobs(freed)
             elif not self.index.is_referenced(flight.digest):
                 await self._delete_blobs([flight.digest])  # its version is gone already
-        self._flights.remove(flight)
+        self._retire(flight)
 
     def _end_fetch(self, meta: ObjectMeta, fetch: Fetch) -> None:
         fetch.fail_unfinished(UpstreamError(f"{meta.key}: fetch abandoned"))
         for f in fetch.flights:
             if not f.complete:
-                self._flights.remove(f)
+                self._retire(f)
         self._orphans.discard(fetch)
+
+    def _retire(self, flight: Flight) -> None:
+        """Take a flight out of the table; recycle its buffer if nobody reads it."""
+        self._flights.remove(flight)
+        if flight.waiters == 0:
+            flight.recycle()
 
     async def _delete_blobs(self, digests: list[str]) -> None:
         if digests:
@@ -737,6 +792,7 @@ async def open_cache(config: Config | None = None, **overrides: Any) -> AsyncIte
     try:
         async with trio.open_nursery() as nursery:
             cache = Cache(config, nursery, index=index, blobs=blobs, upstream=upstream)
+            nursery.start_soon(cache.run_maintenance)
             try:
                 yield cache
             finally:

@@ -62,6 +62,7 @@ class BlobStore:
             for sub in ("blobs", "tmp", "quarantine"):
                 (d.root / sub).mkdir(parents=True, exist_ok=True)
         self._tmp_counter = 0
+        self._made_dirs: set[Path] = set()
 
     def drive_for(self, digest: str) -> DriveInfo:
         """The drive a blob lives on (weighted rendezvous hash of its digest)."""
@@ -108,7 +109,9 @@ class BlobStore:
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
-            final.parent.mkdir(parents=True, exist_ok=True)
+            if final.parent not in self._made_dirs:
+                final.parent.mkdir(parents=True, exist_ok=True)
+                self._made_dirs.add(final.parent)
             os.replace(tmp, final)
         except BaseException:
             try:

@@ -10,8 +10,12 @@ in step across a crash:
   crash in between leaves an orphan blob (reclaimed later), never a row without a blob;
 - a blob file is deleted only after its last row is gone, with the same result.
 
-Each call is one short transaction (tens of microseconds), so the engine calls it
-directly on the trio thread; see ``benchmarks/`` for the measurement.
+Each call is one short transaction, so the engine calls it directly on the trio
+thread: measured here, ``add_block`` takes 43 us (median) and ``get_blocks`` 6 us.
+What does not fit on the event loop is sqlite's automatic checkpoint, which copies
+the WAL into the database and fsyncs it inside some unlucky commit (46 ms seen).
+Automatic checkpoints are therefore off; :meth:`Index.checkpoint` runs them from a
+worker thread on a connection of its own (a PASSIVE checkpoint never blocks writers).
 """
 
 from __future__ import annotations
@@ -74,6 +78,7 @@ class Index:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=OFF")
+        self._db.execute("PRAGMA wal_autocheckpoint=0")  # see checkpoint()
         self._db.executescript(_SCHEMA)  # idempotent; executescript commits by itself
         with self._tx():
             row = self._db.execute("SELECT value FROM meta WHERE name='schema'").fetchone()
@@ -91,8 +96,20 @@ class Index:
         return _Tx(self._db)
 
     def close(self) -> None:
-        """Close the database."""
+        """Close the database (after a last checkpoint)."""
+        self.checkpoint()
         self._db.close()
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database file. Blocking: call it from a worker thread.
+
+        Uses a connection of its own, so it may run while the main connection works.
+        """
+        db = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        finally:
+            db.close()
 
     # -- objects ---------------------------------------------------------------
 

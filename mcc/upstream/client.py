@@ -86,6 +86,7 @@ class _Connection:
         self.key = key
         self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_RESPONSE_HEAD)
         self.reused = False
+        self.reusable_fresh = False  # a body read past h11 ended cleanly
 
     async def send(self, event: h11.Event) -> None:
         data = self.h11.send(event)
@@ -120,6 +121,7 @@ class UpstreamResponse:
         route: Route,
         timeout: float,
         counters: Upstream | None = None,
+        method: str = "GET",
     ) -> None:
         self._conn = conn
         self._counters = counters
@@ -133,6 +135,23 @@ class UpstreamResponse:
         ]
         self._timeout = timeout
         self.complete = False
+        # Bodies framed by Content-Length are read straight from the socket, past h11:
+        # h11 would copy each piece twice more (its receive buffer, then the event).
+        # h11 is replaced by a fresh connection object once the body is complete.
+        self._direct_remaining: int | None = None
+        names = {k.lower() for k, _ in response.headers}
+        length: int | None = None
+        for k, v in response.headers:
+            if k.lower() == b"content-length":
+                length = int(v)
+        if (
+            method != "HEAD"
+            and self.status not in (204, 304)
+            and b"transfer-encoding" not in names
+            and length is not None
+        ):
+            self._direct_remaining = length
+            self._pending = conn.h11.trailing_data[0]
 
     def header(self, name: str) -> str | None:
         """The first value of header ``name`` (lower case), or None."""
@@ -150,6 +169,8 @@ class UpstreamResponse:
         """
         if self.complete:
             return b""
+        if self._direct_remaining is not None:
+            return await self._receive_direct()
         with _map_errors(self.route, "reading the body"):
             event = await self._conn.next_event(self._timeout)
         if isinstance(event, h11.Data):
@@ -160,6 +181,76 @@ class UpstreamResponse:
             self.complete = True
             return b""
         raise UpstreamError(f"{self.route.name}: unexpected {type(event).__name__} in body")
+
+    @property
+    def can_receive_into(self) -> bool:
+        """True when :meth:`receive_into` may be used (a Content-Length body)."""
+        return self._direct_remaining is not None
+
+    async def receive_into(self, buf: memoryview) -> int:
+        """Receive body bytes straight into ``buf``; returns how many (0 at the end).
+
+        Raises:
+          UpstreamError: as :meth:`receive`.
+        """
+        remaining = self._direct_remaining
+        if self.complete or remaining is None:
+            return 0
+        if remaining == 0:
+            self._finish_direct(b"")
+            return 0
+        want = min(len(buf), remaining)
+        if self._pending:
+            n = min(want, len(self._pending))
+            buf[:n] = self._pending[:n]
+            self._pending = self._pending[n:]
+        else:
+            sock = self._conn.stream.socket
+            with _map_errors(self.route, "reading the body"), trio.fail_after(self._timeout):
+                n = await sock.recv_into(buf[:want])
+            if not n:
+                raise UpstreamError(
+                    f"{self.route.name}: connection closed {remaining} bytes before the "
+                    "end of the body"
+                )
+        remaining -= n
+        self._direct_remaining = remaining
+        if self._counters is not None:
+            self._counters.bytes_received += n
+        if remaining == 0:
+            self._finish_direct(self._pending)
+        return n
+
+    async def _receive_direct(self) -> bytes:
+        remaining = self._direct_remaining
+        assert remaining is not None
+        if remaining == 0:
+            self._finish_direct(b"")
+            return b""
+        if self._pending:
+            data, self._pending = self._pending[:remaining], self._pending[remaining:]
+        else:
+            with _map_errors(self.route, "reading the body"), trio.fail_after(self._timeout):
+                data = await self._conn.stream.receive_some(min(remaining, _RECEIVE_SIZE))
+            if not data:
+                raise UpstreamError(
+                    f"{self.route.name}: connection closed {remaining} bytes before the "
+                    "end of the body"
+                )
+        remaining -= len(data)
+        self._direct_remaining = remaining
+        if self._counters is not None:
+            self._counters.bytes_received += len(data)
+        if remaining == 0:
+            self._finish_direct(self._pending)
+        return data
+
+    def _finish_direct(self, leftover: bytes) -> None:
+        self.complete = True
+        self._direct_remaining = None
+        # reusable only when nothing followed the body (we never pipeline upstream)
+        self._conn.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_RESPONSE_HEAD)
+        self._conn.reusable_fresh = not leftover
 
     async def iter_body(self) -> AsyncIterator[bytes]:
         """Every remaining piece of the body."""
@@ -239,8 +330,11 @@ class Upstream:
         return _Connection(stream, key)
 
     async def _release(self, conn: _Connection, reusable: bool) -> None:
-        if reusable and conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE:
-            conn.h11.start_next_cycle()
+        done = conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE
+        if reusable and (done or conn.reusable_fresh):
+            if done:
+                conn.h11.start_next_cycle()
+            conn.reusable_fresh = False
             idle = self._idle[conn.key]
             if len(idle) < self._config.limits.upstream_connections_per_host:
                 idle.append(conn)
@@ -328,7 +422,9 @@ class Upstream:
                 self.requests += 1
                 outcome = "5xx" if event.status_code >= 500 else "ok"
                 self.outcomes[(route.name, outcome)] += 1
-                response = UpstreamResponse(conn, event, route, self._config.timeouts.read, self)
+                response = UpstreamResponse(
+                    conn, event, route, self._config.timeouts.read, self, method
+                )
                 if route.is_parent and response.status >= 500 and body is None:
                     self._mark_down(route)
                     last_error = UpstreamError(f"{route.name}: answered {response.status}")
