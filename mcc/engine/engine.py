@@ -639,7 +639,7 @@ class Cache:
                     )
                 break
             idx = pos // B
-            b_start, b_end = block_bounds(idx, B, meta.size)
+            b_start, _ = block_bounds(idx, B, meta.size)
             flight = by_index.get(idx)
             if flight is None and pos == b_start:
                 flight = self._claim_passing(meta, idx, fetch)
