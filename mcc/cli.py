@@ -100,6 +100,18 @@ FLAGS: tuple[tuple[str, str, dict[str, Any], str], ...] = (
         {"choices": ["always", "first", "never"]},
         "check blobs against their digest when read (default first)",
     ),
+    (
+        "--heuristic-max",
+        "freshness.heuristic_max",
+        {"metavar": "DURATION"},
+        "cap of the heuristic freshness lifetime (10%% of the time since Last-Modified)",
+    ),
+    (
+        "--max-stale",
+        "freshness.max_stale",
+        {"metavar": "DURATION"},
+        "serve a stale copy this long past its lifetime when upstream fails",
+    ),
     ("--connect-timeout", "timeouts.connect", {"metavar": "DURATION"}, "upstream connect timeout"),
     (
         "--read-timeout",
@@ -206,6 +218,12 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         help="file a mirror host's objects under a canonical name (repeatable)",
     )
     p.add_argument(
+        "--refresh-pattern",
+        action="append",
+        metavar="PATTERN=SPEC",
+        help="freshness override: SPEC is 'immutable' or 'max_age=5m[,min_age=30s]' (repeatable)",
+    )
+    p.add_argument(
         "--no-origin-fallback",
         action="store_true",
         default=None,
@@ -226,6 +244,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
             out[key] = value
     if args.no_origin_fallback:
         out["origin_fallback"] = False
+    if args.refresh_pattern:
+        out["refresh_patterns"] = [_refresh_rule(item) for item in args.refresh_pattern]
     if args.canonical_host:
         pairs = {}
         for item in args.canonical_host:
@@ -235,6 +255,24 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
             pairs[host] = canon
         out["canonical_hosts"] = pairs
     return out
+
+
+def _refresh_rule(item: str) -> dict[str, Any]:
+    """``*.deb=immutable`` or ``*/InRelease=max_age=5m,min_age=30s`` -> a rule table."""
+    match, sep, spec = item.partition("=")
+    if not sep or not match or not spec:
+        raise ConfigError([f"refresh_patterns: {item!r} is not PATTERN=SPEC"])
+    if spec == "immutable":
+        return {"match": match, "immutable": True}
+    rule: dict[str, Any] = {"match": match}
+    for part in spec.split(","):
+        key, eq, value = part.partition("=")
+        if key not in ("max_age", "min_age") or not eq:
+            raise ConfigError(
+                [f"refresh_patterns: {part!r} in {item!r} is not max_age=... or min_age=..."]
+            )
+        rule[key] = value
+    return rule
 
 
 def _drive_overrides(args: argparse.Namespace, raw_drives: list[dict[str, Any]]) -> Any:

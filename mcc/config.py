@@ -18,6 +18,7 @@ import attrs
 import cattrs
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 
+from .engine.freshness import RefreshRule
 from .errors import ConfigError
 from .origins import DEFAULT_ALLOW_ORIGINS, OriginPolicy, normalize_host, split_host_port
 from .units import format_duration, format_size, parse_duration, parse_size
@@ -25,6 +26,7 @@ from .units import format_duration, format_size, parse_duration, parse_size
 __all__ = [
     "Config",
     "Drive",
+    "Freshness",
     "HostPort",
     "Limits",
     "Timeouts",
@@ -88,6 +90,14 @@ class Timeouts:
 
 
 @attrs.frozen
+class Freshness:
+    """How long stored responses are used without asking upstream (RFC 9111 s4.2)."""
+
+    heuristic_max: float = 86400.0  # cap of the 10 %-of-age heuristic lifetime
+    max_stale: float = 86400.0  # stale-if-error: serve stale this long past its lifetime
+
+
+@attrs.frozen
 class Limits:
     """Every size and count limit."""
 
@@ -125,6 +135,8 @@ class Config:
     verify_on_read: VerifyMode = "first"
     timeouts: Timeouts = Timeouts()
     limits: Limits = Limits()
+    freshness: Freshness = Freshness()
+    refresh_patterns: tuple[RefreshRule, ...] = ()
 
     def origin_policy(self) -> OriginPolicy:
         """The compiled allowlist (``--origin``'s host is allowed too)."""
@@ -142,6 +154,7 @@ def _url_authority(url: str) -> str:
 
 
 _LITERAL: object = Literal
+_TABLES = ("timeouts", "limits", "freshness")
 
 
 def _make_converter() -> cattrs.Converter:
@@ -272,6 +285,11 @@ def check_config(config: Config) -> list[str]:
         value = getattr(config.timeouts, name)
         if value <= 0:
             problems.append(f"timeouts.{name}: {value} must be more than zero")
+    for i, rule in enumerate(config.refresh_patterns):
+        if not rule.match:
+            problems.append(f"refresh_patterns[{i}].match: must not be empty")
+        if rule.immutable and (rule.max_age is not None or rule.min_age is not None):
+            problems.append(f"refresh_patterns[{i}]: immutable excludes max_age and min_age")
     lim = config.limits
     for name, low in (
         ("max_connections", 1),
@@ -304,7 +322,7 @@ def load_config(
     Args:
       path: a TOML file, or None for the embedded defaults.
       overrides: keys as in the file (``"timeouts": {"read": 5}``); they win. The
-        ``timeouts`` and ``limits`` tables are merged key by key; every other key,
+        ``timeouts``, ``limits`` and ``freshness`` tables are merged key by key; every other key,
         lists and ``canonical_hosts`` included, is replaced whole.
 
     Returns:
@@ -323,7 +341,7 @@ def load_config(
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError([f"config: {str(path)!r} is not valid TOML: {exc}"]) from None
     for key, value in (overrides or {}).items():
-        if key in ("timeouts", "limits") and isinstance(raw.get(key), Mapping):
+        if key in _TABLES and isinstance(raw.get(key), Mapping):
             raw[key] = {**raw[key], **value}
         else:
             raw[key] = value
@@ -379,7 +397,15 @@ def config_to_toml(config: Config) -> str:
                     f"{f.name} = {value(getattr(d, f.name), f.name)}" for f in attrs.fields(Drive)
                 ]
                 tables.append("")
-        elif isinstance(v, (Timeouts, Limits)):
+        elif field.name == "refresh_patterns":
+            for rule in v:
+                tables.append("[[refresh_patterns]]")
+                for f in attrs.fields(RefreshRule):
+                    value_ = getattr(rule, f.name)
+                    if value_ is not None:
+                        tables.append(f"{f.name} = {value(value_, f.name)}")
+                tables.append("")
+        elif isinstance(v, (Timeouts, Limits, Freshness)):
             tables.append(f"[{field.name}]")
             tables += [
                 f"{f.name} = {value(getattr(v, f.name), f.name)}" for f in attrs.fields(type(v))

@@ -76,6 +76,8 @@ def parse_duration(value: object) -> float:
 
 def format_duration(seconds: float) -> str:
     """``10.0`` -> ``"10s"``, ``0.5`` -> ``"500ms"``, ``300.0`` -> ``"5m"``."""
+    if seconds and seconds % 86400 == 0:
+        return f"{int(seconds // 86400)}d"
     if seconds and seconds % 3600 == 0:
         return f"{int(seconds // 3600)}h"
     if seconds and seconds % 60 == 0:

@@ -41,8 +41,9 @@ from ..store.index import Index
 from ..upstream.client import Upstream, UpstreamResponse, parse_http_url
 from .blocks import ObjectMeta, block_bounds, block_count, blocks_for_range, make_version
 from .flight import BufferPool, Fetch, Flight, FlightKey, FlightTable
+from .freshness import is_fresh, may_serve_stale
 
-__all__ = ["Cache", "FileSlice", "ObjectInfo", "Statistics", "open_cache"]
+__all__ = ["Cache", "FileSlice", "Lookup", "ObjectInfo", "Statistics", "open_cache"]
 
 log = logging.getLogger("mcc.engine")
 
@@ -55,6 +56,8 @@ _KEPT_HEADERS = frozenset(
         "content-language",
         "content-encoding",
         "x-content-type-options",
+        "date",  # with "age": inputs of the freshness computation, not replayed
+        "age",
     }
 )
 # Idle block buffers kept for reuse (each block_size bytes).
@@ -98,6 +101,19 @@ class ObjectInfo:
 
 
 @attrs.frozen
+class Lookup:
+    """What :meth:`Cache.lookup` found: the metadata and how it was obtained.
+
+    ``outcome`` is ``fresh`` (stored, within its lifetime), ``miss`` (new to the cache),
+    ``revalidated`` (stale, upstream confirmed it), ``changed`` (stale, upstream sent a
+    new version) or ``stale`` (stale, upstream failed, served under stale-if-error).
+    """
+
+    meta: ObjectMeta
+    outcome: str
+
+
+@attrs.frozen
 class Statistics:
     """Counters since the cache was opened."""
 
@@ -112,6 +128,7 @@ class Statistics:
     store_failures: int = 0
     corrupt_blocks: int = 0
     evictions: int = 0
+    stale_served: int = 0
 
 
 class _Discovery:
@@ -119,6 +136,7 @@ class _Discovery:
         self.done = trio.Event()
         self.meta: ObjectMeta | None = None
         self.error: Exception | None = None
+        self.outcome = "miss"  # or "revalidated" (304) or "changed" (a new version)
 
     async def wait(self) -> ObjectMeta:
         await self.done.wait()
@@ -222,7 +240,12 @@ class Cache:
     # -- public API ----------------------------------------------------------------
 
     async def meta(self, url: str, *, hint_block: int = 0, via: Sequence[str] = ()) -> ObjectMeta:
-        """The metadata of ``url``'s current version, discovering it upstream if needed.
+        """The metadata of ``url``'s current version (see :meth:`lookup`)."""
+        return (await self.lookup(url, hint_block=hint_block, via=via)).meta
+
+    async def lookup(self, url: str, *, hint_block: int = 0, via: Sequence[str] = ()) -> Lookup:
+        """The metadata of ``url``'s current version, asking upstream when the object is
+        unknown (discovery) or stale (revalidation), and how it was obtained.
 
         Args:
           url: absolute http URL.
@@ -233,7 +256,7 @@ class Cache:
         Raises:
           BadRequest: the URL is not allowed (403) or malformed (400).
           NotCacheable: upstream's answer must not be stored; forward instead.
-          UpstreamError: upstream failed.
+          UpstreamError: upstream failed (and no stale copy may stand in).
         """
         key = self.resolve(url)
         meta = self._metas.get(key)
@@ -241,16 +264,28 @@ class Cache:
             meta = self.index.get_object(key)
             if meta is not None:
                 self._metas[key] = meta
-        if meta is not None:
-            return meta
+        now = time.time()
+        fresh = self.config.freshness
+        rules = self.config.refresh_patterns
+        if meta is not None and is_fresh(meta, now, rules, fresh.heuristic_max):
+            return Lookup(meta, "fresh")
         disc = self._discoveries.get(key)
         if disc is None:
             disc = _Discovery()
             self._discoveries[key] = disc
-            self._spawn(self._discover, url, key, hint_block, disc, tuple(via))
+            self._spawn(self._discover, url, key, hint_block, disc, tuple(via), meta)
         else:
             self._count("flight_joins")
-        return await disc.wait()
+        try:
+            found = await disc.wait()
+        except UpstreamError:
+            if meta is not None and may_serve_stale(
+                meta, now, fresh.max_stale, rules, fresh.heuristic_max
+            ):
+                self._count("stale_served")
+                return Lookup(meta, "stale")
+            raise
+        return Lookup(found, disc.outcome)
 
     async def stat(self, url: str) -> ObjectInfo:
         """Size, validators and how much of ``url`` is stored (discovering it if new)."""
@@ -451,32 +486,39 @@ class Cache:
         return self._fetch_urls.get(key, key)
 
     async def _discover(
-        self, url: str, key: str, hint: int, disc: _Discovery, via: tuple[str, ...]
+        self,
+        url: str,
+        key: str,
+        hint: int,
+        disc: _Discovery,
+        via: tuple[str, ...],
+        stale: ObjectMeta | None,
     ) -> None:
+        """Learn ``key``'s metadata from a range request for block ``hint`` (made
+        conditional when a stale copy is stored), and fill that block from its body.
+        Failures before the head arrived are retried like block fetches."""
         B = self.block_size
+        headers = [("range", f"bytes={hint * B}-{hint * B + B - 1}"), *(("via", v) for v in via)]
+        if stale is not None and stale.etag:
+            headers.append(("if-none-match", stale.etag))
+        elif stale is not None and stale.last_modified:
+            headers.append(("if-modified-since", stale.last_modified))
+        retries = self.config.limits.upstream_retries
         try:
-            range_header = ("range", f"bytes={hint * B}-{hint * B + B - 1}")
-            headers = [range_header, *(("via", v) for v in via)]
-            async with self.upstream.request("GET", url, headers) as resp:
-                self._count("upstream_fetches")
-                if resp.status == 416:
-                    size = parse_unsatisfied_range(resp.header("content-range"))
-                    meta = await self._discover_by_head(url, key, size, via)
-                    self._adopt(meta)
-                    disc.meta = meta
-                    disc.done.set()
+            for attempt in range(retries + 1):
+                try:
+                    await self._discover_once(url, key, hint, disc, via, stale, headers)
                     return
-                meta, first = self._meta_from(key, resp, hint * B)
-                self._adopt(meta)
-                fetch = self._start_fill(meta, first)
-                disc.meta = meta
-                disc.done.set()
-                with fetch.cancel_scope:
-                    try:
-                        await self._fill(meta, fetch, resp, first)
-                    finally:
-                        self._end_fetch(meta, fetch)
-        except (UpstreamError, NotCacheable) as exc:
+                except UpstreamError as exc:
+                    if disc.done.is_set() or attempt == retries:
+                        raise
+                    log.info("retrying discovery of %s after: %s", url, exc)
+                    await trio.sleep(min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempt))
+        except NotCacheable as exc:
+            if stale is not None:
+                self._forget(stale)  # upstream no longer lets it be stored
+            disc.error = exc
+        except UpstreamError as exc:
             if not disc.done.is_set():
                 disc.error = exc
             else:
@@ -484,6 +526,63 @@ class Cache:
         finally:
             self._discoveries.pop(key, None)
             disc.done.set()
+
+    async def _discover_once(
+        self,
+        url: str,
+        key: str,
+        hint: int,
+        disc: _Discovery,
+        via: tuple[str, ...],
+        stale: ObjectMeta | None,
+        headers: list[tuple[str, str]],
+    ) -> None:
+        B = self.block_size
+        async with self.upstream.request("GET", url, headers) as resp:
+            self._count("upstream_fetches")
+            if resp.status == 304 and stale is not None:
+                meta = self._refreshed(stale, resp)
+                self.index.put_object(meta)
+                self._metas[key] = meta
+                disc.meta, disc.outcome = meta, "revalidated"
+                disc.done.set()
+                return
+            if resp.status == 416:
+                size = parse_unsatisfied_range(resp.header("content-range"))
+                meta = await self._discover_by_head(url, key, size, via)
+                self._adopt(meta)
+                disc.meta = meta
+                disc.done.set()
+                return
+            if stale is not None and resp.status >= 500:
+                # an error, not a verdict on the stored copy: stale-if-error may apply
+                raise UpstreamError(f"{url}: upstream answered {resp.status} to revalidation")
+            meta, first = self._meta_from(key, resp, hint * B)
+            if stale is not None and meta.version == stale.version:
+                disc.outcome = "revalidated"  # upstream resent the same version
+            elif stale is not None:
+                disc.outcome = "changed"
+            self._adopt(meta)
+            fetch = self._start_fill(meta, first)
+            disc.meta = meta
+            disc.done.set()
+            with fetch.cancel_scope:
+                try:
+                    await self._fill(meta, fetch, resp, first)
+                except UpstreamError as exc:
+                    # the head was fine, the body broke: resume like any block fetch
+                    log.info("resuming %s after: %s", url, exc)
+                    await self._fetch_with_retries(meta, fetch, via)
+                finally:
+                    self._end_fetch(meta, fetch)
+
+    def _refreshed(self, stale: ObjectMeta, resp: UpstreamResponse) -> ObjectMeta:
+        """``stale`` updated by a 304: new fetch time, the 304's caching headers."""
+        updated = {k for k, _ in resp.headers if k in _KEPT_HEADERS}
+        headers = tuple((k, v) for k, v in stale.headers if k not in updated) + tuple(
+            (k, v) for k, v in resp.headers if k in _KEPT_HEADERS
+        )
+        return attrs.evolve(stale, headers=headers, fetched_at=time.time())
 
     async def _discover_by_head(
         self, url: str, key: str, size: int | None, via: tuple[str, ...]
@@ -560,40 +659,47 @@ class Cache:
         return fetch
 
     async def _run_fetch(self, meta: ObjectMeta, fetch: Fetch, via: tuple[str, ...]) -> None:
-        """Fill ``fetch``'s flights from upstream, with bounded retries that resume."""
-        url = self._fetch_url(meta.key)
-        retries = self.config.limits.upstream_retries
+        """Fill ``fetch``'s flights from upstream (a task in the engine's nursery)."""
         with fetch.cancel_scope:
             try:
-                for attempt in range(retries + 1):
-                    todo = [f for f in fetch.flights if not f.finished]
-                    if not todo:
-                        return
-                    start = todo[0].start + todo[0].filled
-                    end = todo[-1].start + todo[-1].length - 1
-                    headers = [("range", f"bytes={start}-{end}"), *(("via", v) for v in via)]
-                    validator = meta.strong_etag or meta.last_modified
-                    if validator:
-                        headers.append(("if-range", validator))
-                    try:
-                        async with self.upstream.request("GET", url, headers) as resp:
-                            self._count("upstream_fetches")
-                            self._check_block_response(meta, resp, start, end)
-                            await self._fill(meta, fetch, resp, start if resp.status == 206 else 0)
-                        return
-                    except VersionChanged as exc:
-                        log.info("%s changed upstream: dropping version %s", meta.key, meta.version)
-                        self._forget(meta)
-                        fetch.fail_unfinished(exc)
-                        return
-                    except UpstreamError as exc:
-                        if attempt == retries:
-                            fetch.fail_unfinished(exc)
-                            return
-                        log.info("retrying %s bytes=%d-%d after: %s", url, start, end, exc)
-                        await trio.sleep(min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempt))
+                await self._fetch_with_retries(meta, fetch, via)
             finally:
                 self._end_fetch(meta, fetch)
+
+    async def _fetch_with_retries(
+        self, meta: ObjectMeta, fetch: Fetch, via: tuple[str, ...]
+    ) -> None:
+        """Request what ``fetch``'s flights still lack, resuming after failures with
+        bounded retries; a failure that remains is handed to every waiter."""
+        url = self._fetch_url(meta.key)
+        retries = self.config.limits.upstream_retries
+        for attempt in range(retries + 1):
+            todo = [f for f in fetch.flights if not f.finished]
+            if not todo:
+                return
+            start = todo[0].start + todo[0].filled
+            end = todo[-1].start + todo[-1].length - 1
+            headers = [("range", f"bytes={start}-{end}"), *(("via", v) for v in via)]
+            validator = meta.strong_etag or meta.last_modified
+            if validator:
+                headers.append(("if-range", validator))
+            try:
+                async with self.upstream.request("GET", url, headers) as resp:
+                    self._count("upstream_fetches")
+                    self._check_block_response(meta, resp, start, end)
+                    await self._fill(meta, fetch, resp, start if resp.status == 206 else 0)
+                return
+            except VersionChanged as exc:
+                log.info("%s changed upstream: dropping version %s", meta.key, meta.version)
+                self._forget(meta)
+                fetch.fail_unfinished(exc)
+                return
+            except UpstreamError as exc:
+                if attempt == retries:
+                    fetch.fail_unfinished(exc)
+                    return
+                log.info("retrying %s bytes=%d-%d after: %s", url, start, end, exc)
+                await trio.sleep(min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempt))
 
     def _check_block_response(
         self, meta: ObjectMeta, resp: UpstreamResponse, start: int, end: int
@@ -632,53 +738,56 @@ class Cache:
         B = self.block_size
         by_index = {f.key.index: f for f in fetch.flights}
         while True:
-            if pos >= meta.size:
-                if await resp.receive():
-                    raise UpstreamError(
-                        f"{meta.key}: body runs past the object's {meta.size} bytes"
-                    )
-                break
-            idx = pos // B
-            b_start, _ = block_bounds(idx, B, meta.size)
-            flight = by_index.get(idx)
-            if flight is None and pos == b_start:
-                flight = self._claim_passing(meta, idx, fetch)
-                if flight is not None:
-                    by_index[idx] = flight
-            if (
-                flight is not None
-                and not flight.finished
-                and pos == flight.start + flight.filled
-                and resp.can_receive_into
-            ):
-                n = await resp.receive_into(flight.view[flight.filled :])
-                if not n:
-                    break
-                flight.filled_by(n)
-                pos += n
-                if flight.complete:
-                    await self._store(meta, flight)
-                continue
+            if resp.can_receive_into and not resp.complete and pos < meta.size:
+                idx = pos // B
+                flight = by_index.get(idx)
+                if flight is None and pos == idx * B:
+                    flight = self._claim_passing(meta, idx, fetch)
+                    if flight is not None:
+                        by_index[idx] = flight
+                if (
+                    flight is not None
+                    and not flight.finished
+                    and pos == flight.start + flight.filled
+                ):
+                    n = await resp.receive_into(flight.view[flight.filled :])
+                    if not n:
+                        break
+                    flight.filled_by(n)
+                    pos += n
+                    if flight.complete:
+                        await self._store(meta, flight)
+                    continue
             chunk = await resp.receive()
             if not chunk:
                 break
-            pos = await self._place(meta, by_index, memoryview(chunk), pos)
+            pos = await self._place(meta, fetch, by_index, memoryview(chunk), pos)
         unfinished = [f for f in fetch.flights if not f.finished]
         if unfinished:
             raise UpstreamError(f"{meta.key}: body ended before block {unfinished[0].key.index}")
 
     async def _place(
-        self, meta: ObjectMeta, by_index: dict[int, Flight], view: memoryview, pos: int
+        self,
+        meta: ObjectMeta,
+        fetch: Fetch,
+        by_index: dict[int, Flight],
+        view: memoryview,
+        pos: int,
     ) -> int:
-        """Copy a piece of body at object byte ``pos`` into the flights it covers."""
+        """Copy a piece of body at object byte ``pos`` into the flights it covers,
+        claiming blocks it starts that are neither stored nor in flight."""
         B = self.block_size
         while view:
             if pos >= meta.size:
                 raise UpstreamError(f"{meta.key}: body runs past the object's {meta.size} bytes")
             idx = pos // B
-            _, b_end = block_bounds(idx, B, meta.size)
+            b_start, b_end = block_bounds(idx, B, meta.size)
             take = min(len(view), b_end - pos)
             flight = by_index.get(idx)
+            if flight is None and pos == b_start:
+                flight = self._claim_passing(meta, idx, fetch)
+                if flight is not None:
+                    by_index[idx] = flight
             if flight is not None and not flight.finished:
                 have = flight.start + flight.filled
                 if pos + take > have:

@@ -31,6 +31,7 @@ import trio
 from ..config import Config
 from ..engine.blocks import ObjectMeta, blocks_for_range
 from ..engine.engine import Cache, FileSlice, open_cache
+from ..engine.freshness import age
 from ..errors import BadRequest, NotCacheable, UpstreamError, VersionChanged
 from ..ops.accesslog import AccessRecord, configure_logging, write_access
 from ..ops.admin import AdminServer
@@ -362,7 +363,8 @@ class Server:
         B = cache.block_size
         hint = _first_byte(req.header("range")) // B
         via = req.header_list("via")
-        meta = await cache.meta(url, hint_block=hint, via=via)
+        found = await cache.lookup(url, hint_block=hint, via=via)
+        meta = found.meta
         ranges = parse_range(req.header("range"), meta.size, self.config.limits.max_ranges)
         if_range = req.header("if-range")
         if (
@@ -381,7 +383,7 @@ class Server:
             ranges = []
         spans = ranges or ([ByteRange(0, meta.size - 1)] if meta.size else [])
         rec.cache = self._cache_status(meta, spans)
-        headers.append(("cache-status", self._cache_status_header(rec.cache)))
+        headers.append(("cache-status", self._cache_status_header(rec.cache, found.outcome)))
         head_only = req.method == "HEAD"
         if len(ranges) > 1:
             return await self._send_multipart(conn, meta, ranges, headers, head_only, rec, via)
@@ -415,8 +417,13 @@ class Server:
             return "hit"
         return "miss" if stored == 0 else "partial"
 
-    def _cache_status_header(self, status: str) -> str:
+    def _cache_status_header(self, status: str, outcome: str) -> str:
+        """RFC 9211 Cache-Status for a response built from the store."""
         node = self.config.node_id
+        if outcome == "stale":
+            return f"{node}; hit; detail=stale-if-error"
+        if outcome == "revalidated":
+            return f"{node}; fwd=stale; fwd-status=304" + ("" if status == "hit" else "; stored")
         if status == "hit":
             return f"{node}; hit"
         return f"{node}; fwd={status}; stored"
@@ -429,8 +436,8 @@ class Server:
             headers.append(("etag", meta.etag))
         if meta.last_modified:
             headers.append(("last-modified", meta.last_modified))
-        headers += list(meta.headers)
-        headers.append(("age", str(max(0, int(time.time() - meta.fetched_at)))))
+        headers += [(k, v) for k, v in meta.headers if k not in ("date", "age")]
+        headers.append(("age", str(int(age(meta, time.time())))))
         return headers
 
     async def _send_span(

@@ -390,7 +390,13 @@ class Upstream:
                 method=method, target=request_target, headers=[("host", authority), *base]
             )
             for fresh_try in range(2):
-                conn = await self._connect(route)
+                try:
+                    conn = await self._connect(route)
+                except UpstreamError as exc:
+                    last_error = exc
+                    self.outcomes[(route.name, "error")] += 1
+                    self._mark_down(route)
+                    break
                 sent_body = False
                 try:
                     with _map_errors(route, "sending the request"):
