@@ -321,6 +321,51 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+class _ProgressBar:
+    """A one-line progress bar on standard error, redrawn when the percentage moves;
+    silent when standard error is not a terminal."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self._shown = -1
+        self._tty = sys.stderr.isatty()
+
+    def __call__(self, done: int, total: int) -> None:
+        pct = 100 * done // total if total else 100
+        if not self._tty or pct == self._shown:
+            return
+        self._shown = pct
+        width = 30
+        filled = width * pct // 100
+        bar = "#" * filled + "." * (width - filled)
+        sys.stderr.write(f"\r{self.label} [{bar}] {pct:3d}% {done}/{total}")
+        if done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from .engine.engine import drive_infos
+    from .store.verify import verify_cache
+
+    config = effective_config(args)
+    index_path = Path(config.drives[0].path) / "index.sqlite3"
+    if not index_path.exists():
+        sys.stderr.write(f"mcc: no cache index at {index_path}\n")
+        return 1
+    report = verify_cache(
+        drive_infos(config.drives),
+        index_path,
+        repair=args.repair,
+        progress=None if args.quiet else _ProgressBar("verifying"),
+    )
+    sys.stdout.write(report.table() + "\n")
+    if report.clean or args.repair:
+        return 0
+    sys.stdout.write("problems found: run again with --repair to fix them\n")
+    return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole ``mcc`` argument parser, subcommands included."""
     parser = _Parser(
@@ -349,6 +394,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_flags(show)
     show.set_defaults(func=_cmd_config_show)
+    verify = sub.add_parser(
+        "verify",
+        help="check every stored blob against its digest and the index",
+        description="Walk the whole cache: report corrupt, missing and orphan blobs "
+        "and leftover temp files; with --repair, fix them. Exit status 1 when "
+        "problems were found and not repaired.",
+    )
+    _add_config_flags(verify)
+    verify.add_argument("--repair", action="store_true", help="fix what is found")
+    verify.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    verify.set_defaults(func=_cmd_verify)
     return parser
 
 

@@ -149,3 +149,18 @@ async def test_killing_the_parent_mid_download_fails_no_client(
                 parent_scope.cancel()  # the parent dies mid-transfer
             assert results == [big] * 3
             assert c.cache.upstream.parent_health()[parent_url[0]] is False
+
+
+async def test_upstream_proxy_carries_all_upstream_traffic(origin: Origin, tmp_path: Path) -> None:
+    origin.put("/f.bin", DATA)
+    allow = [origin.authority]
+    async with (
+        run_node(tmp_path / "proxy", allow_origins=allow, node_id="proxy") as proxy,
+        run_node(
+            tmp_path / "c", allow_origins=allow, node_id="child", upstream_proxy=proxy.authority
+        ) as c,
+    ):
+        r = await get(c.port, origin.url("/f.bin"), [("range", "bytes=5-10")])
+        assert r.body == DATA[5:11]
+        assert origin.requests[-1].headers.get("via") == "1.1 child, 1.1 proxy"
+        assert all("proxy" in (rq.headers.get("via") or "") for rq in origin.requests)

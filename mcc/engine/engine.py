@@ -25,8 +25,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
-from contextlib import aclosing, asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
+from contextlib import aclosing, asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,11 @@ _KEPT_HEADERS = frozenset(
 )
 # Idle block buffers kept for reuse (each block_size bytes).
 _POOL_BUFFERS = 32
+# Eviction starts above HIGH_WATER x max_size and stops at LOW_WATER x max_size.
+HIGH_WATER = 0.95
+LOW_WATER = 0.90
+# Blobs evicted per index query.
+_EVICT_BATCH = 256
 # How often the index's WAL is checkpointed by a worker thread (see store/index.py).
 _CHECKPOINT_SECONDS = 2.0
 # Retry backoff for block fetches: 0.1 s, 0.2 s, 0.4 s... capped at 2 s.
@@ -185,6 +190,10 @@ class Cache:
         self._verified: set[str] = set()
         self._stats: dict[str, int] = dict.fromkeys(attrs.fields_dict(Statistics), 0)
         self._tasks = 0
+        self._started = time.time()
+        self._pinned: dict[str, int] = {}
+        self._evict_wanted = trio.Event()
+        self._reconciled = trio.Event()
         self._idle = trio.Event()
         self._idle.set()
 
@@ -205,10 +214,85 @@ class Cache:
         self._nursery.start_soon(run)
 
     async def run_maintenance(self) -> None:
-        """Background upkeep, run in the engine's nursery for its whole life."""
+        """Background upkeep, run in the engine's nursery for its whole life: first the
+        reconciliation of index and blob files after a (possibly unclean) start, then
+        eviction whenever a drive passes its high-water mark, and WAL checkpoints."""
+        await self.reconcile()
+        self._reconciled.set()
+        next_checkpoint = trio.current_time() + _CHECKPOINT_SECONDS
         while True:
-            await trio.sleep(_CHECKPOINT_SECONDS)
-            await trio.to_thread.run_sync(self.index.checkpoint)
+            with trio.move_on_at(next_checkpoint):
+                await self._evict_wanted.wait()
+            self._evict_wanted = trio.Event()
+            await self.evict()
+            if trio.current_time() >= next_checkpoint:
+                await trio.to_thread.run_sync(self.index.checkpoint)
+                next_checkpoint = trio.current_time() + _CHECKPOINT_SECONDS
+
+    async def wait_reconciled(self) -> None:
+        """Wait until the start-up reconciliation (see :meth:`reconcile`) has run."""
+        await self._reconciled.wait()
+
+    async def reconcile(self) -> tuple[int, int]:
+        """Make the index and the blob files agree after a crash: drop index rows whose
+        blob is missing, delete blob files no row names (older than this start, so a
+        blob being written now is never taken for an orphan).
+
+        Returns:
+          (rows dropped, orphan files deleted).
+        """
+        indexed = self.index.all_digests()  # before the walk: later rows are not judged
+        files = await trio.to_thread.run_sync(lambda: dict(self.blobs.iter_blob_files()))
+        dropped = 0
+        for digest in indexed:
+            if digest not in files and not self.blobs.exists(digest):
+                self.index.drop_digest(digest)
+                dropped += 1
+        orphans = [d for d, mtime in files.items() if d not in indexed and mtime < self._started]
+        orphans = [d for d in orphans if not self.index.is_referenced(d)]
+        await self._delete_blobs(orphans)
+        if dropped or orphans:
+            log.info(
+                "reconciled the cache: %d index rows without blob dropped, %d orphan blobs deleted",
+                dropped,
+                len(orphans),
+            )
+        return dropped, len(orphans)
+
+    async def evict(self) -> int:
+        """Bring every drive above its high-water mark (or below its min_free) down to
+        the low-water mark, least recently used blobs first; returns blobs evicted.
+        Blobs being sent to a client are skipped (and deleting an open file would
+        not disturb its reader anyway)."""
+        evicted = 0
+        for i, drive in enumerate(self.blobs.drives):
+            used = self.index.stored_bytes_on(i)
+            free = await trio.to_thread.run_sync(self.blobs.free_space, drive)
+            target = used
+            if used > drive.max_size * HIGH_WATER:
+                target = int(drive.max_size * LOW_WATER)
+            if free < drive.min_free:
+                target = min(target, used - (drive.min_free - free) - int(drive.max_size * 0.05))
+            while used > target:
+                batch = [
+                    (d, size)
+                    for d, size in self.index.lru_digests(i, _EVICT_BATCH + len(self._pinned))
+                    if d not in self._pinned
+                ][:_EVICT_BATCH]
+                if not batch:
+                    break
+                for digest, size in batch:
+                    self.index.drop_digest(digest)
+                    used -= size
+                    evicted += 1
+                    if used <= target:
+                        batch = batch[: batch.index((digest, size)) + 1]
+                        break
+                await self._delete_blobs([d for d, _ in batch])
+        if evicted:
+            self._count("evictions", evicted)
+            log.info("evicted %d blobs to stay under max_size/min_free", evicted)
+        return evicted
 
     async def wait_idle(self) -> None:
         """Wait until no upstream fetch is running (every started block is stored or failed)."""
@@ -380,10 +464,11 @@ class Cache:
                         self._claim_ahead(meta, idx, idx, stored, claims, via)
                         flight = claims.pop(idx, None)
                     else:
-                        try:
-                            yield FileSlice(fd, lo, hi - lo)
-                        finally:
-                            os.close(fd)
+                        with self._pin(stored[idx]):
+                            try:
+                                yield FileSlice(fd, lo, hi - lo)
+                            finally:
+                                os.close(fd)
                         from_cache += hi - lo
                         self._count("bytes_from_cache", hi - lo)
                         continue
@@ -392,10 +477,11 @@ class Cache:
                     fd = await self._open_verified(stored[idx])
                     if fd is None:
                         raise UpstreamError(f"block {idx} of {meta.key} vanished while read")
-                    try:
-                        yield FileSlice(fd, lo, hi - lo)
-                    finally:
-                        os.close(fd)
+                    with self._pin(stored[idx]):
+                        try:
+                            yield FileSlice(fd, lo, hi - lo)
+                        finally:
+                            os.close(fd)
                     from_cache += hi - lo
                     continue
                 try:
@@ -416,7 +502,21 @@ class Cache:
             else:
                 self._count("partial_hits")
             if stored:
-                self.index.touch(set(stored.values()))
+                try:
+                    self.index.touch(set(stored.values()))
+                except OSError as exc:  # only the LRU order suffers
+                    log.debug("could not record access times: %s", exc)
+
+    @contextmanager
+    def _pin(self, digest: str) -> Iterator[None]:
+        """Keep eviction away from ``digest`` while it is being sent."""
+        self._pinned[digest] = self._pinned.get(digest, 0) + 1
+        try:
+            yield
+        finally:
+            self._pinned[digest] -= 1
+            if not self._pinned[digest]:
+                del self._pinned[digest]
 
     def _claim_ahead(
         self,
@@ -632,8 +732,13 @@ class Cache:
         return meta, first
 
     def _adopt(self, meta: ObjectMeta) -> None:
-        freed = self.index.put_object(meta)
         self._metas[meta.key] = meta
+        try:
+            freed = self.index.put_object(meta)
+        except OSError as exc:  # disk full: serve from memory, store nothing
+            self._count("store_failures")
+            log.warning("could not record %s in the index: %s", meta.key, exc)
+            return
         for digest in freed:
             self.blobs.delete(digest)
 
@@ -818,17 +923,19 @@ class Cache:
         try:
             # hashing (BLAKE3 releases the GIL) and writing both run off the trio thread
             flight.digest = await trio.to_thread.run_sync(self.blobs.put, data)
-        except OSError as exc:
-            self._count("store_failures")
-            log.warning("could not store block %d of %s: %s", flight.key.index, meta.key, exc)
-        else:
-            assert flight.digest is not None
             drive = self.blobs.drive_index(flight.digest)
             freed = self.index.add_block(
                 meta.key, meta.version, flight.key.index, flight.digest, len(data), drive
             )
+        except OSError as exc:
+            self._count("store_failures")
+            log.warning("could not store block %d of %s: %s", flight.key.index, meta.key, exc)
+            if flight.digest is not None and not self.index.is_referenced(flight.digest):
+                await self._delete_blobs([flight.digest])
+        else:
             if freed is not None:
                 self._count("blocks_stored")
+                self._maybe_evict(drive)
                 self._verified.add(flight.digest)
                 await self._delete_blobs(freed)
             elif not self.index.is_referenced(flight.digest):
@@ -841,6 +948,12 @@ class Cache:
             if not f.complete:
                 self._retire(f)
         self._orphans.discard(fetch)
+
+    def _maybe_evict(self, drive: int) -> None:
+        """Wake the eviction task when ``drive`` passed its high-water mark."""
+        d = self.blobs.drives[drive]
+        if self.index.stored_bytes_on(drive) > d.max_size * HIGH_WATER:
+            self._evict_wanted.set()
 
     def _retire(self, flight: Flight) -> None:
         """Take a flight out of the table; recycle its buffer if nobody reads it."""
@@ -864,7 +977,8 @@ def _pread_all(s: FileSlice) -> bytes:
     return out
 
 
-def _drive_infos(drives: tuple[Drive, ...]) -> list[DriveInfo]:
+def drive_infos(drives: tuple[Drive, ...]) -> list[DriveInfo]:
+    """The store's view of the configured drives."""
     return [DriveInfo(Path(d.path), d.max_size, d.min_free) for d in drives]
 
 
@@ -892,7 +1006,7 @@ async def open_cache(config: Config | None = None, **overrides: Any) -> AsyncIte
             raw["drives"] = [{"path": str(cache_dir)}]
         raw.update(overrides)
         config = structure_config(raw)
-    blobs = BlobStore(_drive_infos(config.drives))
+    blobs = BlobStore(drive_infos(config.drives))
     swept = blobs.sweep_tmp()
     if swept:
         log.info("removed %d temp files left by an earlier crash", swept)

@@ -182,6 +182,15 @@ class BlobStore:
                     pass
         return removed
 
+    def iter_blob_files(self) -> Iterator[tuple[str, float]]:
+        """Every blob file on any drive as (digest, modification time)."""
+        for d in self.drives:
+            for p in (d.root / "blobs").glob("*/*/*"):
+                try:
+                    yield p.name, p.stat().st_mtime
+                except FileNotFoundError:
+                    continue
+
     def iter_digests(self) -> Iterator[str]:
         """Every blob digest present on any drive (walks the folders)."""
         for d in self.drives:

@@ -20,17 +20,27 @@ worker thread on a connection of its own (a PASSIVE checkpoint never blocks writ
 
 from __future__ import annotations
 
+import errno
+import functools
 import json
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any, TypeVar
 
 from ..engine.blocks import ObjectMeta
 
 __all__ = ["SCHEMA_VERSION", "Index"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+# Migrations: MIGRATIONS[n] turns a schema-n database into schema n+1. A cache
+# written by an older mcc is upgraded in place when opened; a newer one is refused.
+MIGRATIONS: dict[int, str] = {
+    # 2: least-recently-used eviction walks blobs per drive by access time
+    1: "CREATE INDEX IF NOT EXISTS blobs_by_drive_access ON blobs (drive, last_access);",
+}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -60,6 +70,25 @@ CREATE TABLE IF NOT EXISTS blobs (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS blobs_by_access ON blobs (last_access);
 """
+# _SCHEMA is schema 1; MIGRATIONS bring it to SCHEMA_VERSION.
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _writes(fn: _F) -> _F:
+    """Report a failed index write (disk full, I/O error) as OSError, like a failed
+    blob write, so callers handle both the same way: serve, do not store."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except sqlite3.OperationalError as exc:
+            code = errno.ENOSPC if "full" in str(exc) else errno.EIO
+            raise OSError(code, f"index write failed: {exc}") from exc
+
+    return wrapper  # type: ignore[return-value]
 
 
 class Index:
@@ -74,6 +103,7 @@ class Index:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._usage: dict[int, int] = {}  # drive -> bytes, kept in step with blobs
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -83,17 +113,32 @@ class Index:
         with self._tx():
             row = self._db.execute("SELECT value FROM meta WHERE name='schema'").fetchone()
             if row is None:
-                self._db.execute(
-                    "INSERT INTO meta (name, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),)
-                )
-            elif int(row[0]) > SCHEMA_VERSION:
-                raise sqlite3.DatabaseError(
-                    f"{path}: index schema {row[0]} is newer than this mcc understands "
-                    f"({SCHEMA_VERSION})"
-                )
+                self._db.execute("INSERT INTO meta (name, value) VALUES ('schema', '1')")
+                version = 1
+            else:
+                version = int(row[0])
+        if version > SCHEMA_VERSION:
+            raise sqlite3.DatabaseError(
+                f"{path}: index schema {version} is newer than this mcc understands "
+                f"({SCHEMA_VERSION})"
+            )
+        while version < SCHEMA_VERSION:
+            with self._tx():
+                for statement in MIGRATIONS[version].split(";"):
+                    if statement.strip():
+                        self._db.execute(statement)
+                version += 1
+                self._db.execute("UPDATE meta SET value=? WHERE name='schema'", (str(version),))
+        self._load_usage()
+
+    @property
+    def schema_version(self) -> int:
+        """The schema version of the open database."""
+        row = self._db.execute("SELECT value FROM meta WHERE name='schema'").fetchone()
+        return int(row[0])
 
     def _tx(self) -> _Tx:
-        return _Tx(self._db)
+        return _Tx(self._db, self._load_usage)
 
     def close(self) -> None:
         """Close the database (after a last checkpoint)."""
@@ -125,6 +170,7 @@ class Index:
         headers = tuple((str(k), str(v)) for k, v in json.loads(row[6]))
         return ObjectMeta(row[0], row[1], row[2], row[3], row[4], row[5], headers, row[7])
 
+    @_writes
     def put_object(self, meta: ObjectMeta) -> list[str]:
         """Store ``meta``; a different version of the same key is dropped with its blocks.
 
@@ -153,6 +199,7 @@ class Index:
             )
             return freed
 
+    @_writes
     def delete_object(self, key: str) -> list[str]:
         """Forget ``key`` and its blocks; returns digests no longer referenced."""
         with self._tx():
@@ -176,12 +223,25 @@ class Index:
         for d in digests:
             if self._db.execute("SELECT 1 FROM blocks WHERE digest=? LIMIT 1", (d,)).fetchone():
                 continue
-            self._db.execute("DELETE FROM blobs WHERE digest=?", (d,))
+            self._delete_blob_row(d)
             freed.append(d)
         return freed
 
+    def _delete_blob_row(self, digest: str) -> None:
+        row = self._db.execute("SELECT size, drive FROM blobs WHERE digest=?", (digest,)).fetchone()
+        if row is not None:
+            self._db.execute("DELETE FROM blobs WHERE digest=?", (digest,))
+            self._usage[row[1]] = self._usage.get(row[1], 0) - row[0]
+
+    def _load_usage(self) -> None:
+        self._usage = {
+            int(r[0]): int(r[1])
+            for r in self._db.execute("SELECT drive, SUM(size) FROM blobs GROUP BY drive")
+        }
+
     # -- blocks ----------------------------------------------------------------
 
+    @_writes
     def add_block(
         self, key: str, version: str, idx: int, digest: str, size: int, drive: int = 0
     ) -> list[str] | None:
@@ -202,11 +262,14 @@ class Index:
             self._db.execute(
                 "INSERT OR REPLACE INTO blocks VALUES (?, ?, ?, ?)", (key, version, idx, digest)
             )
+            known = self._db.execute("SELECT 1 FROM blobs WHERE digest=?", (digest,)).fetchone()
             self._db.execute(
                 "INSERT INTO blobs VALUES (?, ?, ?, ?) ON CONFLICT(digest) DO UPDATE "
                 "SET last_access=excluded.last_access",
                 (digest, size, time.time(), drive),
             )
+            if known is None:
+                self._usage[drive] = self._usage.get(drive, 0) + size
             if old is not None and old[0] != digest:
                 return self._unreferenced([old[0]])
             return []
@@ -220,6 +283,7 @@ class Index:
             ).fetchall()
         )
 
+    @_writes
     def drop_digest(self, digest: str) -> list[tuple[str, str, int]]:
         """Forget every block naming ``digest`` (a corrupt or missing blob).
 
@@ -231,7 +295,7 @@ class Index:
                 "SELECT key, version, idx FROM blocks WHERE digest=?", (digest,)
             ).fetchall()
             self._db.execute("DELETE FROM blocks WHERE digest=?", (digest,))
-            self._db.execute("DELETE FROM blobs WHERE digest=?", (digest,))
+            self._delete_blob_row(digest)
             return [(r[0], r[1], r[2]) for r in rows]
 
     def is_referenced(self, digest: str) -> bool:
@@ -239,6 +303,7 @@ class Index:
         row = self._db.execute("SELECT 1 FROM blocks WHERE digest=? LIMIT 1", (digest,)).fetchone()
         return row is not None
 
+    @_writes
     def touch(self, digests: Iterable[str], when: float | None = None) -> None:
         """Record a read of these blobs (for least-recently-used eviction)."""
         now = time.time() if when is None else when
@@ -247,20 +312,27 @@ class Index:
                 "UPDATE blobs SET last_access=? WHERE digest=?", [(now, d) for d in digests]
             )
 
+    def lru_digests(self, drive: int, limit: int) -> list[tuple[str, int]]:
+        """The least recently used blobs of drive ``drive``: (digest, size), oldest first."""
+        return [
+            (str(r[0]), int(r[1]))
+            for r in self._db.execute(
+                "SELECT digest, size FROM blobs WHERE drive=? ORDER BY last_access LIMIT ?",
+                (drive, limit),
+            )
+        ]
+
     def all_digests(self) -> dict[str, int]:
         """Every blob the index knows, with its size."""
         return dict(self._db.execute("SELECT digest, size FROM blobs").fetchall())
 
     def stored_bytes_on(self, drive: int) -> int:
-        """Total size of the blobs on drive number ``drive``."""
-        row = self._db.execute(
-            "SELECT COALESCE(SUM(size), 0) FROM blobs WHERE drive=?", (drive,)
-        ).fetchone()
-        return int(row[0])
+        """Total size of the blobs on drive number ``drive`` (kept in memory: O(1))."""
+        return self._usage.get(drive, 0)
 
     def stored_bytes(self) -> int:
         """Total size of the blobs the index knows."""
-        return int(self._db.execute("SELECT COALESCE(SUM(size), 0) FROM blobs").fetchone()[0])
+        return sum(self._usage.values())
 
 
 class _Tx:
@@ -270,12 +342,17 @@ class _Tx:
     by itself), so each multi-statement change is wrapped in one of these.
     """
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(self, db: sqlite3.Connection, on_rollback: Callable[[], None]) -> None:
         self._db = db
+        self._on_rollback = on_rollback
 
     def __enter__(self) -> sqlite3.Connection:
         self._db.execute("BEGIN")
         return self._db
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        if exc_type is None:
+            self._db.execute("COMMIT")
+        else:
+            self._db.execute("ROLLBACK")
+            self._on_rollback()  # the in-memory usage totals may have moved
