@@ -207,11 +207,13 @@ async def test_two_drives_share_blocks_and_find_them_after_restart(
 async def test_disk_full_keeps_serving_unstored(origin: Origin, tmp_path: Path) -> None:
     mnt = tmp_path / "tiny"
     mnt.mkdir()
-    r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True
+    r = await trio.run_process(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+        capture_stderr=True,
+        check=False,
     )
     if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()}); needs root")
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.decode().strip()}); needs root")
     try:
         data = os.urandom(3_000_000)
         origin.put("/big", data)
@@ -228,7 +230,7 @@ async def test_disk_full_keeps_serving_unstored(origin: Origin, tmp_path: Path) 
             assert "mcc_store_failures_total" in node.admin.render_metrics()
             assert not any((mnt / "tmp").iterdir())  # no half-written temp files left
     finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+        await trio.run_process(["umount", "-l", str(mnt)], check=False)
 
 
 def _free_port() -> int:
@@ -298,7 +300,7 @@ async def test_sigkill_at_random_points_never_serves_a_wrong_byte(
                 assert resp.body == data[a : b + 1], (path, a, b)
 
     for round_ in range(20):
-        proc = subprocess.Popen(argv, stderr=subprocess.DEVNULL)
+        proc = await trio.lowlevel.open_process(argv, stderr=subprocess.DEVNULL)
         try:
             await wait_up()
             async with trio.open_nursery() as nursery:
@@ -308,9 +310,9 @@ async def test_sigkill_at_random_points_never_serves_a_wrong_byte(
                 proc.send_signal(signal.SIGKILL)
         finally:
             proc.kill()
-            proc.wait()
+            await proc.wait()
     # a last clean start: everything reads back right, and verify finds nothing corrupt
-    proc = subprocess.Popen(argv, stderr=subprocess.DEVNULL)
+    proc = await trio.lowlevel.open_process(argv, stderr=subprocess.DEVNULL)
     try:
         await wait_up()
         for path, data in objects.items():
@@ -318,6 +320,6 @@ async def test_sigkill_at_random_points_never_serves_a_wrong_byte(
             assert resp.status == 200 and resp.body == data, path
     finally:
         proc.terminate()
-        proc.wait()
+        await proc.wait()
     r = _run_verify(cache_dir)
     assert "| corrupt (found)    |              0 |" in r.stdout, r.stdout
