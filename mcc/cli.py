@@ -14,7 +14,7 @@ from typing import Any
 
 from ._version import __version__
 from .config import Config, config_to_toml, load_config
-from .errors import ConfigError
+from .errors import ConfigError, McError
 
 __all__ = ["FLAGS", "main"]
 
@@ -87,6 +87,12 @@ FLAGS: tuple[tuple[str, str, dict[str, Any], str], ...] = (
         "log_level",
         {"choices": ["debug", "info", "warning", "error"]},
         "least severe log level written (default info)",
+    ),
+    (
+        "--log-format",
+        "log_format",
+        {"choices": ["text", "json"]},
+        "logs as key=value text or one JSON object per line (default text)",
     ),
     (
         "--access-log",
@@ -366,6 +372,82 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 1
 
 
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f} %"
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from .ops.client import AdminClient
+
+    client = AdminClient(effective_config(args))
+    s = client.call("GET", "/summary")
+    health = client.call("GET", "/health")
+    rows = [
+        ("node", str(s["nodeId"])),
+        ("ready", "yes" if health.get("ready") else "NO"),
+        ("uptime", f"{s['uptimeSeconds']:.0f} s"),
+        ("hit ratio, bytes (15 s)", _pct(s["last15s"]["hitRatioBytes"])),
+        ("hit ratio, bytes (since start)", _pct(s["sinceStart"]["hitRatioBytes"])),
+        ("hit ratio, requests (since start)", _pct(s["sinceStart"]["hitRatioRequests"])),
+        ("served", _human(s["egressBytes"])),
+        ("from upstream", _human(s["upstreamBytes"])),
+        ("open connections", str(s["openConnections"])),
+        ("joined fetches", str(s["flightJoins"])),
+    ]
+    rows += [
+        (f"drive {d['path']}", f"{_human(d['bytes'])} of {_human(d['capacity'])}")
+        for d in s["drives"]
+    ]
+    rows += [(f"parent {p}", "up" if up else "DOWN") for p, up in s["parents"].items()]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        sys.stdout.write(f"{k:<{width}}  {v}\n")
+    return 0
+
+
+def _cmd_warm(args: argparse.Namespace) -> int:
+    import time
+
+    from .ops.client import AdminClient
+
+    client = AdminClient(effective_config(args))
+    job = client.call("POST", "/warm", {"urls": args.urls})
+    bar = _ProgressBar("warming")
+    while job["state"] != "done":
+        bar(job["done"] + job["failed"], job["total"])
+        time.sleep(0.2)
+        job = client.call("GET", f"/warm/{job['id']}")
+    bar(job["total"], job["total"])
+    sys.stdout.write(
+        f"warmed {job['done']} of {job['total']} objects ({_human(job['bytes'])}), "
+        f"{job['failed']} failed\n"
+    )
+    for line in job["errors"]:
+        sys.stderr.write(f"mcc: {line}\n")
+    return 0 if not job["failed"] else 1
+
+
+def _cmd_purge(args: argparse.Namespace) -> int:
+    from .ops.client import AdminClient
+
+    client = AdminClient(effective_config(args))
+    target = args.target
+    body = {"url": target} if "://" in target else {"pattern": target}
+    result = client.call("POST", "/purge", body)
+    for key in result["purged"]:
+        sys.stdout.write(f"purged {key}\n")
+    sys.stdout.write(f"{len(result['purged'])} objects purged\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole ``mcc`` argument parser, subcommands included."""
     parser = _Parser(
@@ -405,6 +487,32 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--repair", action="store_true", help="fix what is found")
     verify.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     verify.set_defaults(func=_cmd_verify)
+    stats = sub.add_parser(
+        "stats",
+        help="print a running node's statistics",
+        description="Ask a running node's admin API (admin_listen, admin_token) for its "
+        "summary and health and print them as a table.",
+    )
+    _add_config_flags(stats)
+    stats.set_defaults(func=_cmd_stats)
+    warm = sub.add_parser(
+        "warm",
+        help="pre-seed a running node with URLs",
+        description="Ask a running node to fetch every block of these URLs, showing "
+        "progress until it is done. Exit status 1 when any URL failed.",
+    )
+    _add_config_flags(warm)
+    warm.add_argument("urls", nargs="+", metavar="URL", help="absolute http:// URLs")
+    warm.set_defaults(func=_cmd_warm)
+    purge = sub.add_parser(
+        "purge",
+        help="remove objects from a running node",
+        description="Remove one URL, or every object whose host matches a pattern "
+        "(host or *.suffix), from a running node's cache.",
+    )
+    _add_config_flags(purge)
+    purge.add_argument("target", metavar="URL|PATTERN", help="an http:// URL or a host pattern")
+    purge.set_defaults(func=_cmd_purge)
     return parser
 
 
@@ -422,6 +530,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in exc.problems:
             sys.stderr.write(f"mcc: {line}\n")
         return EXIT_USAGE
+    except McError as exc:
+        sys.stderr.write(f"mcc: {exc}\n")
+        return 1
     except KeyboardInterrupt:
         return 130
     return result

@@ -43,6 +43,7 @@ MIN_BLOCK_SIZE = 64 * 1024
 MAX_BLOCK_SIZE = 64 * 1024 * 1024
 
 LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["text", "json"]
 VerifyMode = Literal["always", "first", "never"]
 
 
@@ -131,6 +132,7 @@ class Config:
     origin_fallback: bool = True
     node_id: str = attrs.field(factory=_default_node_id)
     log_level: LogLevel = "info"
+    log_format: LogFormat = "text"
     access_log: str = "-"
     verify_on_read: VerifyMode = "first"
     timeouts: Timeouts = Timeouts()

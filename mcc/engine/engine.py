@@ -327,7 +327,14 @@ class Cache:
         """The metadata of ``url``'s current version (see :meth:`lookup`)."""
         return (await self.lookup(url, hint_block=hint_block, via=via)).meta
 
-    async def lookup(self, url: str, *, hint_block: int = 0, via: Sequence[str] = ()) -> Lookup:
+    async def lookup(
+        self,
+        url: str,
+        *,
+        hint_block: int = 0,
+        via: Sequence[str] = (),
+        reader: object | None = None,
+    ) -> Lookup:
         """The metadata of ``url``'s current version, asking upstream when the object is
         unknown (discovery) or stale (revalidation), and how it was obtained.
 
@@ -336,6 +343,8 @@ class Cache:
           hint_block: the block a discovery should fetch (the one the caller needs).
           via: the Via entries of the request that asks (sent upstream, so that a
             forwarding loop through other caches is detected).
+          reader: any object naming the request, passed to :meth:`segments` too; the
+            block a discovery fetches then counts as this reader's own, not a join.
 
         Raises:
           BadRequest: the URL is not allowed (403) or malformed (400).
@@ -357,9 +366,7 @@ class Cache:
         if disc is None:
             disc = _Discovery()
             self._discoveries[key] = disc
-            self._spawn(self._discover, url, key, hint_block, disc, tuple(via), meta)
-        else:
-            self._count("flight_joins")
+            self._spawn(self._discover, url, key, hint_block, disc, tuple(via), meta, reader)
         try:
             found = await disc.wait()
         except UpstreamError:
@@ -396,11 +403,13 @@ class Cache:
           RangeNotSatisfiable: ``start`` is beyond the object.
           UpstreamError: upstream failed; no wrong bytes were yielded before it.
         """
-        meta = await self.meta(url, hint_block=start // self.block_size)
+        reader = object()
+        found = await self.lookup(url, hint_block=start // self.block_size, reader=reader)
+        meta = found.meta
         if start >= meta.size and not (start == 0 and meta.size == 0):
             raise RangeNotSatisfiable(meta.size)
         last = meta.size - 1 if end is None else min(end, meta.size - 1)
-        async with aclosing(self.segments(meta, start, last)) as segments:
+        async with aclosing(self.segments(meta, start, last, reader=reader)) as segments:
             async for seg in segments:
                 if isinstance(seg, FileSlice):
                     yield await trio.to_thread.run_sync(_pread_all, seg)
@@ -435,7 +444,12 @@ class Cache:
     # -- reading -------------------------------------------------------------------
 
     async def segments(
-        self, meta: ObjectMeta, start: int, end: int, via: Sequence[str] = ()
+        self,
+        meta: ObjectMeta,
+        start: int,
+        end: int,
+        via: Sequence[str] = (),
+        reader: object | None = None,
     ) -> AsyncGenerator[memoryview | FileSlice, None]:
         """The bytes ``start..end`` (inclusive, within the object) as stored-file slices
         and in-memory chunks, in order.
@@ -451,9 +465,10 @@ class Cache:
         stored = self.index.get_blocks(meta.key, meta.version, wanted.start, wanted.stop - 1)
         claims: dict[int, Flight] = {}
         from_cache = from_upstream = 0
+        joined = False  # waited on a fetch another reader started
         try:
             for idx in wanted:
-                self._claim_ahead(meta, idx, wanted.stop - 1, stored, claims, via)
+                joined |= self._claim_ahead(meta, idx, wanted.stop - 1, stored, claims, via, reader)
                 b_start, b_end = block_bounds(idx, B, meta.size)
                 lo, hi = max(start, b_start) - b_start, min(end + 1, b_end) - b_start
                 flight = claims.pop(idx, None)
@@ -461,7 +476,7 @@ class Cache:
                     fd = await self._open_verified(stored[idx])
                     if fd is None:  # missing or corrupt on disk: fetch it again
                         del stored[idx]
-                        self._claim_ahead(meta, idx, idx, stored, claims, via)
+                        joined |= self._claim_ahead(meta, idx, idx, stored, claims, via, reader)
                         flight = claims.pop(idx, None)
                     else:
                         with self._pin(stored[idx]):
@@ -495,6 +510,8 @@ class Cache:
         finally:
             for flight in claims.values():
                 self._release(flight)
+            if joined:
+                self._count("flight_joins")
             if from_upstream == 0:
                 self._count("hits")
             elif from_cache == 0:
@@ -526,8 +543,14 @@ class Cache:
         stored: dict[int, str],
         claims: dict[int, Flight],
         via: Sequence[str],
-    ) -> None:
-        """Make sure blocks ``idx..idx+readahead`` (up to ``last``) are stored or claimed."""
+        reader: object | None,
+    ) -> bool:
+        """Make sure blocks ``idx..idx+readahead`` (up to ``last``) are stored or claimed.
+
+        Returns:
+          True when a flight another reader started was joined.
+        """
+        joined = False
         for j in range(idx, min(last, idx + self.config.readahead_blocks) + 1):
             if j in stored or j in claims:
                 continue
@@ -540,15 +563,17 @@ class Cache:
                     continue
                 b_start, b_end = block_bounds(j, self.block_size, meta.size)
                 flight = Flight(fkey, b_start, b_end - b_start, self._pool)
+                flight.starter = reader
                 self._flights.add(flight)
                 fetch = Fetch([flight])
                 self._spawn(self._run_fetch, meta, fetch, tuple(via))
             else:
-                self._count("flight_joins")
+                joined |= reader is None or flight.starter is not reader
                 if flight.fetch is not None:
                     self._orphans.discard(flight.fetch)
             flight.waiters += 1
             claims[j] = flight
+        return joined
 
     def _release(self, flight: Flight) -> None:
         flight.waiters -= 1
@@ -593,6 +618,7 @@ class Cache:
         disc: _Discovery,
         via: tuple[str, ...],
         stale: ObjectMeta | None,
+        reader: object | None = None,
     ) -> None:
         """Learn ``key``'s metadata from a range request for block ``hint`` (made
         conditional when a stale copy is stored), and fill that block from its body.
@@ -607,7 +633,7 @@ class Cache:
         try:
             for attempt in range(retries + 1):
                 try:
-                    await self._discover_once(url, key, hint, disc, via, stale, headers)
+                    await self._discover_once(url, key, hint, disc, via, stale, headers, reader)
                     return
                 except UpstreamError as exc:
                     if disc.done.is_set() or attempt == retries:
@@ -636,6 +662,7 @@ class Cache:
         via: tuple[str, ...],
         stale: ObjectMeta | None,
         headers: list[tuple[str, str]],
+        reader: object | None,
     ) -> None:
         B = self.block_size
         async with self.upstream.request("GET", url, headers) as resp:
@@ -663,7 +690,7 @@ class Cache:
             elif stale is not None:
                 disc.outcome = "changed"
             self._adopt(meta)
-            fetch = self._start_fill(meta, first)
+            fetch = self._start_fill(meta, first, reader)
             disc.meta = meta
             disc.done.set()
             with fetch.cancel_scope:
@@ -751,7 +778,7 @@ class Cache:
         if self._metas.get(meta.key) == meta:
             del self._metas[meta.key]
 
-    def _start_fill(self, meta: ObjectMeta, first: int) -> Fetch:
+    def _start_fill(self, meta: ObjectMeta, first: int, reader: object | None) -> Fetch:
         """A fetch for the block at byte ``first`` (registered in the flight table)."""
         idx = first // self.block_size
         b_start, b_end = block_bounds(idx, self.block_size, meta.size)
@@ -759,6 +786,7 @@ class Cache:
         if meta.size:
             fkey = FlightKey(meta.key, meta.version, idx)
             flight = Flight(fkey, b_start, b_end - b_start, self._pool)
+            flight.starter = reader
             self._flights.add(flight)
             fetch.add(flight)
         return fetch

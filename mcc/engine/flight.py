@@ -71,6 +71,7 @@ class Flight:
         self.error: UpstreamError | None = None
         self.digest: str | None = None  # set by the engine once stored
         self.waiters = 0
+        self.starter: object | None = None  # the reader whose miss started it
         self.fetch: Fetch | None = None
         self._changed = trio.Event()
         self.settled = trio.Event()  # set when it leaves the table (stored or failed)

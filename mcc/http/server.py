@@ -73,6 +73,7 @@ class _Conn:
         self.peer = peer
         self.proto = ServerProtocol(max_head)
         self.idle_scope: trio.CancelScope | None = None
+        self.linger = False  # an error response went out: close gently
 
 
 class Server:
@@ -197,8 +198,12 @@ class Server:
             self._conns.discard(conn)
             if not self._conns:
                 self._all_closed.set()
-            with trio.CancelScope(shield=True):
-                await stream.aclose()
+            try:
+                if conn.linger:
+                    await _linger(stream)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await stream.aclose()
 
     async def _request_loop(self, conn: _Conn) -> None:
         proto = conn.proto
@@ -209,7 +214,8 @@ class Server:
                 log.info("%s: bad request: %s", conn.peer, exc)
                 data = proto.error_response(exc.status_hint, str(exc))
                 if data:
-                    await _send_quiet(conn.stream, data)
+                    await _send_final(conn.stream, data)
+                    conn.linger = True
                 return
             if request is None:
                 return
@@ -318,7 +324,8 @@ class Server:
             raise _ClientGone()
         rec.status = status
         rec.cache = rec.cache or "error"
-        await _send_quiet(conn.stream, data)
+        await _send_final(conn.stream, data)
+        conn.linger = True
         return False
 
     async def _dispatch(self, conn: _Conn, req: Request, rec: AccessRecord) -> bool:
@@ -363,7 +370,8 @@ class Server:
         B = cache.block_size
         hint = _first_byte(req.header("range")) // B
         via = req.header_list("via")
-        found = await cache.lookup(url, hint_block=hint, via=via)
+        reader = object()  # this request, for telling its own fetches from joined ones
+        found = await cache.lookup(url, hint_block=hint, via=via, reader=reader)
         meta = found.meta
         ranges = parse_range(req.header("range"), meta.size, self.config.limits.max_ranges)
         if_range = req.header("if-range")
@@ -386,7 +394,9 @@ class Server:
         headers.append(("cache-status", self._cache_status_header(rec.cache, found.outcome)))
         head_only = req.method == "HEAD"
         if len(ranges) > 1:
-            return await self._send_multipart(conn, meta, ranges, headers, head_only, rec, via)
+            return await self._send_multipart(
+                conn, meta, ranges, headers, head_only, rec, via, reader
+            )
         status = 206 if ranges else 200
         if ranges:
             headers.append(("content-range", content_range(ranges[0], meta.size)))
@@ -398,7 +408,7 @@ class Server:
             await self._send_all(conn, head + conn.proto.end())
             return True
         await send_bytes(conn.sock, head, more=True)
-        await self._send_span(conn, meta, spans[0], rec, via)
+        await self._send_span(conn, meta, spans[0], rec, via, reader)
         await self._send_all(conn, conn.proto.end())
         return True
 
@@ -447,8 +457,10 @@ class Server:
         span: ByteRange,
         rec: AccessRecord,
         via: Sequence[str],
+        reader: object,
     ) -> None:
-        async with aclosing(self.cache.segments(meta, span.start, span.end, via)) as segments:
+        segs = self.cache.segments(meta, span.start, span.end, via, reader)
+        async with aclosing(segs) as segments:
             async for seg in segments:
                 if isinstance(seg, FileSlice):
                     body = SendfileBody(seg.fd, seg.offset, seg.length)
@@ -478,6 +490,7 @@ class Server:
         head_only: bool,
         rec: AccessRecord,
         via: Sequence[str],
+        reader: object,
     ) -> bool:
         boundary = os.urandom(12).hex()
         ctype = meta.content_type or "application/octet-stream"
@@ -504,7 +517,7 @@ class Server:
         for part_head, r in zip(part_heads, ranges, strict=True):
             for framed in conn.proto.body(part_head):
                 await self._send_all(conn, framed)
-            await self._send_span(conn, meta, r, rec, via)
+            await self._send_span(conn, meta, r, rec, via, reader)
         for framed in conn.proto.body(tail):
             await self._send_all(conn, framed)
         await self._send_all(conn, conn.proto.end())
@@ -573,13 +586,27 @@ def _first_byte(range_header: str | None) -> int:
     return int(start) if start.isdigit() and len(start) < 19 else 0
 
 
-async def _send_quiet(stream: trio.SocketStream, data: bytes) -> None:
-    """Send a final error response, then close gently: stop sending, and read (and drop)
-    what the client still sends for a moment, so that unread request bytes do not make
-    the kernel reset the connection before the client has read the response."""
+async def _send_final(stream: trio.SocketStream, data: bytes) -> None:
+    """Send a last response on a connection about to close; a client gone is fine."""
     try:
         with trio.move_on_after(_LINGER_SECONDS):
             await stream.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
+
+
+async def _send_quiet(stream: trio.SocketStream, data: bytes) -> None:
+    """Send a final response and close gently (see :func:`_linger`)."""
+    await _send_final(stream, data)
+    await _linger(stream)
+
+
+async def _linger(stream: trio.SocketStream) -> None:
+    """Close gently: stop sending, and read (and drop) what the client still sends for
+    a moment, so that unread request bytes do not make the kernel reset the connection
+    before the client has read the last response."""
+    try:
+        with trio.move_on_after(_LINGER_SECONDS):
             await stream.send_eof()
             drained = 0
             while drained < _LINGER_BYTES:

@@ -7,6 +7,7 @@ error, or empty for nowhere).
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -15,7 +16,7 @@ import attrs
 
 from ..config import Config
 
-__all__ = ["AccessRecord", "configure_logging", "write_access"]
+__all__ = ["AccessRecord", "JsonFormatter", "configure_logging", "write_access"]
 
 access_log = logging.getLogger("mcc.access")
 
@@ -33,6 +34,20 @@ class AccessRecord:
     cache: str = ""
     duration: float = 0.0
 
+    def as_dict(self) -> dict[str, object]:
+        """The record as a JSON-ready mapping."""
+        return {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "client": self.client,
+            "method": self.method,
+            "url": self.url,
+            "range": self.range,
+            "status": self.status,
+            "bytes": self.bytes,
+            "cache": self.cache or "-",
+            "duration_ms": round(self.duration * 1000, 1),
+        }
+
     def line(self) -> str:
         """The record as one ``key=value`` line."""
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
@@ -48,17 +63,42 @@ def _q(value: str) -> str:
     return f'"{value}"' if (not value or any(c in value for c in ' "=')) else value
 
 
+_json_access = False
+
+
 def write_access(rec: AccessRecord) -> None:
     """Log one access line (cheap when the access log is off)."""
-    if access_log.isEnabledFor(logging.INFO):
-        access_log.info(rec.line())
+    if not access_log.disabled and access_log.isEnabledFor(logging.INFO):
+        access_log.info(json.dumps(rec.as_dict()) if _json_access else rec.line())
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per log record."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, object] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc)
 
 
 def configure_logging(config: Config) -> None:
     """Send mcc's logs to standard error at ``log_level`` and the access log where
     ``access_log`` says."""
+    global _json_access
     level = getattr(logging, config.log_level.upper())
-    fmt = logging.Formatter("%(asctime)s level=%(levelname)s logger=%(name)s %(message)s")
+    fmt: logging.Formatter = (
+        JsonFormatter()
+        if config.log_format == "json"
+        else logging.Formatter("%(asctime)s level=%(levelname)s logger=%(name)s %(message)s")
+    )
+    _json_access = config.log_format == "json"
     root = logging.getLogger("mcc")
     root.setLevel(level)
     root.handlers.clear()
