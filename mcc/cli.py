@@ -186,6 +186,18 @@ FLAGS: tuple[tuple[str, str, dict[str, Any], str], ...] = (
         "idle keep-alive connections kept per upstream",
     ),
     (
+        "--max-upstream-fetches",
+        "limits.max_upstream_fetches",
+        {"type": int, "metavar": "N"},
+        "upstream requests in flight at once; more wait their turn",
+    ),
+    (
+        "--max-misses-per-client",
+        "limits.max_misses_per_client",
+        {"type": int, "metavar": "N"},
+        "concurrent misses one client address may cause; more get 503",
+    ),
+    (
         "--max-orphan-flights",
         "limits.max_orphan_flights",
         {"type": int, "metavar": "N"},

@@ -108,6 +108,8 @@ class Limits:
     upstream_retries: int = 2  # extra tries of an idempotent block fetch
     upstream_connections_per_host: int = 16  # idle keep-alive connections kept per upstream
     max_orphan_flights: int = 16  # fetches that keep going after every waiter left
+    max_upstream_fetches: int = 256  # upstream requests in flight at once; more wait
+    max_misses_per_client: int = 64  # concurrent misses one client address may cause
 
 
 def _default_node_id() -> str:
@@ -300,6 +302,8 @@ def check_config(config: Config) -> list[str]:
         ("upstream_retries", 0),
         ("upstream_connections_per_host", 0),
         ("max_orphan_flights", 0),
+        ("max_upstream_fetches", 1),
+        ("max_misses_per_client", 1),
     ):
         if getattr(lim, name) < low:
             problems.append(f"limits.{name}: {getattr(lim, name)} is less than {low}")

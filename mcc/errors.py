@@ -12,6 +12,7 @@ __all__ = [
     "McError",
     "NotCacheable",
     "RangeNotSatisfiable",
+    "Refused",
     "UpstreamError",
     "VersionChanged",
 ]
@@ -57,6 +58,11 @@ class UpstreamError(McError):
     def __init__(self, message: str, *, status_hint: int = 502) -> None:
         super().__init__(message)
         self.status_hint = status_hint
+
+
+class Refused(UpstreamError):
+    """mcc refused to contact that upstream (it resolves to an internal address, or a
+    redirect leads off the allowlist). ``status_hint`` is 403."""
 
 
 class VersionChanged(UpstreamError):

@@ -15,11 +15,18 @@ https://learn.microsoft.com/windows/deployment/do/delivery-optimization-endpoint
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable, Mapping
 
 import attrs
 
-__all__ = ["DEFAULT_ALLOW_ORIGINS", "OriginPolicy", "normalize_host", "split_host_port"]
+__all__ = [
+    "DEFAULT_ALLOW_ORIGINS",
+    "OriginPolicy",
+    "is_internal_address",
+    "normalize_host",
+    "split_host_port",
+]
 
 DEFAULT_ALLOW_ORIGINS: tuple[str, ...] = (
     # Windows Update, Microsoft Store, Edge and Delivery Optimization content
@@ -113,6 +120,26 @@ def normalize_host(host: str) -> str:
     return h
 
 
+def is_internal_address(address: str) -> bool:
+    """True for loopback, private, link-local (cloud metadata lives at 169.254.169.254),
+    unique-local (fc00::/7), unspecified, multicast and reserved addresses, including
+    IPv4 addresses wrapped in IPv6."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return True  # not an address we can judge: treat as internal
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return bool(
+        ip.is_loopback
+        or ip.is_private
+        or ip.is_link_local
+        or ip.is_unspecified
+        or ip.is_multicast
+        or ip.is_reserved
+    )
+
+
 @attrs.frozen
 class _Pattern:
     host: str  # normalised; for a wildcard, the suffix without "*."
@@ -166,6 +193,11 @@ class OriginPolicy:
     def allows(self, host: str, port: int) -> bool:
         """True when ``host:port`` (already normalised) may be fetched."""
         return any(p.matches(host, port) for p in self._patterns)
+
+    def allows_explicitly(self, host: str, port: int) -> bool:
+        """True when a pattern names ``host`` itself (no wildcard): only then may it
+        resolve to an internal address (``127.0.0.1:8000``, ``mirror.lan``)."""
+        return any(not p.wildcard and p.matches(host, port) for p in self._patterns)
 
     def canonical(self, host: str) -> str:
         """The name objects from ``host`` are filed under."""

@@ -29,12 +29,20 @@ from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from contextlib import aclosing, asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urljoin
 
 import attrs
 import trio
 
 from ..config import Config, Drive, structure_config
-from ..errors import BadRequest, NotCacheable, RangeNotSatisfiable, UpstreamError, VersionChanged
+from ..errors import (
+    BadRequest,
+    NotCacheable,
+    RangeNotSatisfiable,
+    Refused,
+    UpstreamError,
+    VersionChanged,
+)
 from ..headers import parse_cache_control, parse_content_range, parse_unsatisfied_range
 from ..store.blobs import BlobStore, DriveInfo
 from ..store.index import Index
@@ -62,6 +70,10 @@ _KEPT_HEADERS = frozenset(
 )
 # Idle block buffers kept for reuse (each block_size bytes).
 _POOL_BUFFERS = 32
+# Redirects followed in a row before giving up (RFC 9110 s15.4 leaves it to us;
+# browsers use about 20; update CDNs use one or two).
+MAX_REDIRECTS = 5
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
 # Eviction starts above HIGH_WATER x max_size and stops at LOW_WATER x max_size.
 HIGH_WATER = 0.95
 LOW_WATER = 0.90
@@ -136,6 +148,22 @@ class Statistics:
     stale_served: int = 0
 
 
+class _Redirect(Exception):
+    """Internal: upstream answered a discovery with a redirect to ``location``."""
+
+    def __init__(self, location: str) -> None:
+        super().__init__(location)
+        self.location = location
+
+
+class _Unsatisfied(Exception):
+    """Internal: upstream answered a discovery's range with 416."""
+
+    def __init__(self, size: int | None) -> None:
+        super().__init__(size)
+        self.size = size
+
+
 class _Discovery:
     def __init__(self) -> None:
         self.done = trio.Event()
@@ -193,6 +221,8 @@ class Cache:
         self._started = time.time()
         self._pinned: dict[str, int] = {}
         self._evict_wanted = trio.Event()
+        # a cap on upstream requests in flight (hostile or bursty clients); more wait
+        self._fetch_slots = trio.CapacityLimiter(config.limits.max_upstream_fetches)
         self._reconciled = trio.Event()
         self._idle = trio.Event()
         self._idle.set()
@@ -630,16 +660,30 @@ class Cache:
         elif stale is not None and stale.last_modified:
             headers.append(("if-modified-since", stale.last_modified))
         retries = self.config.limits.upstream_retries
+        redirects = 0
+        attempt = 0
         try:
-            for attempt in range(retries + 1):
+            while True:
                 try:
-                    await self._discover_once(url, key, hint, disc, via, stale, headers, reader)
+                    try:
+                        await self._discover_once(url, key, hint, disc, via, stale, headers, reader)
+                    except _Unsatisfied as unsatisfied:
+                        # the block asked for lies past the end (or the object is
+                        # empty): learn the metadata from a HEAD instead
+                        meta = await self._discover_by_head(url, key, unsatisfied.size, via)
+                        self._adopt(meta)
+                        disc.meta = meta
                     return
+                except _Redirect as redirect:
+                    redirects += 1
+                    url = self._follow(url, redirect.location, redirects)
+                    self._fetch_urls[key] = url  # block fetches go where it lives
                 except UpstreamError as exc:
-                    if disc.done.is_set() or attempt == retries:
+                    if disc.done.is_set() or attempt == retries or isinstance(exc, Refused):
                         raise
                     log.info("retrying discovery of %s after: %s", url, exc)
                     await trio.sleep(min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempt))
+                    attempt += 1
         except NotCacheable as exc:
             if stale is not None:
                 self._forget(stale)  # upstream no longer lets it be stored
@@ -665,7 +709,7 @@ class Cache:
         reader: object | None,
     ) -> None:
         B = self.block_size
-        async with self.upstream.request("GET", url, headers) as resp:
+        async with self._fetch_slots, self.upstream.request("GET", url, headers) as resp:
             self._count("upstream_fetches")
             if resp.status == 304 and stale is not None:
                 meta = self._refreshed(stale, resp)
@@ -675,12 +719,10 @@ class Cache:
                 disc.done.set()
                 return
             if resp.status == 416:
-                size = parse_unsatisfied_range(resp.header("content-range"))
-                meta = await self._discover_by_head(url, key, size, via)
-                self._adopt(meta)
-                disc.meta = meta
-                disc.done.set()
-                return
+                raise _Unsatisfied(parse_unsatisfied_range(resp.header("content-range")))
+            location = resp.header("location")
+            if resp.status in _REDIRECTS and location:
+                raise _Redirect(location)
             if stale is not None and resp.status >= 500:
                 # an error, not a verdict on the stored copy: stale-if-error may apply
                 raise UpstreamError(f"{url}: upstream answered {resp.status} to revalidation")
@@ -693,15 +735,43 @@ class Cache:
             fetch = self._start_fill(meta, first, reader)
             disc.meta = meta
             disc.done.set()
+            broken: UpstreamError | None = None
             with fetch.cancel_scope:
                 try:
                     await self._fill(meta, fetch, resp, first)
                 except UpstreamError as exc:
-                    # the head was fine, the body broke: resume like any block fetch
-                    log.info("resuming %s after: %s", url, exc)
-                    await self._fetch_with_retries(meta, fetch, via)
-                finally:
+                    broken = exc
+                except BaseException:
                     self._end_fetch(meta, fetch)
+                    raise
+        # out of the response (and its upstream slot): resume what the body left undone
+        try:
+            if broken is not None and not fetch.cancel_scope.cancel_called:
+                log.info("resuming %s after: %s", url, broken)
+                fetch.cancel_scope = trio.CancelScope()  # a scope is entered only once
+                with fetch.cancel_scope:
+                    await self._fetch_with_retries(meta, fetch, via)
+        finally:
+            self._end_fetch(meta, fetch)
+
+    def _follow(self, url: str, location: str, hops: int) -> str:
+        """Where a redirect from ``url`` leads, if mcc may follow it.
+
+        Raises:
+          NotCacheable: it leads off the allowlist (or off http://): the client gets
+            the redirect itself and decides.
+          UpstreamError: more than MAX_REDIRECTS in a row (a loop, most likely).
+        """
+        if hops > MAX_REDIRECTS:
+            raise UpstreamError(f"{url}: more than {MAX_REDIRECTS} redirects", status_hint=508)
+        target = urljoin(url, location.strip())
+        try:
+            host, port, _ = parse_http_url(target)
+        except ValueError:
+            raise NotCacheable(f"redirect to {target[:200]!r} (not http://)") from None
+        if not self.policy.allows(host, port):
+            raise NotCacheable(f"redirect to {host}:{port}, which is not allowed")
+        return target
 
     def _refreshed(self, stale: ObjectMeta, resp: UpstreamResponse) -> ObjectMeta:
         """``stale`` updated by a 304: new fetch time, the 304's caching headers."""
@@ -714,7 +784,8 @@ class Cache:
     async def _discover_by_head(
         self, url: str, key: str, size: int | None, via: tuple[str, ...]
     ) -> ObjectMeta:
-        async with self.upstream.request("HEAD", url, [("via", v) for v in via]) as resp:
+        head = [("via", v) for v in via]
+        async with self._fetch_slots, self.upstream.request("HEAD", url, head) as resp:
             self._count("upstream_fetches")
             meta, _ = self._meta_from(key, resp, 0)
         if size is not None and size != meta.size:
@@ -734,7 +805,8 @@ class Cache:
         first = 0
         if resp.status == 206:
             cr = parse_content_range(resp.header("content-range"))
-            if cr is None or cr[2] is None or cr[0] != asked:
+            asked_end = asked + self.block_size - 1
+            if cr is None or cr[2] is None or cr[0] != asked or cr[1] != min(asked_end, cr[2] - 1):
                 raise UpstreamError(
                     f"{key}: Content-Range {resp.header('content-range')!r} does not answer "
                     f"a request starting at byte {asked}"
@@ -817,7 +889,7 @@ class Cache:
             if validator:
                 headers.append(("if-range", validator))
             try:
-                async with self.upstream.request("GET", url, headers) as resp:
+                async with self._fetch_slots, self.upstream.request("GET", url, headers) as resp:
                     self._count("upstream_fetches")
                     self._check_block_response(meta, resp, start, end)
                     await self._fill(meta, fetch, resp, start if resp.status == 206 else 0)
@@ -868,8 +940,27 @@ class Cache:
         Where the next body bytes are exactly what a flight lacks, they are received
         straight into its buffer (no intermediate copy); otherwise piece by piece.
         """
-        B = self.block_size
         by_index = {f.key.index: f for f in fetch.flights}
+        # Blocks of a body not framed by Content-Length (chunked) are stored only once
+        # the body has ended cleanly: until then it may yet run long, or lie.
+        deferred: list[Flight] = []
+        try:
+            await self._fill_body(meta, fetch, resp, pos, by_index, deferred)
+        except BaseException:
+            for flight in deferred:  # readers had the bytes; the store does not get them
+                self._retire(flight)
+            raise
+
+    async def _fill_body(
+        self,
+        meta: ObjectMeta,
+        fetch: Fetch,
+        resp: UpstreamResponse,
+        pos: int,
+        by_index: dict[int, Flight],
+        deferred: list[Flight],
+    ) -> None:
+        B = self.block_size
         while True:
             if resp.can_receive_into and not resp.complete and pos < meta.size:
                 idx = pos // B
@@ -894,10 +985,13 @@ class Cache:
             chunk = await resp.receive()
             if not chunk:
                 break
-            pos = await self._place(meta, fetch, by_index, memoryview(chunk), pos)
+            pos = await self._place(meta, fetch, by_index, memoryview(chunk), pos, deferred)
         unfinished = [f for f in fetch.flights if not f.finished]
         if unfinished:
             raise UpstreamError(f"{meta.key}: body ended before block {unfinished[0].key.index}")
+        # a body without Content-Length ended as promised: now its blocks may be stored
+        while deferred:
+            await self._store(meta, deferred.pop(0))
 
     async def _place(
         self,
@@ -906,6 +1000,7 @@ class Cache:
         by_index: dict[int, Flight],
         view: memoryview,
         pos: int,
+        deferred: list[Flight],
     ) -> int:
         """Copy a piece of body at object byte ``pos`` into the flights it covers,
         claiming blocks it starts that are neither stored nor in flight."""
@@ -928,7 +1023,7 @@ class Cache:
                         raise UpstreamError(f"{meta.key}: gap in block {idx}")
                     flight.feed(view[have - pos : take])
                     if flight.complete:
-                        await self._store(meta, flight)
+                        deferred.append(flight)
             pos += take
             view = view[take:]
         return pos

@@ -90,6 +90,7 @@ class Server:
         self.own = OwnNames.build([(a.host, a.port) for a in config.listen], config.node_id)
         self.via_token = config.node_id.lower()
         self.metrics = Metrics()
+        self._misses: dict[str, int] = {}  # client address -> misses being answered
         self.open_connections = 0
         self.draining = False
         self._conns: set[_Conn] = set()
@@ -392,6 +393,35 @@ class Server:
         spans = ranges or ([ByteRange(0, meta.size - 1)] if meta.size else [])
         rec.cache = self._cache_status(meta, spans)
         headers.append(("cache-status", self._cache_status_header(rec.cache, found.outcome)))
+        if rec.cache != "hit":
+            client = conn.peer.rsplit(":", 1)[0]
+            if self._misses.get(client, 0) >= self.config.limits.max_misses_per_client:
+                raise BadRequest(
+                    f"too many concurrent misses from {client}; retry shortly", status_hint=503
+                )
+            self._misses[client] = self._misses.get(client, 0) + 1
+            try:
+                return await self._send_cached(
+                    conn, req, meta, ranges, spans, headers, rec, via, reader
+                )
+            finally:
+                self._misses[client] -= 1
+                if not self._misses[client]:
+                    del self._misses[client]
+        return await self._send_cached(conn, req, meta, ranges, spans, headers, rec, via, reader)
+
+    async def _send_cached(
+        self,
+        conn: _Conn,
+        req: Request,
+        meta: ObjectMeta,
+        ranges: list[ByteRange],
+        spans: list[ByteRange],
+        headers: list[tuple[str, str]],
+        rec: AccessRecord,
+        via: Sequence[str],
+        reader: object,
+    ) -> bool:
         head_only = req.method == "HEAD"
         if len(ranges) > 1:
             return await self._send_multipart(
@@ -652,9 +682,23 @@ async def _main(config: Config) -> int:
     return 0
 
 
+def _raise_fd_limit() -> None:
+    """Lift the soft open-files limit to the hard one (as nginx's worker_rlimit_nofile):
+    every client connection, upstream connection and blob being sent holds an fd."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError) as exc:
+        log.warning("could not raise the open-files limit: %s", exc)
+
+
 def run_server(config: Config) -> int:
     """Run the server until SIGTERM/SIGINT; returns the exit status."""
     configure_logging(config)
+    _raise_fd_limit()
     try:
         return trio.run(_main, config)
     except OSError as exc:

@@ -16,6 +16,7 @@ request is then retried once on a fresh connection.
 
 from __future__ import annotations
 
+import socket
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -27,8 +28,8 @@ import h11
 import trio
 
 from ..config import Config
-from ..errors import UpstreamError
-from ..origins import split_host_port
+from ..errors import Refused, UpstreamError
+from ..origins import is_internal_address, split_host_port
 
 __all__ = ["Route", "Upstream", "UpstreamResponse", "parse_http_url"]
 
@@ -279,6 +280,7 @@ class Upstream:
 
     def __init__(self, config: Config) -> None:
         self._config = config
+        self._policy = config.origin_policy()
         self._idle: dict[tuple[str, int], list[_Connection]] = defaultdict(list)
         self._parents = [self._parent_route(u) for u in config.parents]
         self._down_until: dict[str, float] = {}
@@ -326,8 +328,35 @@ class Upstream:
                 return conn
             await conn.stream.aclose()
         with _map_errors(route, "connecting"), trio.fail_after(self._config.timeouts.connect):
-            stream = await trio.open_tcp_stream(route.host, route.port)
+            if route.is_parent or route.proxy_form:
+                stream = await trio.open_tcp_stream(route.host, route.port)
+            else:
+                stream = await self._connect_origin(route)
         return _Connection(stream, key)
+
+    async def _connect_origin(self, route: Route) -> trio.SocketStream:
+        """Resolve, refuse internal addresses unless the host is allowlisted by name
+        (no SSRF through a public name that resolves inward), then connect to the
+        checked address itself, so a second lookup cannot answer differently."""
+        infos = await trio.socket.getaddrinfo(route.host, route.port, type=socket.SOCK_STREAM)
+        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        if not self._policy.allows_explicitly(route.host, route.port):
+            internal = [a for a in addresses if is_internal_address(a)]
+            addresses = [a for a in addresses if a not in internal]
+            if not addresses:
+                raise Refused(
+                    f"{route.host} resolves to internal address {internal[0]}; allow it by "
+                    "name to fetch from it",
+                    status_hint=403,
+                )
+        last: OSError | None = None
+        for address in addresses:
+            try:
+                return await trio.open_tcp_stream(address, route.port)
+            except OSError as exc:
+                last = exc
+        assert last is not None
+        raise last
 
     async def _release(self, conn: _Connection, reusable: bool) -> None:
         done = conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE
