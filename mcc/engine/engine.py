@@ -256,6 +256,10 @@ class Cache:
             self._evict_wanted = trio.Event()
             await self.evict()
             if trio.current_time() >= next_checkpoint:
+                try:
+                    self.index.flush_touches()
+                except OSError as exc:
+                    log.debug("could not record access times: %s", exc)
                 await trio.to_thread.run_sync(self.index.checkpoint)
                 next_checkpoint = trio.current_time() + _CHECKPOINT_SECONDS
 
@@ -503,13 +507,12 @@ class Cache:
                 lo, hi = max(start, b_start) - b_start, min(end + 1, b_end) - b_start
                 flight = claims.pop(idx, None)
                 if flight is None:
-                    fd = await self._open_verified(stored[idx])
-                    if fd is None:  # missing or corrupt on disk: fetch it again
-                        del stored[idx]
-                        joined |= self._claim_ahead(meta, idx, idx, stored, claims, via, reader)
-                        flight = claims.pop(idx, None)
-                    else:
-                        with self._pin(stored[idx]):
+                    digest = stored.get(idx)
+                    if digest is None:  # stored by another reader's fetch since we looked
+                        digest = self.index.get_blocks(meta.key, meta.version, idx, idx).get(idx)
+                    fd = await self._open_verified(digest) if digest is not None else None
+                    if fd is not None and digest is not None:
+                        with self._pin(digest):
                             try:
                                 yield FileSlice(fd, lo, hi - lo)
                             finally:
@@ -517,18 +520,10 @@ class Cache:
                         from_cache += hi - lo
                         self._count("bytes_from_cache", hi - lo)
                         continue
-                if flight is None:  # stored meanwhile by another reader's fetch
-                    stored.update(self.index.get_blocks(meta.key, meta.version, idx, idx))
-                    fd = await self._open_verified(stored[idx])
-                    if fd is None:
-                        raise UpstreamError(f"block {idx} of {meta.key} vanished while read")
-                    with self._pin(stored[idx]):
-                        try:
-                            yield FileSlice(fd, lo, hi - lo)
-                        finally:
-                            os.close(fd)
-                    from_cache += hi - lo
-                    continue
+                    # missing or corrupt on disk (or just evicted): fetch it again
+                    stored.pop(idx, None)
+                    flight = self._claim_missing(meta, idx, via, reader)
+                    joined |= flight.starter is not reader
                 try:
                     async with aclosing(flight.read(lo, hi)) as chunks:
                         async for chunk in chunks:
@@ -605,6 +600,24 @@ class Cache:
             claims[j] = flight
         return joined
 
+    def _claim_missing(
+        self, meta: ObjectMeta, idx: int, via: Sequence[str], reader: object | None
+    ) -> Flight:
+        """Join block ``idx``'s flight, or start one, without asking the index (whose
+        row for it may be stale when the blob turned out missing or corrupt)."""
+        fkey = FlightKey(meta.key, meta.version, idx)
+        flight = self._flights.get(fkey)
+        if flight is None:
+            b_start, b_end = block_bounds(idx, self.block_size, meta.size)
+            flight = Flight(fkey, b_start, b_end - b_start, self._pool)
+            flight.starter = reader
+            self._flights.add(flight)
+            self._spawn(self._run_fetch, meta, Fetch([flight]), tuple(via))
+        elif flight.fetch is not None:
+            self._orphans.discard(flight.fetch)
+        flight.waiters += 1
+        return flight
+
     def _release(self, flight: Flight) -> None:
         flight.waiters -= 1
         if flight.waiters == 0 and flight.settled.is_set():
@@ -617,23 +630,32 @@ class Cache:
             fetch.cancel_scope.cancel()
 
     async def _open_verified(self, digest: str) -> int | None:
-        """Open a stored blob, checking it against its name per ``verify_on_read``."""
+        """Open a stored blob, checking it against its name per ``verify_on_read``;
+        None when it is missing or corrupt (its rows are dropped, it is refetched)."""
         mode = self.config.verify_on_read
+        try:
+            fd = self.blobs.open(digest)
+        except FileNotFoundError:
+            log.warning("blob %s is missing from disk: refetching", digest)
+            self._drop_digest(digest)
+            return None
         if mode == "always" or (mode == "first" and digest not in self._verified):
             ok = await trio.to_thread.run_sync(self.blobs.verify, digest)
             if not ok:
+                os.close(fd)
                 self._count("corrupt_blocks")
                 log.warning("blob %s does not match its digest: quarantined, refetching", digest)
                 self.blobs.quarantine(digest)
-                self.index.drop_digest(digest)
+                self._drop_digest(digest)
                 return None
             self._verified.add(digest)
+        return fd
+
+    def _drop_digest(self, digest: str) -> None:
         try:
-            return self.blobs.open(digest)
-        except FileNotFoundError:
-            log.warning("blob %s is missing from disk: refetching", digest)
             self.index.drop_digest(digest)
-            return None
+        except OSError as exc:  # disk full: the row stays; reads refetch around it
+            log.warning("could not drop blob %s from the index: %s", digest, exc)
 
     # -- upstream --------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ import functools
 import json
 import sqlite3
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -34,6 +35,8 @@ from ..engine.blocks import ObjectMeta
 __all__ = ["SCHEMA_VERSION", "Index"]
 
 SCHEMA_VERSION = 2
+# Objects whose block maps are kept in memory (least recently used dropped first).
+_MAP_CACHE_OBJECTS = 4096
 
 # Migrations: MIGRATIONS[n] turns a schema-n database into schema n+1. A cache
 # written by an older mcc is upgraded in place when opened; a newer one is refused.
@@ -104,6 +107,12 @@ class Index:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._usage: dict[int, int] = {}  # drive -> bytes, kept in step with blobs
+        # Read-through cache of block maps, (key, version) -> {idx: digest}, kept in
+        # step by every write below: a hit then costs no query at all.
+        self._maps: OrderedDict[tuple[str, str], dict[int, str]] = OrderedDict()
+        # Access times waiting for flush_touches() (one transaction per interval
+        # instead of one per read).
+        self._touched: dict[str, float] = {}
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -138,10 +147,19 @@ class Index:
         return int(row[0])
 
     def _tx(self) -> _Tx:
-        return _Tx(self._db, self._load_usage)
+        return _Tx(self._db, self._after_rollback)
+
+    def _after_rollback(self) -> None:
+        # the in-memory mirrors may have moved with the statements rolled back
+        self._load_usage()
+        self._maps.clear()
 
     def close(self) -> None:
-        """Close the database (after a last checkpoint)."""
+        """Close the database (after the last access times and a checkpoint)."""
+        try:
+            self.flush_touches()
+        except OSError:
+            pass  # a full disk: only the LRU order is lost
         self.checkpoint()
         self._db.close()
 
@@ -212,6 +230,7 @@ class Index:
         return [r[0] for r in self._db.execute("SELECT key FROM objects ORDER BY key")]
 
     def _drop_blocks(self, key: str) -> list[str]:
+        self._forget_maps(key)
         digests = [
             r[0] for r in self._db.execute("SELECT DISTINCT digest FROM blocks WHERE key=?", (key,))
         ]
@@ -270,18 +289,39 @@ class Index:
             )
             if known is None:
                 self._usage[drive] = self._usage.get(drive, 0) + size
+            blocks = self._maps.get((key, version))
+            if blocks is not None:
+                blocks[idx] = digest
             if old is not None and old[0] != digest:
                 return self._unreferenced([old[0]])
             return []
 
     def get_blocks(self, key: str, version: str, first: int, last: int) -> dict[int, str]:
         """Digests of the stored blocks ``first..last`` (inclusive) of ``key``/``version``."""
-        return dict(
-            self._db.execute(
-                "SELECT idx, digest FROM blocks WHERE key=? AND version=? AND idx BETWEEN ? AND ?",
-                (key, version, first, last),
-            ).fetchall()
-        )
+        blocks = self._map(key, version)
+        if last - first < len(blocks):
+            return {i: blocks[i] for i in range(first, last + 1) if i in blocks}
+        return {i: d for i, d in blocks.items() if first <= i <= last}
+
+    def _map(self, key: str, version: str) -> dict[int, str]:
+        mk = (key, version)
+        blocks = self._maps.get(mk)
+        if blocks is None:
+            blocks = dict(
+                self._db.execute(
+                    "SELECT idx, digest FROM blocks WHERE key=? AND version=?", (key, version)
+                ).fetchall()
+            )
+            self._maps[mk] = blocks
+            if len(self._maps) > _MAP_CACHE_OBJECTS:
+                self._maps.popitem(last=False)
+        else:
+            self._maps.move_to_end(mk)
+        return blocks
+
+    def _forget_maps(self, key: str) -> None:
+        for mk in [mk for mk in self._maps if mk[0] == key]:
+            del self._maps[mk]
 
     @_writes
     def drop_digest(self, digest: str) -> list[tuple[str, str, int]]:
@@ -296,6 +336,10 @@ class Index:
             ).fetchall()
             self._db.execute("DELETE FROM blocks WHERE digest=?", (digest,))
             self._delete_blob_row(digest)
+            for key, version, idx in rows:
+                blocks = self._maps.get((key, version))
+                if blocks is not None:
+                    blocks.pop(idx, None)
             return [(r[0], r[1], r[2]) for r in rows]
 
     def is_referenced(self, digest: str) -> bool:
@@ -303,17 +347,28 @@ class Index:
         row = self._db.execute("SELECT 1 FROM blocks WHERE digest=? LIMIT 1", (digest,)).fetchone()
         return row is not None
 
-    @_writes
     def touch(self, digests: Iterable[str], when: float | None = None) -> None:
-        """Record a read of these blobs (for least-recently-used eviction)."""
+        """Record a read of these blobs (for least-recently-used eviction); written to
+        the database by :meth:`flush_touches`."""
         now = time.time() if when is None else when
+        for d in digests:
+            self._touched[d] = now
+
+    @_writes
+    def flush_touches(self) -> None:
+        """Write the access times recorded since the last flush (one transaction)."""
+        if not self._touched:
+            return
+        pending, self._touched = self._touched, {}
         with self._tx():
             self._db.executemany(
-                "UPDATE blobs SET last_access=? WHERE digest=?", [(now, d) for d in digests]
+                "UPDATE blobs SET last_access=? WHERE digest=?",
+                [(t, d) for d, t in pending.items()],
             )
 
     def lru_digests(self, drive: int, limit: int) -> list[tuple[str, int]]:
         """The least recently used blobs of drive ``drive``: (digest, size), oldest first."""
+        self.flush_touches()
         return [
             (str(r[0]), int(r[1]))
             for r in self._db.execute(
@@ -352,7 +407,17 @@ class _Tx:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is None:
-            self._db.execute("COMMIT")
-        else:
-            self._db.execute("ROLLBACK")
-            self._on_rollback()  # the in-memory usage totals may have moved
+            try:
+                self._db.execute("COMMIT")
+                return
+            except sqlite3.Error:
+                self._rollback()  # a failed COMMIT (disk full) may leave it open
+                raise
+        self._rollback()
+
+    def _rollback(self) -> None:
+        try:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+        finally:
+            self._on_rollback()  # the in-memory mirrors may have moved
