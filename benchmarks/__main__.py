@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -246,7 +246,9 @@ def plot(results: dict[str, Row], out: Path) -> list[Path]:
     for name, row in results.items():
         med = row["median"]
         if "MBps" in med.get("mcc", {}):
-            names.append(name.split(",")[0][:28] + ("," + name.split(",")[1] if "," in name else ""))
+            names.append(
+                name.split(",")[0][:28] + ("," + name.split(",")[1] if "," in name else "")
+            )
             mcc.append(med["mcc"]["MBps"])
             nginx.append(med.get("nginx", {}).get("MBps", 0))
             origin.append(med.get("origin", {}).get("MBps", 0))
@@ -288,8 +290,11 @@ def plot(results: dict[str, Row], out: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
     run = sub.add_parser("run", help="run scenarios side by side")
     run.add_argument("--scenario", default="all", help="all, or a list like 1,3,6")

@@ -95,7 +95,8 @@ http {{
   access_log {work}/origin.access.log;
   sendfile on; tcp_nopush off; aio off;
   keepalive_requests 100000;
-  server {{ listen 127.0.0.1:{port}; root {www}; }}
+  # update CDNs send long lifetimes; without one both caches would revalidate
+  server {{ listen 127.0.0.1:{port}; root {www}; expires 7d; }}
 }}
 """
 
@@ -155,8 +156,8 @@ class Procs:
             self.stop(name)
 
     def _spawn(self, name: str, argv: list[str]) -> None:
-        log = open(self.work / f"{name}.out", "ab")
-        self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=log)
+        with open(self.work / f"{name}.out", "ab") as log:  # the child keeps its own copy
+            self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=log)
 
     def stop(self, name: str) -> None:
         proc = self.procs.pop(name, None)
@@ -174,7 +175,8 @@ class Procs:
         conf = self.work / "origin.conf"
         conf.write_text(_ORIGIN_CONF.format(work=self.work, port=self.origin_port, www=self.www))
         self._spawn("origin", [nginx_bin(), "-c", str(conf), "-p", str(self.work)])
-        wait_http(self.origin_port, "/s0.bin")
+        probe = "/" + min(p.name for p in self.www.iterdir())
+        wait_http(self.origin_port, probe)
 
     def origin_requests(self, path: str) -> int:
         """Requests for ``path`` in the origin's access log so far."""

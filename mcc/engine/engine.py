@@ -68,6 +68,8 @@ _KEPT_HEADERS = frozenset(
         "age",
     }
 )
+# URLs whose cache keys are memoised (cleared whole when full: cheap and bounded).
+_RESOLVED_URLS = 65536
 # Idle block buffers kept for reuse (each block_size bytes).
 _POOL_BUFFERS = 32
 # Redirects followed in a row before giving up (RFC 9110 s15.4 leaves it to us;
@@ -213,6 +215,7 @@ class Cache:
         self._pool = BufferPool(config.block_size, keep=_POOL_BUFFERS)
         self._metas: dict[str, ObjectMeta] = {}
         self._fetch_urls: dict[str, str] = {}
+        self._resolved: dict[str, str] = {}  # allowed URL -> key (hot path memo)
         self._discoveries: dict[str, _Discovery] = {}
         self._orphans: set[Fetch] = set()
         self._verified: set[str] = set()
@@ -340,6 +343,9 @@ class Cache:
         Raises:
           BadRequest: 400 for a URL that is not http://, 403 for a host not allowed.
         """
+        known = self._resolved.get(url)
+        if known is not None:
+            return known
         try:
             host, port, target = parse_http_url(url)
         except ValueError as exc:
@@ -353,6 +359,9 @@ class Cache:
             authority += f":{port}"
         key = f"http://{authority}{target}"
         self._fetch_urls.setdefault(key, url)
+        if len(self._resolved) >= _RESOLVED_URLS:
+            self._resolved.clear()
+        self._resolved[url] = key
         return key
 
     # -- public API ----------------------------------------------------------------
@@ -516,7 +525,7 @@ class Cache:
                             try:
                                 yield FileSlice(fd, lo, hi - lo)
                             finally:
-                                os.close(fd)
+                                self.blobs.release(digest, fd)
                         from_cache += hi - lo
                         self._count("bytes_from_cache", hi - lo)
                         continue
@@ -634,7 +643,7 @@ class Cache:
         None when it is missing or corrupt (its rows are dropped, it is refetched)."""
         mode = self.config.verify_on_read
         try:
-            fd = self.blobs.open(digest)
+            fd = self.blobs.acquire(digest)
         except FileNotFoundError:
             log.warning("blob %s is missing from disk: refetching", digest)
             self._drop_digest(digest)
@@ -642,7 +651,7 @@ class Cache:
         if mode == "always" or (mode == "first" and digest not in self._verified):
             ok = await trio.to_thread.run_sync(self.blobs.verify, digest)
             if not ok:
-                os.close(fd)
+                self.blobs.release(digest, fd)
                 self._count("corrupt_blocks")
                 log.warning("blob %s does not match its digest: quarantined, refetching", digest)
                 self.blobs.quarantine(digest)
@@ -861,6 +870,7 @@ class Cache:
             log.warning("could not record %s in the index: %s", meta.key, exc)
             return
         for digest in freed:
+            self.blobs.forget_fd(digest)
             self.blobs.delete(digest)
 
     def _forget(self, meta: ObjectMeta) -> None:
@@ -868,6 +878,7 @@ class Cache:
         current = self.index.get_object(meta.key)
         if current is not None and current.version == meta.version:
             for digest in self.index.delete_object(meta.key):
+                self.blobs.forget_fd(digest)
                 self.blobs.delete(digest)
         if self._metas.get(meta.key) == meta:
             del self._metas[meta.key]
@@ -1107,6 +1118,8 @@ class Cache:
             flight.recycle()
 
     async def _delete_blobs(self, digests: list[str]) -> None:
+        for d in digests:
+            self.blobs.forget_fd(d)  # here, on the trio thread that owns the fd cache
         if digests:
             await trio.to_thread.run_sync(lambda: [self.blobs.delete(d) for d in digests])
 
@@ -1168,6 +1181,7 @@ async def open_cache(config: Config | None = None, **overrides: Any) -> AsyncIte
     finally:
         with trio.CancelScope(shield=True):
             await upstream.aclose()
+        blobs.close()
         index.close()
 
 

@@ -16,6 +16,7 @@ Events returned by :meth:`ServerProtocol.next_event`:
 from __future__ import annotations
 
 import email.utils
+import time
 from collections.abc import Sequence
 from http import HTTPStatus
 from typing import Any
@@ -32,6 +33,18 @@ __all__ = ["CLOSED", "END_OF_BODY", "NEED_DATA", "Request", "ServerProtocol"]
 DEFAULT_MAX_HEAD = 16 * 1024
 
 SERVER_NAME = "mcc"
+
+
+_date_cache: tuple[int, str] = (0, "")
+
+
+def _http_date() -> str:
+    """The Date header value, formatted once per second."""
+    global _date_cache
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, email.utils.formatdate(now, usegmt=True))
+    return _date_cache[1]
 
 
 class _Sentinel:
@@ -176,7 +189,7 @@ class ServerProtocol:
     def response_head(self, status: int, headers: Sequence[tuple[str, str]]) -> bytes:
         """The bytes of a response head (Date and Server added)."""
         full = [
-            ("date", email.utils.formatdate(usegmt=True)),
+            ("date", _http_date()),
             ("server", SERVER_NAME),
             *headers,
         ]
@@ -211,7 +224,7 @@ class ServerProtocol:
             reason = ""
         head = (
             f"HTTP/1.1 {status} {reason}\r\n"
-            f"date: {email.utils.formatdate(usegmt=True)}\r\n"
+            f"date: {_http_date()}\r\n"
             f"server: {SERVER_NAME}\r\n"
             "content-type: text/plain; charset=utf-8\r\n"
             f"content-length: {len(body)}\r\n"

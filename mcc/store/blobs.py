@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -28,6 +29,8 @@ import blake3
 __all__ = ["BlobStore", "DriveInfo", "digest_of"]
 
 _READ_CHUNK = 1024 * 1024
+# Blob fds kept open for reuse: enough for a hot set, far below the fd limit.
+_CACHED_FDS = 1024
 
 
 def digest_of(data: bytes | bytearray | memoryview) -> str:
@@ -63,6 +66,10 @@ class BlobStore:
                 (d.root / sub).mkdir(parents=True, exist_ok=True)
         self._tmp_counter = 0
         self._made_dirs: set[Path] = set()
+        self._roots = [str(d.root) for d in self.drives]
+        # Open blob fds kept for reuse (sendfile takes an explicit offset, so one fd
+        # serves any number of concurrent readers): digest -> [fd, users].
+        self._fds: OrderedDict[str, list[int]] = OrderedDict()
 
     def drive_for(self, digest: str) -> DriveInfo:
         """The drive a blob lives on (weighted rendezvous hash of its digest)."""
@@ -83,7 +90,12 @@ class BlobStore:
 
     def path(self, digest: str) -> Path:
         """Where the blob named ``digest`` lives (whether or not it exists)."""
-        return self.drive_for(digest).root / "blobs" / digest[0:2] / digest[2:4] / digest
+        return Path(self._path_str(digest))
+
+    def _path_str(self, digest: str) -> str:
+        # a plain string join: this runs on every cache hit
+        root = self._roots[0] if len(self._roots) == 1 else str(self.drive_for(digest).root)
+        return f"{root}/blobs/{digest[0:2]}/{digest[2:4]}/{digest}"
 
     def put(self, data: bytes | bytearray | memoryview, digest: str | None = None) -> str:
         """Write a blob (if not already present) and return its digest.
@@ -127,7 +139,53 @@ class BlobStore:
         Raises:
           FileNotFoundError: the blob is not there.
         """
-        return os.open(self.path(digest), os.O_RDONLY | os.O_CLOEXEC)
+        return os.open(self._path_str(digest), os.O_RDONLY | os.O_CLOEXEC)
+
+    def acquire(self, digest: str) -> int:
+        """An fd of the blob, shared and cached; hand it back with :meth:`release`.
+
+        Raises:
+          FileNotFoundError: the blob is not there.
+        """
+        entry = self._fds.get(digest)
+        if entry is None:
+            entry = [self.open(digest), 0]
+            self._fds[digest] = entry
+            self._trim_fds()
+        else:
+            self._fds.move_to_end(digest)
+        entry[1] += 1
+        return entry[0]
+
+    def release(self, digest: str, fd: int) -> None:
+        """Hand back an fd from :meth:`acquire`."""
+        entry = self._fds.get(digest)
+        if entry is None or entry[0] != fd:
+            os.close(fd)  # forgotten meanwhile (deleted, quarantined): ours to close
+            return
+        entry[1] -= 1
+        self._trim_fds()
+
+    def forget_fd(self, digest: str) -> None:
+        """Stop caching ``digest``'s fd (its file is going away); users keep theirs."""
+        entry = self._fds.pop(digest, None)
+        if entry is not None and entry[1] == 0:
+            os.close(entry[0])
+
+    def _trim_fds(self) -> None:
+        if len(self._fds) <= _CACHED_FDS:
+            return
+        for digest in list(self._fds):
+            if len(self._fds) <= _CACHED_FDS:
+                break
+            if self._fds[digest][1] == 0:
+                os.close(self._fds.pop(digest)[0])
+
+    def close(self) -> None:
+        """Close every cached fd."""
+        for fd, _ in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
     def exists(self, digest: str) -> bool:
         """True when the blob file is present."""
@@ -153,6 +211,7 @@ class BlobStore:
 
     def quarantine(self, digest: str) -> None:
         """Move a corrupt blob aside (kept for inspection, never served)."""
+        self.forget_fd(digest)
         src = self.path(digest)
         dst = self.drive_for(digest).root / "quarantine" / digest
         try:
@@ -161,7 +220,8 @@ class BlobStore:
             pass
 
     def delete(self, digest: str) -> int:
-        """Remove a blob; returns the bytes freed (0 when it was already gone)."""
+        """Remove a blob; returns the bytes freed (0 when it was already gone). Safe in
+        a worker thread; call :meth:`forget_fd` first, on the owning thread."""
         p = self.path(digest)
         try:
             size = p.stat().st_size
