@@ -147,10 +147,10 @@ class Suite:
     def s6(self) -> None:
         start, end, clients = 0, MiB - 1, 50
 
-        def coalesce(port: int) -> dict[str, list[float]]:
+        def coalesce(port: int, n: int) -> dict[str, list[float]]:
             out = subprocess.run(
                 [sys.executable, "-m", "benchmarks.coalesce", str(port), BIG, str(start),
-                 str(end), str(clients)],
+                 str(end), str(n)],
                 capture_output=True, text=True, check=True, cwd=HERE.parent,
             ).stdout  # fmt: skip
             result: dict[str, list[float]] = json.loads(out)
@@ -164,7 +164,7 @@ class Suite:
                 self.p.stop("nginx")
                 self.p.start_nginx_cache(fresh=True)
             port = self.p.port(target)
-            lone = coalesce(port)["last"][0]  # a lone cold fetch of the range ...
+            lone = coalesce(port, 1)["last"][0]  # a lone cold fetch of the range ...
             if target == "mcc":  # ... then empty caches again for the crowd
                 self.p.stop("mcc")
                 self.p.start_mcc(fresh=True)
@@ -172,7 +172,7 @@ class Suite:
                 self.p.stop("nginx")
                 self.p.start_nginx_cache(fresh=True)
             before = self.p.origin_requests(BIG)
-            crowd = coalesce(self.p.port(target))
+            crowd = coalesce(self.p.port(target), clients)
             time.sleep(0.3)
             upstream = self.p.origin_requests(BIG) - before
             return {
@@ -221,6 +221,9 @@ def report(results: dict[str, Row]) -> str:
     for name, row in results.items():
         med = row["median"]
         lines.append(name)
+        if not med:
+            lines.append(f"    {row.get('error', 'no result')}")
+            continue
         keys = list(next(iter(med.values())).keys())
         for k in keys:
             cells = "  ".join(f"{t}={med[t][k]:.1f}" for t in med)
@@ -320,13 +323,29 @@ def main(argv: list[str] | None = None) -> int:
             suite.warm_up()
         for s in chosen:
             print(f"scenario {s}", flush=True)
-            getattr(suite, f"s{s}")()
+            try:
+                getattr(suite, f"s{s}")()
+            except (subprocess.CalledProcessError, OSError, AssertionError) as exc:
+                print(f"scenario {s} failed: {exc}", flush=True)
+                suite.results[f"{s}. FAILED"] = {"error": str(exc), "median": {}}
+            _write(args.out, started, args, suite.results)
             if s in ("5", "6") and any(w in chosen[chosen.index(s) + 1 :] for w in warm):
                 procs.stop("mcc")
                 procs.start_mcc(fresh=True)
                 procs.stop("nginx")
                 procs.start_nginx_cache(fresh=True)
                 suite.warm_up()
+    _write(args.out, started, args, suite.results)
+    text = report(suite.results)
+    (args.out / "latest.txt").write_text(text + "\n")
+    print(text)
+    for p in plot(suite.results, args.out):
+        print(f"plot: {p}")
+    print(f"results: {args.out / 'latest.json'} ({time.time() - started:.0f} s)")
+    return 0
+
+
+def _write(out: Path, started: float, args: argparse.Namespace, results: dict[str, Row]) -> None:
     doc = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "machine": {
@@ -337,17 +356,9 @@ def main(argv: list[str] | None = None) -> int:
         },
         "rounds": args.rounds,
         "seconds": args.seconds,
-        "results": suite.results,
+        "results": results,
     }
-    out_json = args.out / "latest.json"
-    out_json.write_text(json.dumps(doc, indent=1))
-    text = report(suite.results)
-    (args.out / "latest.txt").write_text(text + "\n")
-    print(text)
-    for p in plot(suite.results, args.out):
-        print(f"plot: {p}")
-    print(f"results: {out_json} ({time.time() - started:.0f} s)")
-    return 0
+    (out / "latest.json").write_text(json.dumps(doc, indent=1))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ async def _one(port: int, path: str, start: int, end: int, go: trio.Event) -> tu
         h11.Request(
             method="GET",
             target=path,
-            headers=[("host", "bench"), ("range", f"bytes={start}-{end}")],
+            headers=[("host", f"127.0.0.1:{port}"), ("range", f"bytes={start}-{end}")],
         )
     )
     request = (request or b"") + (conn.send(h11.EndOfMessage()) or b"")

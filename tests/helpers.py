@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any
 
 import attrs
 import h11
+import pytest
 import trio
 
 import mcc
@@ -169,3 +171,40 @@ class ConnectionPair:
         event = self.server.next_event()
         assert isinstance(event, Request)
         return event
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (now)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port: int = s.getsockname()[1]
+    s.close()
+    return port
+
+
+async def wait_serving(port: int, within: float = 20) -> None:
+    """Wait until an mcc process on ``port`` answers its own /health."""
+    with trio.fail_after(within):
+        while True:
+            try:
+                await get(port, "/health", host=f"127.0.0.1:{port}")
+                return
+            except OSError:
+                await trio.sleep(0.05)
+
+
+@asynccontextmanager
+async def tmpfs(path: Path, size: str) -> AsyncIterator[Path]:
+    """A tmpfs of ``size`` mounted at ``path`` for the block (skips without root)."""
+    await trio.Path(path).mkdir(parents=True, exist_ok=True)
+    r = await trio.run_process(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        capture_stderr=True,
+        check=False,
+    )
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.decode().strip()}); needs root")
+    try:
+        yield path
+    finally:
+        await trio.run_process(["umount", "-l", str(path)], check=False)

@@ -6,7 +6,6 @@ import hashlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 import trio
 
 from fixtures.origin import Fault, Origin
-from tests.helpers import Client, get, run_node
+from tests.helpers import Client, free_port, run_node, wait_serving
 
 pytestmark = pytest.mark.tools
 DATA = os.urandom(3 * 1024 * 1024 + 4321)
@@ -80,19 +79,11 @@ async def test_aria2c_segmented_download_checksum(origin: Origin, tmp_path: Path
     assert any(r.headers.get("range") for r in origin.requests)
 
 
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port: int = s.getsockname()[1]
-    s.close()
-    return port
-
-
 async def test_sigterm_drains_running_responses(origin: Origin, tmp_path: Path) -> None:
     origin.put("/slow.bin", DATA)
     origin.chunk_size = 64 * 1024
     origin.faults["/slow.bin"] = Fault(body_delay=0.01)  # ~0.5 s for the whole body
-    port, admin = _free_port(), _free_port()
+    port, admin = free_port(), free_port()
     proc = await trio.lowlevel.open_process(
         [
             sys.executable,
@@ -115,13 +106,7 @@ async def test_sigterm_drains_running_responses(origin: Origin, tmp_path: Path) 
         stderr=subprocess.PIPE,
     )
     try:
-        with trio.fail_after(20):
-            while True:
-                try:
-                    if (await get(port, "/health", host=f"127.0.0.1:{port}")).status == 204:
-                        break
-                except OSError:
-                    await trio.sleep(0.05)
+        await wait_serving(port)
         result: list[bytes] = []
 
         async def download() -> None:

@@ -12,7 +12,7 @@ import trio
 
 import mcc
 from fixtures.origin import Fault, Origin
-from tests.helpers import get, run_node
+from tests.helpers import free_port, get, run_node
 
 DATA = os.urandom(300_000)
 B = 65536
@@ -87,12 +87,7 @@ async def test_transient_failure_is_retried_transparently(origin: Origin, tmp_pa
 
 
 async def test_connection_refused_is_a_502(tmp_path: Path) -> None:
-    import socket
-
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
+    port = free_port()
     async with run_node(
         tmp_path / "c", allow_origins=[f"127.0.0.1:{port}"], limits={"upstream_retries": 1}
     ) as node:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import trio
 
 from fixtures.origin import Fault, Origin
-from tests.helpers import Client, Node, get, run_node
+from tests.helpers import Client, Node, free_port, get, run_node
 
 DATA = os.urandom(600_000)
 
@@ -50,18 +49,10 @@ async def test_three_level_chain_stores_at_every_level(origin: Origin, tmp_path:
         assert r.header("cache-status") == "child; hit" and len(origin.requests) == n
 
 
-def _dead_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port: int = s.getsockname()[1]
-    s.close()
-    return port
-
-
 async def test_dead_parent_is_skipped_for_the_next(origin: Origin, tmp_path: Path) -> None:
     origin.put("/f.bin", DATA)
     allow = [origin.authority]
-    dead = f"http://127.0.0.1:{_dead_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     async with (
         run_node(tmp_path / "p2", allow_origins=allow, node_id="p2") as p2,
         run_node(
@@ -85,7 +76,7 @@ async def test_no_origin_fallback_fails_when_parents_are_down(
     origin: Origin, tmp_path: Path
 ) -> None:
     origin.put("/f.bin", DATA)
-    dead = f"http://127.0.0.1:{_dead_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     async with run_node(
         tmp_path / "c",
         allow_origins=[origin.authority],

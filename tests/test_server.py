@@ -275,21 +275,6 @@ async def test_too_many_connections_get_503(origin: Origin, tmp_path: Path) -> N
             await s.aclose()
 
 
-async def test_upstream_down_is_a_502_with_a_line(tmp_path: Path) -> None:
-    # a port nothing listens on
-    import socket
-
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    async with run_node(
-        tmp_path / "c", allow_origins=[f"127.0.0.1:{port}"], limits={"upstream_retries": 0}
-    ) as node:
-        r = await get(node.port, f"http://127.0.0.1:{port}/x")
-        assert r.status == 502 and b"connection failed" in r.body
-
-
 async def test_large_cold_and_warm_whole_file(origin: Origin, tmp_path: Path) -> None:
     big = os.urandom(5 * 1024 * 1024 + 123)
     origin.put("/big.bin", big)

@@ -16,7 +16,7 @@ import trio
 import mcc
 from fixtures.origin import Origin
 from mcc.store.index import SCHEMA_VERSION, Index
-from tests.helpers import get, run_node
+from tests.helpers import free_port, get, run_node, tmpfs, wait_serving
 
 B = 65536
 
@@ -205,16 +205,7 @@ async def test_two_drives_share_blocks_and_find_them_after_restart(
 
 
 async def test_disk_full_keeps_serving_unstored(origin: Origin, tmp_path: Path) -> None:
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    r = await trio.run_process(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
-        capture_stderr=True,
-        check=False,
-    )
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.decode().strip()}); needs root")
-    try:
+    async with tmpfs(tmp_path / "tiny", "1m") as mnt:
         data = os.urandom(3_000_000)
         origin.put("/big", data)
         async with run_node(
@@ -229,18 +220,6 @@ async def test_disk_full_keeps_serving_unstored(origin: Origin, tmp_path: Path) 
             assert node.cache.statistics().store_failures > 0
             assert "mcc_store_failures_total" in node.admin.render_metrics()
             assert not any((mnt / "tmp").iterdir())  # no half-written temp files left
-    finally:
-        await trio.run_process(["umount", "-l", str(mnt)], check=False)
-
-
-def _free_port() -> int:
-    import socket
-
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port: int = s.getsockname()[1]
-    s.close()
-    return port
 
 
 async def test_sigkill_at_random_points_never_serves_a_wrong_byte(
@@ -252,7 +231,7 @@ async def test_sigkill_at_random_points_never_serves_a_wrong_byte(
         origin.put(path, data)
     origin.chunk_size = 16 * 1024
     cache_dir = tmp_path / "c"
-    port = _free_port()
+    port = free_port()
     argv = [
         sys.executable,
         "-m",
@@ -261,7 +240,7 @@ async def test_sigkill_at_random_points_never_serves_a_wrong_byte(
         "--listen",
         f"127.0.0.1:{port}",
         "--admin-listen",
-        f"127.0.0.1:{_free_port()}",
+        f"127.0.0.1:{free_port()}",
         "--cache-dir",
         str(cache_dir),
         "--block-size",
@@ -275,15 +254,6 @@ async def test_sigkill_at_random_points_never_serves_a_wrong_byte(
         "--log-level",
         "warning",
     ]
-
-    async def wait_up() -> None:
-        with trio.fail_after(20):
-            while True:
-                try:
-                    await get(port, "/health", host=f"127.0.0.1:{port}")
-                    return
-                except OSError:
-                    await trio.sleep(0.05)
 
     async def client(seed: int) -> None:
         r = random.Random(seed)
@@ -302,7 +272,7 @@ async def test_sigkill_at_random_points_never_serves_a_wrong_byte(
     for round_ in range(20):
         proc = await trio.lowlevel.open_process(argv, stderr=subprocess.DEVNULL)
         try:
-            await wait_up()
+            await wait_serving(port)
             async with trio.open_nursery() as nursery:
                 for c in range(4):
                     nursery.start_soon(client, round_ * 10 + c)
@@ -314,7 +284,7 @@ async def test_sigkill_at_random_points_never_serves_a_wrong_byte(
     # a last clean start: everything reads back right, and verify finds nothing corrupt
     proc = await trio.lowlevel.open_process(argv, stderr=subprocess.DEVNULL)
     try:
-        await wait_up()
+        await wait_serving(port)
         for path, data in objects.items():
             resp = await get(port, origin.url(path))
             assert resp.status == 200 and resp.body == data, path

@@ -49,7 +49,7 @@ from ..store.index import Index
 from ..upstream.client import Upstream, UpstreamResponse, parse_http_url
 from .blocks import ObjectMeta, block_bounds, block_count, blocks_for_range, make_version
 from .flight import BufferPool, Fetch, Flight, FlightKey, FlightTable
-from .freshness import is_fresh, may_serve_stale
+from .freshness import age, freshness_lifetime, may_serve_stale
 
 __all__ = ["Cache", "FileSlice", "Lookup", "ObjectInfo", "Statistics", "open_cache"]
 
@@ -216,6 +216,7 @@ class Cache:
         self._metas: dict[str, ObjectMeta] = {}
         self._fetch_urls: dict[str, str] = {}
         self._resolved: dict[str, str] = {}  # allowed URL -> key (hot path memo)
+        self._fresh_memo: dict[str, tuple[str, float, float]] = {}
         self._discoveries: dict[str, _Discovery] = {}
         self._orphans: set[Fetch] = set()
         self._verified: set[str] = set()
@@ -403,7 +404,7 @@ class Cache:
         now = time.time()
         fresh = self.config.freshness
         rules = self.config.refresh_patterns
-        if meta is not None and is_fresh(meta, now, rules, fresh.heuristic_max):
+        if meta is not None and now < self._fresh_until(meta):
             return Lookup(meta, "fresh")
         disc = self._discoveries.get(key)
         if disc is None:
@@ -420,6 +421,19 @@ class Cache:
                 return Lookup(meta, "stale")
             raise
         return Lookup(found, disc.outcome)
+
+    def _fresh_until(self, meta: ObjectMeta) -> float:
+        """When ``meta`` stops being fresh (memoised: parsing dates on every hit costs)."""
+        memo = self._fresh_memo.get(meta.key)
+        if memo is not None and memo[0] == meta.version and memo[1] == meta.fetched_at:
+            return memo[2]
+        fresh = self.config.freshness
+        lifetime = freshness_lifetime(meta, self.config.refresh_patterns, fresh.heuristic_max)
+        until = meta.fetched_at + lifetime - (age(meta, meta.fetched_at))
+        if len(self._fresh_memo) >= _RESOLVED_URLS:
+            self._fresh_memo.clear()
+        self._fresh_memo[meta.key] = (meta.version, meta.fetched_at, until)
+        return until
 
     async def stat(self, url: str) -> ObjectInfo:
         """Size, validators and how much of ``url`` is stored (discovering it if new)."""

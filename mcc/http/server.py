@@ -39,7 +39,7 @@ from ..ops.metrics import Metrics
 from .protocol import CLOSED, END_OF_BODY, NEED_DATA, Request, ServerProtocol
 from .ranges import UNSATISFIABLE, ByteRange, content_range, if_range_matches, parse_range
 from .routing import OwnNames, route_request
-from .sendfile import SendfileBody, send_bytes, sendfile
+from .sendfile import SendfileBody, push, send_bytes, sendfile
 
 __all__ = ["Server", "run_server"]
 
@@ -440,6 +440,7 @@ class Server:
         await send_bytes(conn.sock, head, more=True)
         await self._send_span(conn, meta, spans[0], rec, via, reader)
         await self._send_all(conn, conn.proto.end())
+        push(conn.sock)  # a range ending inside a block must not wait in the kernel
         return True
 
     def _cache_status(self, meta: ObjectMeta, spans: Sequence[ByteRange]) -> str:
