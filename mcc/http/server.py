@@ -440,7 +440,9 @@ class Server:
         await send_bytes(conn.sock, head, more=True)
         await self._send_span(conn, meta, spans[0], rec, via, reader)
         await self._send_all(conn, conn.proto.end())
-        push(conn.sock)  # a range ending inside a block must not wait in the kernel
+        end = spans[0].end + 1
+        if end % self.cache.block_size and end != meta.size:
+            push(conn.sock)  # a range ending inside a block must not wait in the kernel
         return True
 
     def _cache_status(self, meta: ObjectMeta, spans: Sequence[ByteRange]) -> str:
