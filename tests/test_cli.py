@@ -103,3 +103,22 @@ def test_unbindable_listener_exits_1_with_a_line(flag: str, tmp_path: Path) -> N
         s.close()
     assert r.returncode == 1
     assert f"127.0.0.1:{port}" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_unusable_cache_drive_exits_1_with_a_line(tmp_path: Path) -> None:
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    r = run(
+        "serve",
+        "--cache-dir",
+        str(not_a_dir / "cache"),
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--access-log",
+        "",
+    )
+    assert r.returncode == 1
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert "cannot start" in r.stderr and str(not_a_dir) in r.stderr

@@ -286,3 +286,29 @@ async def test_large_cold_and_warm_whole_file(origin: Origin, tmp_path: Path) ->
         await node.cache.wait_idle()
         r = await get(node.port, origin.url("/big.bin"))
         assert r.body == big and r.header("cache-status") == "node; hit"
+
+
+async def test_ipv6_listener(origin: Origin, tmp_path: Path) -> None:
+    import socket
+
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    origin.put("/f.bin", DATA)
+    try:
+        ctx = run_node(tmp_path / "c", allow_origins=[origin.authority], listen=["[::1]:0"])
+        node = await ctx.__aenter__()
+    except OSError as exc:
+        pytest.skip(f"cannot listen on [::1]: {exc}")
+    try:
+        stream = await trio.open_tcp_stream("::1", node.port)
+        request = f"GET {origin.url('/f.bin')} HTTP/1.1\r\nHost: x\r\nRange: bytes=0-9\r\n\r\n"
+        await stream.send_all(request.encode())
+        out = b""
+        while not out.endswith(DATA[:10]):
+            chunk = await stream.receive_some(65536)
+            assert chunk
+            out += chunk
+        assert out.startswith(b"HTTP/1.1 206 ")
+        await stream.aclose()
+    finally:
+        await ctx.__aexit__(None, None, None)

@@ -293,3 +293,20 @@ async def test_sigkill_at_random_points_never_serves_a_wrong_byte(
         await proc.wait()
     r = _run_verify(cache_dir)
     assert "| corrupt (found)    |              0 |" in r.stdout, r.stdout
+
+
+async def test_min_free_floor_triggers_eviction(origin: Origin, tmp_path: Path) -> None:
+    async with tmpfs(tmp_path / "small", "32m") as mnt:
+        for i in range(10):
+            origin.put(f"/m{i}", os.urandom(2_000_000))
+        drives = [{"path": str(mnt), "max_size": "1GiB", "min_free": "12MiB"}]
+        async with mcc.open_cache(
+            allow_origins=[origin.authority], block_size="64KiB", drives=drives
+        ) as cache:
+            for i in range(10):
+                await cache.warm(origin.url(f"/m{i}"))
+                await cache.evict()
+            free = cache.blobs.free_space(cache.blobs.drives[0])
+            assert cache.statistics().evictions > 0
+            assert free >= 10 * 1024 * 1024  # held near the floor, not filled up
+            assert (await cache.stat(origin.url("/m9"))).cached  # the newest stays

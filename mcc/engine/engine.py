@@ -25,10 +25,11 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from contextlib import aclosing, asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urljoin
 
 import attrs
@@ -54,6 +55,7 @@ from .freshness import age, freshness_lifetime, may_serve_stale
 __all__ = ["Cache", "FileSlice", "Lookup", "ObjectInfo", "Statistics", "open_cache"]
 
 log = logging.getLogger("mcc.engine")
+_V = TypeVar("_V")
 
 # Upstream headers kept with an object and replayed to clients.
 _KEPT_HEADERS = frozenset(
@@ -68,6 +70,8 @@ _KEPT_HEADERS = frozenset(
         "age",
     }
 )
+# Objects whose metadata and fetch URL are mirrored in memory (LRU).
+_MEMO_ENTRIES = 65536
 # URLs whose cache keys are memoised (cleared whole when full: cheap and bounded).
 _RESOLVED_URLS = 65536
 # Idle block buffers kept for reuse (each block_size bytes).
@@ -150,6 +154,20 @@ class Statistics:
     stale_served: int = 0
 
 
+class _Bounded(OrderedDict[str, _V]):
+    """A dict that forgets its least recently written entries beyond ``limit``."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def __setitem__(self, key: str, value: _V) -> None:
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+        if len(self) > self.limit:
+            self.popitem(last=False)
+
+
 class _Redirect(Exception):
     """Internal: upstream answered a discovery with a redirect to ``location``."""
 
@@ -213,8 +231,9 @@ class Cache:
         self._flights = FlightTable()
         # enough buffers for every reader's read-ahead window plus stores in progress
         self._pool = BufferPool(config.block_size, keep=_POOL_BUFFERS)
-        self._metas: dict[str, ObjectMeta] = {}
-        self._fetch_urls: dict[str, str] = {}
+        # memory mirrors of the index, bounded (the index has everything)
+        self._metas: _Bounded[ObjectMeta] = _Bounded(_MEMO_ENTRIES)
+        self._fetch_urls: _Bounded[str] = _Bounded(_MEMO_ENTRIES)
         self._resolved: dict[str, str] = {}  # allowed URL -> key (hot path memo)
         self._fresh_memo: dict[str, tuple[str, float, float]] = {}
         self._discoveries: dict[str, _Discovery] = {}
@@ -310,7 +329,8 @@ class Cache:
             if used > drive.max_size * HIGH_WATER:
                 target = int(drive.max_size * LOW_WATER)
             if free < drive.min_free:
-                target = min(target, used - (drive.min_free - free) - int(drive.max_size * 0.05))
+                # free the deficit plus a tenth of the floor, so it does not flap
+                target = min(target, used - (drive.min_free - free) - drive.min_free // 10)
             while used > target:
                 batch = [
                     (d, size)
@@ -359,7 +379,8 @@ class Cache:
         if port != 80:
             authority += f":{port}"
         key = f"http://{authority}{target}"
-        self._fetch_urls.setdefault(key, url)
+        if key not in self._fetch_urls:
+            self._fetch_urls[key] = url
         if len(self._resolved) >= _RESOLVED_URLS:
             self._resolved.clear()
         self._resolved[url] = key
@@ -675,6 +696,7 @@ class Cache:
         return fd
 
     def _drop_digest(self, digest: str) -> None:
+        self._verified.discard(digest)
         try:
             self.index.drop_digest(digest)
         except OSError as exc:  # disk full: the row stays; reads refetch around it
@@ -1134,6 +1156,7 @@ class Cache:
     async def _delete_blobs(self, digests: list[str]) -> None:
         for d in digests:
             self.blobs.forget_fd(d)  # here, on the trio thread that owns the fd cache
+            self._verified.discard(d)
         if digests:
             await trio.to_thread.run_sync(lambda: [self.blobs.delete(d) for d in digests])
 
