@@ -96,8 +96,9 @@ async def soak(port: int, files: dict[str, bytes], seconds: float, clients: int,
                     for _ in range(joiners):
                         nursery.start_soon(check, path, data, rng, None)
                     await check(path, data, rng, abort)
-            except (OSError, EOFError, trio.BrokenResourceError, h11.ProtocolError):
-                stats.errors += 1
+            except* (OSError, EOFError, trio.BrokenResourceError, h11.ProtocolError) as group:
+                stats.errors += len(group.exceptions)
+                print(f"client error: {group.exceptions[0]!r}", flush=True)
 
     async def check(path: str, data: bytes, rng: tuple[int, int] | None,
                     abort: int | None) -> None:  # fmt: skip
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
              "--allow-origin", f"127.0.0.1:{procs.origin_port}",
              "--cache-dir", str(args.work / "cache"), "--max-size", args.max_size,
              "--min-free", "0", "--block-size", "256KiB", "--access-log", "",
-             "--log-level", "warning"],
+             "--log-level", os.environ.get("SOAK_LOG_LEVEL", "warning")],
                 stderr=err_log,
             )  # fmt: skip
         try:

@@ -680,11 +680,12 @@ class Cache:
         try:
             fd = self.blobs.acquire(digest)
         except FileNotFoundError:
-            log.warning("blob %s is missing from disk: refetching", digest)
+            # expected when eviction removed it after this read looked it up
+            log.info("blob %s is missing from disk: refetching", digest)
             self._drop_digest(digest)
             return None
         if mode == "always" or (mode == "first" and digest not in self._verified):
-            ok = await trio.to_thread.run_sync(self.blobs.verify, digest)
+            ok = await trio.to_thread.run_sync(self.blobs.verify, digest, fd)
             if not ok:
                 self.blobs.release(digest, fd)
                 self._count("corrupt_blocks")

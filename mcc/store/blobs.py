@@ -198,9 +198,16 @@ class BlobStore:
         except FileNotFoundError:
             return None
 
-    def verify(self, digest: str) -> bool:
-        """Re-hash the blob; True when its content still matches its name."""
+    def verify(self, digest: str, fd: int | None = None) -> bool:
+        """Re-hash the blob (through ``fd`` when given: the file it names may have been
+        evicted and deleted since it was opened); True when it matches its name."""
         h = blake3.blake3()
+        if fd is not None:
+            offset = 0
+            while chunk := os.pread(fd, _READ_CHUNK, offset):
+                h.update(chunk)
+                offset += len(chunk)
+            return bool(h.hexdigest() == digest)
         try:
             with open(self.path(digest), "rb") as f:
                 while chunk := f.read(_READ_CHUNK):
