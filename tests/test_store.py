@@ -124,3 +124,16 @@ def test_drive_placement_is_stable_and_weighted(tmp_path: Path) -> None:
     assert placed == [again.drive_index(d) for d in digests]
     share_b = placed.count(1) / len(placed)
     assert 0.68 < share_b < 0.82  # weight 3 of 4
+
+
+def test_verify_through_an_open_fd_survives_eviction(tmp_path: Path) -> None:
+    """Regression: verify_on_read re-opened the blob by path, so a blob evicted between
+    the read's open and its check was taken for a corrupt one (seen in the soak)."""
+    store = BlobStore([DriveInfo(tmp_path, 10**9, 0)])
+    digest = store.put(b"still readable through the fd")
+    fd = store.acquire(digest)
+    store.forget_fd(digest)
+    store.delete(digest)  # evicted meanwhile
+    assert not store.verify(digest)  # by path: gone
+    assert store.verify(digest, fd)  # through the fd the reader holds: intact
+    store.release(digest, fd)
