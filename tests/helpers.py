@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -180,6 +181,16 @@ def free_port() -> int:
     port: int = s.getsockname()[1]
     s.close()
     return port
+
+
+def serve_argv(port: int, cache_dir: Path, origin_authority: str, *extra: str) -> list[str]:
+    """The command line of a real ``mcc serve`` on loopback for one test origin."""
+    return [
+        sys.executable, "-m", "mcc", "serve",
+        "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{free_port()}",
+        "--cache-dir", str(cache_dir), "--allow-origin", origin_authority,
+        "--access-log", "", *extra,
+    ]  # fmt: skip
 
 
 async def wait_serving(port: int, within: float = 20) -> None:

@@ -7,14 +7,13 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import trio
 
 from fixtures.origin import Fault, Origin
-from tests.helpers import Client, free_port, run_node, wait_serving
+from tests.helpers import Client, free_port, run_node, serve_argv, wait_serving
 
 pytestmark = pytest.mark.tools
 DATA = os.urandom(3 * 1024 * 1024 + 4321)
@@ -83,26 +82,9 @@ async def test_sigterm_drains_running_responses(origin: Origin, tmp_path: Path) 
     origin.put("/slow.bin", DATA)
     origin.chunk_size = 64 * 1024
     origin.faults["/slow.bin"] = Fault(body_delay=0.01)  # ~0.5 s for the whole body
-    port, admin = free_port(), free_port()
+    port = free_port()
     proc = await trio.lowlevel.open_process(
-        [
-            sys.executable,
-            "-m",
-            "mcc",
-            "serve",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--admin-listen",
-            f"127.0.0.1:{admin}",
-            "--cache-dir",
-            str(tmp_path / "c"),
-            "--allow-origin",
-            origin.authority,
-            "--shutdown-grace",
-            "20s",
-            "--access-log",
-            "",
-        ],
+        serve_argv(port, tmp_path / "c", origin.authority, "--shutdown-grace", "20s"),
         stderr=subprocess.PIPE,
     )
     try:

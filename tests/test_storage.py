@@ -16,7 +16,7 @@ import trio
 import mcc
 from fixtures.origin import Origin
 from mcc.store.index import SCHEMA_VERSION, Index
-from tests.helpers import free_port, get, run_node, tmpfs, wait_serving
+from tests.helpers import free_port, get, run_node, serve_argv, tmpfs, wait_serving
 
 B = 65536
 
@@ -232,28 +232,8 @@ async def test_sigkill_at_random_points_never_serves_a_wrong_byte(
     origin.chunk_size = 16 * 1024
     cache_dir = tmp_path / "c"
     port = free_port()
-    argv = [
-        sys.executable,
-        "-m",
-        "mcc",
-        "serve",
-        "--listen",
-        f"127.0.0.1:{port}",
-        "--admin-listen",
-        f"127.0.0.1:{free_port()}",
-        "--cache-dir",
-        str(cache_dir),
-        "--block-size",
-        "64KiB",
-        "--max-size",
-        "2MiB",
-        "--allow-origin",
-        origin.authority,
-        "--access-log",
-        "",
-        "--log-level",
-        "warning",
-    ]
+    argv = serve_argv(port, cache_dir, origin.authority, "--block-size", "64KiB",
+                      "--max-size", "2MiB", "--log-level", "warning")  # fmt: skip
 
     async def client(seed: int) -> None:
         r = random.Random(seed)
