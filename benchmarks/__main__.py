@@ -45,10 +45,16 @@ class Suite:
         self.big_size = big_size
         self.results: dict[str, Row] = {}
         self.step = 0
+        self.total = 0  # set by main() from the scenarios chosen
 
     def progress(self, text: str) -> None:
+        """One line per measurement, with a bar of how far the whole run is."""
         self.step += 1
-        print(f"  [{time.strftime('%H:%M:%S')}] {text}", flush=True)
+        done = min(self.step, self.total) if self.total else 0
+        width = 20
+        bar = "#" * (width * done // self.total if self.total else 0)
+        where = f"[{bar:<{width}}] {done}/{self.total}" if self.total else f"[{self.step}]"
+        print(f"  {time.strftime('%H:%M:%S')} {where} {text}", flush=True)
 
     def side_by_side(
         self, name: str, measure: Callable[[str], dict[str, float]], targets: tuple[str, ...]
@@ -318,7 +324,10 @@ def main(argv: list[str] | None = None) -> int:
         procs.start_mcc(fresh=True)
         procs.start_nginx_cache(fresh=True)
         suite = Suite(procs, args.rounds, args.seconds, big_size)
+        # measurements per scenario: configurations x targets, each for every round
+        per_round = {"1": 4, "2": 2, "3": 6, "4": 2, "5": 3, "6": 2, "7": 2}
         warm = [s for s in chosen if s in ("1", "2", "3", "4", "7")]
+        suite.total = sum(per_round[s] * args.rounds for s in chosen) + (1 if warm else 0)
         if warm:
             suite.warm_up()
         for s in chosen:
