@@ -6,6 +6,7 @@ import contextlib
 import email.parser
 import os
 import random
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -311,3 +312,24 @@ async def test_ipv6_listener(origin: Origin, tmp_path: Path) -> None:
         await stream.aclose()
     finally:
         await ctx.__aexit__(None, None, None)
+
+
+async def test_a_client_reading_too_slowly_is_dropped(origin: Origin, tmp_path: Path) -> None:
+    big = os.urandom(16 * 1024 * 1024)
+    origin.put("/big.bin", big)
+    async with run_node(
+        tmp_path / "c", allow_origins=[origin.authority], timeouts={"send": 0.3}
+    ) as node:
+        await node.cache.warm(origin.url("/big.bin"))
+        stream = await trio.open_tcp_stream("127.0.0.1", node.port)
+        # a small receive buffer, so the server's sends block while we do not read
+        stream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        request = f"GET {origin.url('/big.bin')} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        await stream.send_all(request)
+        await trio.sleep(2)  # stall far longer than the send timeout
+        got = 0
+        with trio.fail_after(10), contextlib.suppress(trio.BrokenResourceError):
+            while chunk := await stream.receive_some(1 << 20):
+                got += len(chunk)
+        assert got < len(big)  # cut off: the connection closed before the body ended
+        await stream.aclose()
