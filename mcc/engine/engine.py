@@ -566,8 +566,8 @@ class Cache:
                         continue
                     # missing or corrupt on disk (or just evicted): fetch it again
                     stored.pop(idx, None)
-                    flight = self._claim_missing(meta, idx, via, reader)
-                    joined |= flight.starter is not reader
+                    flight, was_joined = self._claim_missing(meta, idx, via, reader)
+                    joined |= was_joined
                 try:
                     async with aclosing(flight.read(lo, hi)) as chunks:
                         async for chunk in chunks:
@@ -623,43 +623,45 @@ class Cache:
         for j in range(idx, min(last, idx + self.config.readahead_blocks) + 1):
             if j in stored or j in claims:
                 continue
-            fkey = FlightKey(meta.key, meta.version, j)
-            flight = self._flights.get(fkey)
-            if flight is None:
+            if self._flights.get(FlightKey(meta.key, meta.version, j)) is None:
                 again = self.index.get_blocks(meta.key, meta.version, j, j)
-                if again:
+                if again:  # stored since the caller looked
                     stored.update(again)
                     continue
-                b_start, b_end = block_bounds(j, self.block_size, meta.size)
-                flight = Flight(fkey, b_start, b_end - b_start, self._pool)
-                flight.starter = reader
-                self._flights.add(flight)
-                fetch = Fetch([flight])
-                self._spawn(self._run_fetch, meta, fetch, tuple(via))
-            else:
-                joined |= reader is None or flight.starter is not reader
-                if flight.fetch is not None:
-                    self._orphans.discard(flight.fetch)
-            flight.waiters += 1
-            claims[j] = flight
+            claims[j], was_joined = self._claim_missing(meta, j, via, reader)
+            joined |= was_joined
         return joined
 
     def _claim_missing(
         self, meta: ObjectMeta, idx: int, via: Sequence[str], reader: object | None
-    ) -> Flight:
+    ) -> tuple[Flight, bool]:
         """Join block ``idx``'s flight, or start one, without asking the index (whose
-        row for it may be stale when the blob turned out missing or corrupt)."""
-        fkey = FlightKey(meta.key, meta.version, idx)
-        flight = self._flights.get(fkey)
+        row for it may be stale when the blob turned out missing or corrupt).
+
+        Returns:
+          The flight, now with one more waiter, and True when it was joined from
+          another reader rather than started here.
+        """
+        flight = self._flights.get(FlightKey(meta.key, meta.version, idx))
         if flight is None:
-            b_start, b_end = block_bounds(idx, self.block_size, meta.size)
-            flight = Flight(fkey, b_start, b_end - b_start, self._pool)
-            flight.starter = reader
-            self._flights.add(flight)
+            flight = self._new_flight(meta, idx, reader)
             self._spawn(self._run_fetch, meta, Fetch([flight]), tuple(via))
-        elif flight.fetch is not None:
-            self._orphans.discard(flight.fetch)
+            joined = False
+        else:
+            if flight.fetch is not None:
+                self._orphans.discard(flight.fetch)
+            joined = reader is None or flight.starter is not reader
         flight.waiters += 1
+        return flight, joined
+
+    def _new_flight(self, meta: ObjectMeta, idx: int, reader: object | None) -> Flight:
+        """A flight for block ``idx``, registered in the table (no fetch attached yet)."""
+        b_start, b_end = block_bounds(idx, self.block_size, meta.size)
+        flight = Flight(
+            FlightKey(meta.key, meta.version, idx), b_start, b_end - b_start, self._pool
+        )
+        flight.starter = reader
+        self._flights.add(flight)
         return flight
 
     def _release(self, flight: Flight) -> None:
@@ -906,31 +908,21 @@ class Cache:
             self._count("store_failures")
             log.warning("could not record %s in the index: %s", meta.key, exc)
             return
-        for digest in freed:
-            self.blobs.forget_fd(digest)
-            self.blobs.delete(digest)
+        self._delete_blobs_now(freed)
 
     def _forget(self, meta: ObjectMeta) -> None:
         """Drop ``meta``'s version (it changed upstream); the next read rediscovers."""
         current = self.index.get_object(meta.key)
         if current is not None and current.version == meta.version:
-            for digest in self.index.delete_object(meta.key):
-                self.blobs.forget_fd(digest)
-                self.blobs.delete(digest)
+            self._delete_blobs_now(self.index.delete_object(meta.key))
         if self._metas.get(meta.key) == meta:
             del self._metas[meta.key]
 
     def _start_fill(self, meta: ObjectMeta, first: int, reader: object | None) -> Fetch:
         """A fetch for the block at byte ``first`` (registered in the flight table)."""
-        idx = first // self.block_size
-        b_start, b_end = block_bounds(idx, self.block_size, meta.size)
         fetch = Fetch([])
         if meta.size:
-            fkey = FlightKey(meta.key, meta.version, idx)
-            flight = Flight(fkey, b_start, b_end - b_start, self._pool)
-            flight.starter = reader
-            self._flights.add(flight)
-            fetch.add(flight)
+            fetch.add(self._new_flight(meta, first // self.block_size, reader))
         return fetch
 
     async def _run_fetch(self, meta: ObjectMeta, fetch: Fetch, via: tuple[str, ...]) -> None:
@@ -1099,14 +1091,11 @@ class Cache:
         return pos
 
     def _claim_passing(self, meta: ObjectMeta, idx: int, fetch: Fetch) -> Flight | None:
-        fkey = FlightKey(meta.key, meta.version, idx)
-        if self._flights.get(fkey) is not None:
+        if self._flights.get(FlightKey(meta.key, meta.version, idx)) is not None:
             return None
         if self.index.get_blocks(meta.key, meta.version, idx, idx):
             return None
-        b_start, b_end = block_bounds(idx, self.block_size, meta.size)
-        flight = Flight(fkey, b_start, b_end - b_start, self._pool)
-        self._flights.add(flight)
+        flight = self._new_flight(meta, idx, None)
         fetch.add(flight)
         return flight
 
@@ -1154,10 +1143,22 @@ class Cache:
         if flight.waiters == 0:
             flight.recycle()
 
-    async def _delete_blobs(self, digests: list[str]) -> None:
+    def _forget_blob(self, digest: str) -> None:
+        """Drop what the engine keeps about a blob about to be deleted; on the trio
+        thread, which owns the fd cache."""
+        self.blobs.forget_fd(digest)
+        self._verified.discard(digest)
+
+    def _delete_blobs_now(self, digests: list[str]) -> None:
+        """Delete blobs on this thread (a few unlinks: a changed or purged object)."""
         for d in digests:
-            self.blobs.forget_fd(d)  # here, on the trio thread that owns the fd cache
-            self._verified.discard(d)
+            self._forget_blob(d)
+            self.blobs.delete(d)
+
+    async def _delete_blobs(self, digests: list[str]) -> None:
+        """Delete blobs in a worker thread (eviction and other batches)."""
+        for d in digests:
+            self._forget_blob(d)
         if digests:
             await trio.to_thread.run_sync(lambda: [self.blobs.delete(d) for d in digests])
 
