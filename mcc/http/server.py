@@ -16,13 +16,14 @@ and responses in progress get ``shutdown_grace`` seconds to finish.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import aclosing
 from typing import Any
 
@@ -393,22 +394,31 @@ class Server:
         spans = ranges or ([ByteRange(0, meta.size - 1)] if meta.size else [])
         rec.cache = self._cache_status(meta, spans)
         headers.append(("cache-status", self._cache_status_header(rec.cache, found.outcome)))
-        if rec.cache != "hit":
-            client = conn.peer.rsplit(":", 1)[0]
-            if self._misses.get(client, 0) >= self.config.limits.max_misses_per_client:
-                raise BadRequest(
-                    f"too many concurrent misses from {client}; retry shortly", status_hint=503
-                )
-            self._misses[client] = self._misses.get(client, 0) + 1
-            try:
-                return await self._send_cached(
-                    conn, req, meta, ranges, spans, headers, rec, via, reader
-                )
-            finally:
-                self._misses[client] -= 1
-                if not self._misses[client]:
-                    del self._misses[client]
-        return await self._send_cached(conn, req, meta, ranges, spans, headers, rec, via, reader)
+        slot = self._miss_slot(conn.peer) if rec.cache != "hit" else contextlib.nullcontext()
+        with slot:
+            return await self._send_cached(
+                conn, req, meta, ranges, spans, headers, rec, via, reader
+            )
+
+    @contextlib.contextmanager
+    def _miss_slot(self, peer: str) -> Iterator[None]:
+        """Count one miss being answered for ``peer``'s address, within the cap.
+
+        Raises:
+          BadRequest: 503 when that address already has ``max_misses_per_client``.
+        """
+        client = peer.rsplit(":", 1)[0]
+        if self._misses.get(client, 0) >= self.config.limits.max_misses_per_client:
+            raise BadRequest(
+                f"too many concurrent misses from {client}; retry shortly", status_hint=503
+            )
+        self._misses[client] = self._misses.get(client, 0) + 1
+        try:
+            yield
+        finally:
+            self._misses[client] -= 1
+            if not self._misses[client]:
+                del self._misses[client]
 
     async def _send_cached(
         self,
