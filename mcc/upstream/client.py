@@ -314,6 +314,11 @@ class Upstream:
             routes = list(self._parents)
         return routes
 
+    def _route_failed(self, route: Route) -> None:
+        """Count a failed attempt on ``route`` (and skip it for a while if a parent)."""
+        self.outcomes[(route.name, "error")] += 1
+        self._mark_down(route)
+
     def _mark_down(self, route: Route) -> None:
         if route.is_parent:
             self._down_until[route.name] = time.monotonic() + self._config.timeouts.parent_backoff
@@ -423,8 +428,7 @@ class Upstream:
                     conn = await self._connect(route)
                 except UpstreamError as exc:
                     last_error = exc
-                    self.outcomes[(route.name, "error")] += 1
-                    self._mark_down(route)
+                    self._route_failed(route)
                     break
                 sent_body = False
                 try:
@@ -446,8 +450,7 @@ class Upstream:
                     if conn.reused and fresh_try == 0 and not sent_body:
                         continue  # a stale pooled connection: once more on a fresh one
                     last_error = exc
-                    self.outcomes[(route.name, "error")] += 1
-                    self._mark_down(route)
+                    self._route_failed(route)
                     if sent_body:
                         raise
                     break
