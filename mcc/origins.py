@@ -58,6 +58,9 @@ DEFAULT_ALLOW_ORIGINS: tuple[str, ...] = (
 )
 
 _DEFAULT_PORTS = (80, 443)
+# DNS limits (RFC 1035 s2.3.4): a name of at most 253 characters in text form, labels of 1-63.
+_MAX_NAME = 253
+_MAX_LABEL = 63
 
 
 def split_host_port(
@@ -115,8 +118,17 @@ def normalize_host(host: str) -> str:
             h = h.encode("idna").decode("ascii")
         except UnicodeError as exc:
             raise ValueError(f"{host!r} is not a valid host name") from exc
-    if any(not (c.isalnum() or c in "-._") for c in h) or ".." in h or len(h) > 253:
+    if any(not (c.isalnum() or c in "-._") for c in h):
         raise ValueError(f"{host!r} is not a valid host name")
+    if len(h) > _MAX_NAME:
+        raise ValueError(f"host name of {len(h)} characters is longer than {_MAX_NAME}")
+    for label in h.split("."):
+        # RFC 1035 s2.3.4; an empty label (".x", "a..b") is no name at all, and a
+        # resolver refuses both (Python's idna codec with a UnicodeError)
+        if not label:
+            raise ValueError(f"{host!r} has an empty label")
+        if len(label) > _MAX_LABEL:
+            raise ValueError(f"{host!r} has a label longer than {_MAX_LABEL} characters")
     return h
 
 

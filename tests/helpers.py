@@ -122,7 +122,7 @@ class Client:
                 chunks.append(bytes(event.data))
             elif isinstance(event, h11.EndOfMessage):
                 assert head is not None
-                headers = tuple((k.decode(), v.decode()) for k, v in head.headers)
+                headers = tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in head.headers)
                 return Response(head.status_code, headers, b"".join(chunks))
             elif isinstance(event, h11.ConnectionClosed):
                 raise EOFError("server closed before the response ended")

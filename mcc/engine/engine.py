@@ -47,7 +47,7 @@ from ..errors import (
 from ..headers import parse_cache_control, parse_content_range, parse_unsatisfied_range
 from ..store.blobs import BlobStore, DriveInfo
 from ..store.index import Index
-from ..upstream.client import Upstream, UpstreamResponse, parse_http_url
+from ..upstream.client import Upstream, UpstreamResponse, parse_http_url, quote_target
 from .blocks import ObjectMeta, block_bounds, block_count, blocks_for_range, make_version
 from .flight import BufferPool, Fetch, Flight, FlightKey, FlightTable
 from .freshness import age, freshness_lifetime, may_serve_stale
@@ -152,6 +152,7 @@ class Statistics:
     corrupt_blocks: int = 0
     evictions: int = 0
     stale_served: int = 0
+    internal_errors: int = 0
 
 
 class _Bounded(OrderedDict[str, _V]):
@@ -240,6 +241,7 @@ class Cache:
         self._orphans: set[Fetch] = set()
         self._verified: set[str] = set()
         self._stats: dict[str, int] = dict.fromkeys(attrs.fields_dict(Statistics), 0)
+        self.internal_errors: dict[str, int] = {}  # boundary -> unexpected exceptions
         self._tasks = 0
         self._started = time.time()
         self._pinned: dict[str, int] = {}
@@ -259,6 +261,11 @@ class Cache:
         async def run() -> None:
             try:
                 await fn(*args)
+            except Exception:
+                # a bug of ours in one fill: its readers got an error (the task's own
+                # cleanup failed its flights); the engine and every other fill go on
+                self.count_internal_error("engine")
+                log.exception("internal error in %s; the requests it served failed", fn.__name__)
             finally:
                 self._tasks -= 1
                 if self._tasks == 0:
@@ -763,6 +770,10 @@ class Cache:
                 disc.error = exc
             else:
                 log.info("filling %s failed: %s", url, exc)
+        except Exception:
+            if not disc.done.is_set():
+                disc.error = UpstreamError(f"{url}: internal error in discovery", status_hint=500)
+            raise
         finally:
             self._discoveries.pop(key, None)
             disc.done.set()
@@ -834,7 +845,7 @@ class Cache:
         """
         if hops > MAX_REDIRECTS:
             raise UpstreamError(f"{url}: more than {MAX_REDIRECTS} redirects", status_hint=508)
-        target = urljoin(url, location.strip())
+        target = quote_target(urljoin(url, location.strip()))
         try:
             host, port, _ = parse_http_url(target)
         except ValueError:
@@ -1161,6 +1172,12 @@ class Cache:
             self._forget_blob(d)
         if digests:
             await trio.to_thread.run_sync(lambda: [self.blobs.delete(d) for d in digests])
+
+    def count_internal_error(self, where: str) -> None:
+        """Count an unexpected exception contained at one of the node's boundaries
+        (``engine``, ``http``, ``admin``)."""
+        self._count("internal_errors")
+        self.internal_errors[where] = self.internal_errors.get(where, 0) + 1
 
     def _count(self, name: str, n: int = 1) -> None:
         if name in self._stats:

@@ -33,6 +33,7 @@ __all__ = ["CLOSED", "END_OF_BODY", "NEED_DATA", "Request", "ServerProtocol"]
 DEFAULT_MAX_HEAD = 16 * 1024
 
 SERVER_NAME = "mcc"
+_SERVER_BYTES = SERVER_NAME.encode("ascii")
 
 
 _date_cache: tuple[int, str] = (0, "")
@@ -188,11 +189,14 @@ class ServerProtocol:
 
     def response_head(self, status: int, headers: Sequence[tuple[str, str]]) -> bytes:
         """The bytes of a response head (Date and Server added)."""
-        full = [
-            ("date", _http_date()),
-            ("server", SERVER_NAME),
-            *headers,
-        ]
+        full = [(b"date", _http_date().encode("ascii")), (b"server", _SERVER_BYTES)]
+        for name, value in headers:
+            # values travel as the latin-1 bytes they came as (an origin's UTF-8
+            # Content-Disposition, obs-text); one that cannot is dropped, not fatal
+            try:
+                full.append((name.encode("ascii"), value.encode("latin-1")))
+            except UnicodeError:
+                continue
         try:
             reason = HTTPStatus(status).phrase.encode("ascii")
         except ValueError:

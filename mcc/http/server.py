@@ -226,7 +226,9 @@ class Server:
                 if keep and not proto.client_done:
                     async for _ in self._read_body(conn):
                         pass  # a body-less GET's end, or what a forward left unread
-            except _ClientGone:
+            except (_ClientGone, BadRequest, trio.TooSlowError):
+                return
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 return
             if not keep or not proto.reusable:
                 return
@@ -313,6 +315,12 @@ class Server:
             rec.status = rec.status or 499
             rec.cache = rec.cache or "aborted"
             raise _ClientGone() from None
+        except Exception:
+            # a bug of ours: this request fails cleanly (500, or a cut connection when
+            # the head went out), the node and its other requests go on
+            self.cache.count_internal_error("http")
+            log.exception("%s: %s %s: internal error", conn.peer, req.method, rec.url[:200])
+            keep = await self._error(conn, rec, 500, "internal error")
         finally:
             rec.duration = time.monotonic() - started
             write_access(rec)

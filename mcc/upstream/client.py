@@ -16,12 +16,14 @@ request is then retried once on a fresh connection.
 
 from __future__ import annotations
 
+import re
+import select
 import socket
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import attrs
 import h11
@@ -31,13 +33,17 @@ from ..config import Config
 from ..errors import Refused, UpstreamError
 from ..origins import is_internal_address, split_host_port
 
-__all__ = ["Route", "Upstream", "UpstreamResponse", "parse_http_url"]
+__all__ = ["Route", "Upstream", "UpstreamResponse", "parse_http_url", "quote_target"]
 
 # Bytes asked of the socket per receive: large enough that a 1 MiB block takes
 # a few dozen calls, small enough to bound the memory one connection holds.
 _RECEIVE_SIZE = 256 * 1024
 # RFC 9110 s5.4 leaves the limit to us; h11's default (16 KiB) refuses larger heads.
 _MAX_RESPONSE_HEAD = 64 * 1024
+
+# RFC 9110 s5.1 (field-name is a token) and s5.5 (no control character but HTAB in a value).
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 _HOP_BY_HOP = frozenset(
     {
@@ -68,6 +74,13 @@ def parse_http_url(url: str) -> tuple[str, int, str]:
     if parts.query:
         target += "?" + parts.query
     return host, port, target
+
+
+def quote_target(url: str) -> str:
+    """``url`` with every byte a request-target may not carry percent-encoded (spaces,
+    controls, non-ASCII as UTF-8), as browsers do with a Location they follow; what is
+    already encoded stays as it is."""
+    return quote(url, safe="/?#[]@!$&'()*+,;=%:~")
 
 
 @attrs.frozen
@@ -259,6 +272,35 @@ class UpstreamResponse:
             yield chunk
 
 
+def _quiet(sock: trio.socket.SocketType) -> bool:
+    """True when nothing is waiting to be read on an idle upstream connection: no
+    bytes (which would be read as the answer to the next request: a response
+    desync) and no end of stream (the peer closed it while it sat in the pool)."""
+    try:
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
+        return not poller.poll(0)
+    except (OSError, ValueError):  # closed meanwhile
+        return False
+
+
+def _wire_headers(headers: Sequence[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    """Header fields as the bytes to send: values travel as the latin-1 bytes they
+    arrived as (RFC 9110 s5.5 obs-text); a field that cannot be sent (a name that is
+    not a token, a control character in the value, a character past U+00FF) is dropped
+    rather than allowed to fail the request."""
+    out: list[tuple[bytes, bytes]] = []
+    for name, value in headers:
+        try:
+            k, v = name.encode("ascii"), value.encode("latin-1")
+        except UnicodeError:
+            continue
+        if not _TOKEN.fullmatch(k) or _BAD_VALUE.search(v):
+            continue
+        out.append((k, v.strip(b" \t")))
+    return out
+
+
 @contextmanager
 def _map_errors(route: Route, doing: str) -> Iterator[None]:
     try:
@@ -328,7 +370,11 @@ class Upstream:
         idle = self._idle[key]
         while idle:
             conn = idle.pop()
-            if conn.h11.our_state is h11.IDLE and conn.h11.their_state is h11.IDLE:
+            if (
+                conn.h11.our_state is h11.IDLE
+                and conn.h11.their_state is h11.IDLE
+                and _quiet(conn.stream.socket)
+            ):
                 conn.reused = True
                 return conn
             await conn.stream.aclose()
@@ -343,7 +389,10 @@ class Upstream:
         """Resolve, refuse internal addresses unless the host is allowlisted by name
         (no SSRF through a public name that resolves inward), then connect to the
         checked address itself, so a second lookup cannot answer differently."""
-        infos = await trio.socket.getaddrinfo(route.host, route.port, type=socket.SOCK_STREAM)
+        try:
+            infos = await trio.socket.getaddrinfo(route.host, route.port, type=socket.SOCK_STREAM)
+        except UnicodeError as exc:  # the idna codec refuses the name
+            raise UpstreamError(f"{route.host!r} cannot be resolved: {exc}") from None
         addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
         if not self._policy.allows_explicitly(route.host, route.port):
             internal = [a for a in addresses if is_internal_address(a)]
@@ -365,7 +414,9 @@ class Upstream:
 
     async def _release(self, conn: _Connection, reusable: bool) -> None:
         done = conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE
-        if reusable and (done or conn.reusable_fresh):
+        if done and conn.h11.trailing_data[0]:
+            reusable = False  # bytes nobody asked for (we never pipeline upstream)
+        if reusable and (done or conn.reusable_fresh) and _quiet(conn.stream.socket):
             if done:
                 conn.h11.start_next_cycle()
             conn.reusable_fresh = False
@@ -418,11 +469,17 @@ class Upstream:
         elif body is not None:
             base.append(("transfer-encoding", "chunked"))
         last_error: UpstreamError | None = None
+        wire = _wire_headers([("host", authority), *base])
         for route in self.routes(url):
             request_target = f"http://{authority}{target}" if route.proxy_form else target
-            h11_request = h11.Request(
-                method=method, target=request_target, headers=[("host", authority), *base]
-            )
+            try:
+                h11_request = h11.Request(
+                    method=method.encode("ascii"),
+                    target=request_target.encode("ascii"),
+                    headers=wire,
+                )
+            except (h11.LocalProtocolError, UnicodeError) as exc:
+                raise UpstreamError(f"cannot send {method} {url[:200]!r}: {exc}") from None
             for fresh_try in range(2):
                 try:
                     conn = await self._connect(route)
@@ -445,6 +502,8 @@ class Upstream:
                             event = await conn.next_event(self._config.timeouts.read)
                     if not isinstance(event, h11.Response):
                         raise UpstreamError(f"{route.name}: closed without a response")
+                    if event.status_code > 599:  # RFC 9110 s15: three digits, 1xx-5xx
+                        raise UpstreamError(f"{route.name}: invalid status {event.status_code}")
                 except UpstreamError as exc:
                     await self._release(conn, reusable=False)
                     if conn.reused and fresh_try == 0 and not sent_body:
@@ -471,7 +530,10 @@ class Upstream:
                 try:
                     yield response
                 finally:
-                    await self._release(conn, reusable=response.complete)
+                    # after a HEAD, a body the origin sends anyway may still be on its
+                    # way: such a connection is not reused (HEAD is rare upstream)
+                    reuse = response.complete and method != "HEAD"
+                    await self._release(conn, reusable=reuse)
                 return
         assert last_error is not None
         raise last_error
