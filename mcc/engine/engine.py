@@ -49,7 +49,7 @@ from ..store.blobs import BlobStore, DriveInfo
 from ..store.index import Index
 from ..upstream.client import Upstream, UpstreamResponse, parse_http_url, quote_target
 from .blocks import ObjectMeta, block_bounds, block_count, blocks_for_range, make_version
-from .flight import BufferPool, Fetch, Flight, FlightKey, FlightTable
+from .flight import Fetch, FileSlice, Flight, FlightKey, FlightTable
 from .freshness import age, freshness_lifetime, may_serve_stale
 
 __all__ = ["Cache", "FileSlice", "Lookup", "ObjectInfo", "Statistics", "open_cache"]
@@ -74,8 +74,10 @@ _KEPT_HEADERS = frozenset(
 _MEMO_ENTRIES = 65536
 # URLs whose cache keys are memoised (cleared whole when full: cheap and bounded).
 _RESOLVED_URLS = 65536
-# Idle block buffers kept for reuse (each block_size bytes).
-_POOL_BUFFERS = 32
+# Bytes asked of upstream per receive: one such buffer per fetch is all the memory a
+# fill holds (its bytes go to the block file), so a fill's RAM does not depend on the
+# block size or on how fast its readers read.
+_RECEIVE_BUFFER = 256 * 1024
 # Redirects followed in a row before giving up (RFC 9110 s15.4 leaves it to us;
 # browsers use about 20; update CDNs use one or two).
 MAX_REDIRECTS = 5
@@ -87,21 +89,11 @@ LOW_WATER = 0.90
 _EVICT_BATCH = 256
 # How often the index's WAL is checkpointed by a worker thread (see store/index.py).
 _CHECKPOINT_SECONDS = 2.0
+# Seconds before the start that a blob file must be older than to count as an orphan.
+_RECONCILE_MARGIN = 2.0
 # Retry backoff for block fetches: 0.1 s, 0.2 s, 0.4 s... capped at 2 s.
 _BACKOFF_BASE = 0.1
 _BACKOFF_CAP = 2.0
-
-
-@attrs.frozen
-class FileSlice:
-    """Bytes of a stored blob: ``length`` bytes at ``offset`` of the open file ``fd``.
-
-    The fd is valid until the consumer asks the iterator for its next item.
-    """
-
-    fd: int
-    offset: int
-    length: int
 
 
 @attrs.frozen
@@ -230,8 +222,6 @@ class Cache:
         self.upstream = upstream
         self._nursery = nursery
         self._flights = FlightTable()
-        # enough buffers for every reader's read-ahead window plus stores in progress
-        self._pool = BufferPool(config.block_size, keep=_POOL_BUFFERS)
         # memory mirrors of the index, bounded (the index has everything)
         self._metas: _Bounded[ObjectMeta] = _Bounded(_MEMO_ENTRIES)
         self._fetch_urls: _Bounded[str] = _Bounded(_MEMO_ENTRIES)
@@ -312,7 +302,10 @@ class Cache:
             if digest not in files and not self.blobs.exists(digest):
                 self.index.drop_digest(digest)
                 dropped += 1
-        orphans = [d for d, mtime in files.items() if d not in indexed and mtime < self._started]
+        # file times are coarser than time.time() (a kernel tick): a margin keeps a
+        # blob written just after the start from passing for one written before it
+        before = self._started - _RECONCILE_MARGIN
+        orphans = [d for d, mtime in files.items() if d not in indexed and mtime < before]
         orphans = [d for d in orphans if not self.index.is_referenced(d)]
         await self._delete_blobs(orphans)
         if dropped or orphans:
@@ -578,7 +571,8 @@ class Cache:
                 try:
                     async with aclosing(flight.read(lo, hi)) as chunks:
                         async for chunk in chunks:
-                            self._count("bytes_from_upstream", len(chunk))
+                            n = chunk.length if isinstance(chunk, FileSlice) else len(chunk)
+                            self._count("bytes_from_upstream", n)
                             yield chunk
                 finally:
                     self._release(flight)
@@ -665,7 +659,7 @@ class Cache:
         """A flight for block ``idx``, registered in the table (no fetch attached yet)."""
         b_start, b_end = block_bounds(idx, self.block_size, meta.size)
         flight = Flight(
-            FlightKey(meta.key, meta.version, idx), b_start, b_end - b_start, self._pool
+            FlightKey(meta.key, meta.version, idx), b_start, b_end - b_start, self.blobs.writer
         )
         flight.starter = reader
         self._flights.add(flight)
@@ -819,7 +813,8 @@ class Cache:
             broken: UpstreamError | None = None
             with fetch.cancel_scope:
                 try:
-                    await self._fill(meta, fetch, resp, first)
+                    stop = min(first + B, meta.size) if resp.status == 206 else meta.size
+                    await self._fill(meta, fetch, resp, first, stop)
                 except UpstreamError as exc:
                     broken = exc
                 except BaseException:
@@ -893,6 +888,7 @@ class Cache:
                     f"a request starting at byte {asked}"
                 )
             first, size = cr[0], cr[2]
+            _check_length(resp, cr[1] - cr[0] + 1)
         else:
             length = resp.header("content-length")
             if length is None or not length.isdigit():
@@ -965,7 +961,10 @@ class Cache:
                 async with self._fetch_slots, self.upstream.request("GET", url, headers) as resp:
                     self._count("upstream_fetches")
                     self._check_block_response(meta, resp, start, end)
-                    await self._fill(meta, fetch, resp, start if resp.status == 206 else 0)
+                    if resp.status == 206:
+                        await self._fill(meta, fetch, resp, start, end + 1)
+                    else:
+                        await self._fill(meta, fetch, resp, 0, meta.size)
                 return
             except VersionChanged as exc:
                 log.info("%s changed upstream: dropping version %s", meta.key, meta.version)
@@ -996,6 +995,7 @@ class Cache:
                     f"{meta.key}: asked bytes {start}-{end}/{meta.size}, "
                     f"got Content-Range {resp.header('content-range')!r}"
                 )
+            _check_length(resp, end - start + 1)
         elif resp.status == 200:
             length = resp.header("content-length")
             if length is not None and length.isdigit() and int(length) != meta.size:
@@ -1005,22 +1005,24 @@ class Cache:
         else:
             raise UpstreamError(f"{meta.key}: upstream answered {resp.status} to a block fetch")
 
-    async def _fill(self, meta: ObjectMeta, fetch: Fetch, resp: UpstreamResponse, pos: int) -> None:
-        """Cut ``resp``'s body (starting at object byte ``pos``) into ``fetch``'s flights.
+    async def _fill(
+        self, meta: ObjectMeta, fetch: Fetch, resp: UpstreamResponse, pos: int, stop: int
+    ) -> None:
+        """Cut ``resp``'s body, which must be exactly the object's bytes ``pos`` to
+        ``stop`` (exclusive), into ``fetch``'s flights.
 
         Blocks the body passes that no flight claims are claimed on the way when they
         are neither stored nor in flight (an origin that ignores Range sends them all).
-        Where the next body bytes are exactly what a flight lacks, they are received
-        straight into its buffer (no intermediate copy); otherwise piece by piece.
+        A byte past ``stop`` fails the fetch: it belongs to no block.
         """
         by_index = {f.key.index: f for f in fetch.flights}
-        # Blocks of a body not framed by Content-Length (chunked) are stored only once
-        # the body has ended cleanly: until then it may yet run long, or lie.
-        deferred: list[Flight] = []
+        # Blocks of a body not framed by Content-Length (chunked, close-delimited) are
+        # stored only once the body has ended cleanly: until then it may yet run long.
+        deferred: list[Flight] | None = None if resp.can_receive_into else []
         try:
-            await self._fill_body(meta, fetch, resp, pos, by_index, deferred)
+            await self._fill_body(meta, fetch, resp, pos, stop, by_index, deferred)
         except BaseException:
-            for flight in deferred:  # readers had the bytes; the store does not get them
+            for flight in deferred or ():  # readers had the bytes; the store does not
                 self._retire(flight)
             raise
 
@@ -1030,35 +1032,24 @@ class Cache:
         fetch: Fetch,
         resp: UpstreamResponse,
         pos: int,
+        stop: int,
         by_index: dict[int, Flight],
-        deferred: list[Flight],
+        deferred: list[Flight] | None,
     ) -> None:
-        B = self.block_size
+        buf = memoryview(bytearray(_RECEIVE_BUFFER)) if resp.can_receive_into else None
         while True:
-            if resp.can_receive_into and not resp.complete and pos < meta.size:
-                idx = pos // B
-                flight = by_index.get(idx)
-                if flight is None and pos == idx * B:
-                    flight = self._claim_passing(meta, idx, fetch)
-                    if flight is not None:
-                        by_index[idx] = flight
-                if (
-                    flight is not None
-                    and not flight.finished
-                    and pos == flight.start + flight.filled
-                ):
-                    n = await resp.receive_into(flight.view[flight.filled :])
-                    if not n:
-                        break
-                    flight.filled_by(n)
-                    pos += n
-                    if flight.complete:
-                        await self._store(meta, flight)
-                    continue
-            chunk = await resp.receive()
+            if buf is not None:
+                n = await resp.receive_into(buf)
+                chunk = buf[:n]
+            else:
+                chunk = memoryview(await resp.receive())
             if not chunk:
                 break
-            pos = await self._place(meta, fetch, by_index, memoryview(chunk), pos, deferred)
+            if pos + len(chunk) > stop:
+                raise UpstreamError(
+                    f"{meta.key}: body runs past byte {stop - 1}, the end of what was asked"
+                )
+            pos = await self._place(meta, fetch, by_index, chunk, pos, deferred)
         unfinished = [f for f in fetch.flights if not f.finished]
         if unfinished:
             raise UpstreamError(f"{meta.key}: body ended before block {unfinished[0].key.index}")
@@ -1073,14 +1064,13 @@ class Cache:
         by_index: dict[int, Flight],
         view: memoryview,
         pos: int,
-        deferred: list[Flight],
+        deferred: list[Flight] | None,
     ) -> int:
-        """Copy a piece of body at object byte ``pos`` into the flights it covers,
-        claiming blocks it starts that are neither stored nor in flight."""
+        """Write a piece of body at object byte ``pos`` into the flights it covers,
+        claiming blocks it starts that are neither stored nor in flight; a flight
+        completed by it is stored now (``deferred`` is None) or once the body ended."""
         B = self.block_size
         while view:
-            if pos >= meta.size:
-                raise UpstreamError(f"{meta.key}: body runs past the object's {meta.size} bytes")
             idx = pos // B
             b_start, b_end = block_bounds(idx, B, meta.size)
             take = min(len(view), b_end - pos)
@@ -1096,7 +1086,10 @@ class Cache:
                         raise UpstreamError(f"{meta.key}: gap in block {idx}")
                     flight.feed(view[have - pos : take])
                     if flight.complete:
-                        deferred.append(flight)
+                        if deferred is None:
+                            await self._store(meta, flight)
+                        else:
+                            deferred.append(flight)
             pos += take
             view = view[take:]
         return pos
@@ -1112,13 +1105,15 @@ class Cache:
 
     async def _store(self, meta: ObjectMeta, flight: Flight) -> None:
         """Write a complete block to the store and index; then it leaves the table."""
-        data = flight.view
         try:
-            # hashing (BLAKE3 releases the GIL) and writing both run off the trio thread
-            flight.digest = await trio.to_thread.run_sync(self.blobs.put, data)
+            # hashing (BLAKE3 releases the GIL) and installing run off the trio thread
+            if flight.writer is not None and flight.memory is None:
+                flight.digest = await trio.to_thread.run_sync(flight.writer.commit)
+            else:
+                flight.digest = await trio.to_thread.run_sync(self.blobs.put, flight.contents())
             drive = self.blobs.drive_index(flight.digest)
             freed = self.index.add_block(
-                meta.key, meta.version, flight.key.index, flight.digest, len(data), drive
+                meta.key, meta.version, flight.key.index, flight.digest, flight.length, drive
             )
         except OSError as exc:
             self._count("store_failures")
@@ -1182,6 +1177,16 @@ class Cache:
     def _count(self, name: str, n: int = 1) -> None:
         if name in self._stats:
             self._stats[name] += n
+
+
+def _check_length(resp: UpstreamResponse, span: int) -> None:
+    """A 206's Content-Length, when it has one, must be its Content-Range's length."""
+    length = resp.header("content-length")
+    if length is not None and length.strip() != str(span):
+        raise UpstreamError(
+            f"{resp.route.name}: Content-Length {length[:20]!r} does not match the "
+            f"Content-Range's {span} bytes"
+        )
 
 
 def _pread_all(s: FileSlice) -> bytes:

@@ -1,8 +1,9 @@
 """Single-flight: one upstream fetch per missing block, shared by every reader.
 
 Theory of operation: a :class:`Flight` is one block on its way from upstream. Its
-bytes accumulate in a buffer; readers (waiters) copy from the buffer as bytes arrive,
-so a reader that joins late still gets its first byte as soon as the leader does.
+bytes go into the block's file as they arrive; readers (waiters) follow the file, so
+a reader that joins late still gets its first byte as soon as the leader does, and a
+reader that does not read at all costs disk (page cache), not memory.
 A :class:`Fetch` is one upstream request, filling one or more flights in order; it
 runs as a task in the engine's own nursery, never in a reader's, so a reader hanging
 up cannot fail the others.
@@ -25,14 +26,28 @@ the table.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Iterator
+import os
+from collections.abc import AsyncGenerator, Callable, Iterator
 
 import attrs
 import trio
 
 from ..errors import UpstreamError
+from ..store.blobs import BlockWriter
 
-__all__ = ["Fetch", "Flight", "FlightKey", "FlightTable"]
+__all__ = ["Fetch", "FileSlice", "Flight", "FlightKey", "FlightTable"]
+
+
+@attrs.frozen
+class FileSlice:
+    """Bytes of a file: ``length`` bytes at ``offset`` of the open file ``fd``.
+
+    The fd is valid until the consumer asks the iterator for its next item.
+    """
+
+    fd: int
+    offset: int
+    length: int
 
 
 @attrs.frozen
@@ -45,27 +60,33 @@ class FlightKey:
 
 
 class Flight:
-    """One block being fetched.
+    """One block being fetched, its bytes going straight into its block file.
+
+    Readers get :class:`FileSlice` views of the file (sent with ``sendfile``) for
+    the bytes already written, so memory does not grow with slow readers: a fill
+    runs at upstream speed into the page cache, and each reader follows at its own.
+    When the file cannot be written (a full or failing drive), the flight keeps its
+    bytes in memory instead and readers get them from there.
 
     Args:
       key: the block's identity.
       start: the block's first byte offset within the object.
       length: the block's length in bytes.
+      open_writer: makes the block file (raising OSError when it cannot).
     """
 
     def __init__(
-        self, key: FlightKey, start: int, length: int, pool: BufferPool | None = None
+        self, key: FlightKey, start: int, length: int, open_writer: Callable[[], BlockWriter]
     ) -> None:
         self.key = key
         self.start = start
         self.length = length
-        # Preallocated and never resized, so readers can hold memoryviews of the part
-        # already filled (zero-copy) while more bytes arrive behind it. Taken from a
-        # pool: fresh memory costs a page fault per 4 KiB on first touch, which was
-        # the largest single cost of a cold download.
-        self._pool = pool
-        self.buf = pool.take(length) if pool is not None else bytearray(length)
-        self.view = memoryview(self.buf)[:length]
+        self.writer: BlockWriter | None = None
+        self.memory: bytearray | None = None  # only when the file could not be written
+        try:
+            self.writer = open_writer()
+        except OSError:
+            self.memory = bytearray()
         self.recycled = False
         self.filled = 0
         self.error: UpstreamError | None = None
@@ -91,27 +112,32 @@ class Flight:
         end = self.filled + len(data)
         if end > self.length:
             raise UpstreamError(f"block {self.key.index} got more bytes than it holds")
-        self.view[self.filled : end] = data
+        if self.memory is None and self.writer is not None:
+            try:
+                self.writer.write(data)
+            except OSError:
+                # the drive is full or failing: keep this block in memory (what was
+                # written stays readable through the open fd until recycle)
+                self.memory = bytearray(os.pread(self.writer.fd, self.filled, 0))
+        if self.memory is not None:
+            self.memory += data
         self.filled = end
         self._wake()
 
-    def filled_by(self, n: int) -> None:
-        """Record ``n`` bytes written straight into ``view`` past ``filled``."""
-        if self.filled + n > self.length:
-            raise UpstreamError(f"block {self.key.index} got more bytes than it holds")
-        self.filled += n
-        self._wake()
+    def contents(self) -> bytes | bytearray:
+        """The block's bytes, for storing a block kept in memory."""
+        assert self.memory is not None
+        return self.memory
 
     def recycle(self) -> None:
-        """Give the buffer back to the pool; only once nobody can read it any more
-        (out of the table, no waiter). Views still held elsewhere keep it out of
-        reuse (see :meth:`BufferPool.take`)."""
+        """Close the block file (removed unless it was stored); only once nobody can
+        read it any more (out of the table, no waiter)."""
         if self.recycled:
             return
         self.recycled = True
-        self.view.release()
-        if self._pool is not None:
-            self._pool.give(self.buf)
+        if self.writer is not None:
+            self.writer.close()
+        self.memory = None
 
     def fail(self, error: UpstreamError) -> None:
         """Record that no more bytes will come; readers that need them get ``error``."""
@@ -124,8 +150,9 @@ class Flight:
         self._changed.set()
         self._changed = trio.Event()
 
-    async def read(self, lo: int, hi: int) -> AsyncGenerator[memoryview, None]:
-        """The block's bytes ``[lo, hi)`` as they arrive (views into the buffer).
+    async def read(self, lo: int, hi: int) -> AsyncGenerator[FileSlice | memoryview, None]:
+        """The block's bytes ``[lo, hi)`` as they arrive: slices of the block file
+        (valid until the next item is asked for), or copies kept in memory.
 
         Raises:
           UpstreamError: the fetch failed before byte ``hi`` arrived.
@@ -134,7 +161,11 @@ class Flight:
         while pos < hi:
             if self.filled > pos:
                 end = min(self.filled, hi)
-                chunk = self.view[pos:end]
+                if self.memory is not None:
+                    chunk: FileSlice | memoryview = memoryview(bytes(self.memory[pos:end]))
+                else:
+                    assert self.writer is not None
+                    chunk = FileSlice(self.writer.fd, pos, end - pos)
                 pos = end
                 yield chunk
             elif self.error is not None:
@@ -143,44 +174,6 @@ class Flight:
                 raise type(self.error)(str(self.error), status_hint=self.error.status_hint)
             else:
                 await self._changed.wait()
-
-
-class BufferPool:
-    """Block buffers for reuse, so their pages are already mapped.
-
-    A buffer handed back may still be exported (a memoryview of it being sent to a
-    client); :meth:`take` only reuses a buffer that nothing views any more, which it
-    tests by resizing it (a bytearray refuses to resize while exported).
-
-    Args:
-      size: the block size (every pooled buffer has this length).
-      keep: how many idle buffers to keep at most.
-    """
-
-    def __init__(self, size: int, keep: int) -> None:
-        self.size = size
-        self.keep = keep
-        self._idle: list[bytearray] = []
-
-    def take(self, length: int) -> bytearray:
-        """A buffer of at least ``length`` bytes (content undefined)."""
-        if length <= self.size:
-            for i in range(len(self._idle) - 1, -1, -1):
-                buf = self._idle[i]
-                try:
-                    buf.append(0)  # raises BufferError while any view exists
-                    buf.pop()
-                except BufferError:
-                    continue
-                del self._idle[i]
-                return buf
-            return bytearray(self.size)
-        return bytearray(length)
-
-    def give(self, buf: bytearray) -> None:
-        """Hand a buffer back (dropped when the pool is full or it has another size)."""
-        if len(buf) == self.size and len(self._idle) < self.keep:
-            self._idle.append(buf)
 
 
 class Fetch:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import secrets
 import shutil
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -26,7 +27,7 @@ from pathlib import Path
 import attrs
 import blake3
 
-__all__ = ["BlobStore", "DriveInfo", "digest_of"]
+__all__ = ["BlobStore", "BlockWriter", "DriveInfo", "digest_of"]
 
 _READ_CHUNK = 1024 * 1024
 # Blob fds kept open for reuse: enough for a hot set, far below the fd limit.
@@ -64,7 +65,6 @@ class BlobStore:
         for d in self.drives:
             for sub in ("blobs", "tmp", "quarantine"):
                 (d.root / sub).mkdir(parents=True, exist_ok=True)
-        self._tmp_counter = 0
         self._made_dirs: set[Path] = set()
         self._roots = [str(d.root) for d in self.drives]
         # Open blob fds kept for reuse (sendfile takes an explicit offset, so one fd
@@ -97,41 +97,58 @@ class BlobStore:
         root = self._roots[0] if len(self._roots) == 1 else str(self.drive_for(digest).root)
         return f"{root}/blobs/{digest[0:2]}/{digest[2:4]}/{digest}"
 
-    def put(self, data: bytes | bytearray | memoryview, digest: str | None = None) -> str:
+    def put(self, data: bytes | bytearray | memoryview) -> str:
         """Write a blob (if not already present) and return its digest.
-
-        Args:
-          data: the block's bytes.
-          digest: its digest when already computed while streaming; checked, not trusted,
-            only in the sense that the name must be 64 hex digits.
 
         Raises:
           OSError: ENOSPC and friends; no partial blob is ever left under its name.
         """
-        if digest is None:
-            digest = digest_of(data)
-        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-            raise ValueError(f"digest: {digest!r} is not 64 lower-case hex digits")
-        final = self.path(digest)
-        if final.exists():
-            return digest
-        drive = self.drive_for(digest)
-        self._tmp_counter += 1
-        tmp = drive.root / "tmp" / f"{digest}.{os.getpid()}.{self._tmp_counter}"
+        writer = self.writer(self.drive_for(digest_of(data)))
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-            if final.parent not in self._made_dirs:
-                final.parent.mkdir(parents=True, exist_ok=True)
-                self._made_dirs.add(final.parent)
-            os.replace(tmp, final)
-        except BaseException:
+            writer.write(data)
+            return writer.commit()
+        finally:
+            writer.close()
+
+    def writer(self, drive: DriveInfo | None = None) -> BlockWriter:
+        """A new block file on ``drive`` (the first by default), to fill and commit.
+
+        Raises:
+          OSError: the temp file cannot be created (ENOSPC, a read-only drive).
+        """
+        return BlockWriter(self, drive or self.drives[0])
+
+    def _install(self, tmp: Path, fd: int, digest: str, length: int) -> None:
+        """Move a written temp file to the blob path of ``digest``. A file already
+        there is kept only when it is that blob (its length and digest checked: a
+        planted or torn file is replaced, never trusted by name)."""
+        final = self.path(digest)
+        if final.parent not in self._made_dirs:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            self._made_dirs.add(final.parent)
+        if self._holds(final, digest, length):
+            tmp.unlink()
+            return
+        target = self.drive_for(digest).root
+        if tmp.parent.parent != target:  # another drive: copy onto it first
+            copy = _exclusive_temp(target / "tmp")
             try:
-                tmp.unlink()
-            except OSError:
-                pass
-            raise
-        return digest
+                _copy_fd(fd, copy[1], length)
+            finally:
+                os.close(copy[1])
+            tmp.unlink()
+            tmp = copy[0]
+        os.replace(tmp, final)
+
+    def _holds(self, path: Path, digest: str, length: int) -> bool:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            return os.fstat(fd).st_size == length and self.verify(digest, fd)
+        finally:
+            os.close(fd)
 
     def open(self, digest: str) -> int:
         """Open a blob for reading and return the fd (the caller closes it).
@@ -267,3 +284,87 @@ class BlobStore:
     def free_space(self, drive: DriveInfo) -> int:
         """Bytes free on the filesystem holding ``drive``."""
         return shutil.disk_usage(drive.root).free
+
+
+class BlockWriter:
+    """One block on its way to the store: a temp file that readers may read (``fd``,
+    at offsets below ``length``) while it is still being written.
+
+    The file is created with ``O_EXCL | O_NOFOLLOW`` under a random name, so nothing
+    planted in ``tmp/`` (a symlink pointing out of the cache) is ever written through.
+    :meth:`commit` hashes what was written and moves it to its blob path; until then
+    the bytes are nobody's. :meth:`close` closes the fd and removes an uncommitted file.
+    """
+
+    def __init__(self, store: BlobStore, drive: DriveInfo) -> None:
+        self._store = store
+        self.path, self.fd = _exclusive_temp(drive.root / "tmp")
+        self.length = 0
+        self.digest: str | None = None
+        self._closed = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Append ``data`` (blocking; page-cache speed).
+
+        Raises:
+          OSError: the drive is full or failing; what was written before stays readable.
+        """
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self.fd, view, self.length)
+            self.length += n
+            view = view[n:]
+
+    def commit(self) -> str:
+        """Hash the file and install it as a blob; returns the digest (blocking: run
+        it in a worker thread). The fd stays open and readable.
+
+        Raises:
+          OSError: the blob could not be installed; the temp file is left to close().
+        """
+        h = blake3.blake3()
+        offset = 0
+        while offset < self.length:
+            chunk = os.pread(self.fd, min(_READ_CHUNK, self.length - offset), offset)
+            if not chunk:
+                raise OSError(f"block file {self.path} is shorter than what was written")
+            h.update(chunk)
+            offset += len(chunk)
+        digest = str(h.hexdigest())
+        self._store._install(self.path, self.fd, digest, self.length)
+        self.digest = digest
+        return digest
+
+    def close(self) -> None:
+        """Close the fd; an uncommitted temp file is removed."""
+        if self._closed:
+            return
+        self._closed = True
+        os.close(self.fd)
+        if self.digest is None:
+            try:
+                self.path.unlink()
+            except OSError:
+                pass
+
+
+def _exclusive_temp(folder: Path) -> tuple[Path, int]:
+    """A new file under a random name in ``folder``, created exclusively and never
+    through a symlink; returns (path, fd open for reading and writing)."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    while True:
+        path = folder / f"{secrets.token_hex(12)}.tmp"
+        try:
+            return path, os.open(path, flags, 0o644)
+        except FileExistsError:
+            continue  # planted, or (1 in 2**96) taken: another name
+
+
+def _copy_fd(src: int, dst: int, length: int) -> None:
+    offset = 0
+    while offset < length:
+        chunk = os.pread(src, min(_READ_CHUNK, length - offset), offset)
+        if not chunk:
+            raise OSError("block file shrank while being copied")
+        os.pwrite(dst, chunk, offset)
+        offset += len(chunk)
