@@ -168,6 +168,12 @@ FLAGS: tuple[tuple[str, str, dict[str, Any], str], ...] = (
         "largest request head accepted; larger gets 431",
     ),
     (
+        "--max-buffer-memory",
+        "limits.max_buffer_memory",
+        {"metavar": "SIZE"},
+        "RAM all fills together may hold (receive buffers; blocks a full drive cannot take)",
+    ),
+    (
         "--max-ranges",
         "limits.max_ranges",
         {"type": int, "metavar": "N"},

@@ -110,6 +110,7 @@ class Limits:
     max_orphan_flights: int = 16  # fetches that keep going after every waiter left
     max_upstream_fetches: int = 256  # upstream requests in flight at once; more wait
     max_misses_per_client: int = 64  # concurrent misses one client address may cause
+    max_buffer_memory: int = 256 * 1024 * 1024  # RAM fills may hold (receive buffers, ...)
 
 
 def _default_node_id() -> str:
@@ -201,7 +202,7 @@ def _make_converter() -> cattrs.Converter:
     sized = cattrs.gen.override(struct_hook=size)
     make = cattrs.gen.make_dict_structure_fn
     conv.register_structure_hook(Drive, make(Drive, conv, max_size=sized, min_free=sized))
-    conv.register_structure_hook(Limits, make(Limits, conv, max_request_head=sized))
+    conv.register_structure_hook(Limits, make(Limits, conv, max_request_head=sized, max_buffer_memory=sized))
     # last: Config's structuring function captures the hooks of its nested classes
     conv.register_structure_hook(Config, make(Config, conv, block_size=sized))
     return conv
@@ -304,6 +305,7 @@ def check_config(config: Config) -> list[str]:
         ("max_orphan_flights", 0),
         ("max_upstream_fetches", 1),
         ("max_misses_per_client", 1),
+        ("max_buffer_memory", 4 * 1024 * 1024),
     ):
         if getattr(lim, name) < low:
             problems.append(f"limits.{name}: {getattr(lim, name)} is less than {low}")
@@ -381,7 +383,13 @@ def config_to_toml(config: Config) -> str:
         if isinstance(v, float):
             return _toml_str(format_duration(v))
         if isinstance(v, int):
-            sized = key in ("block_size", "max_size", "min_free", "max_request_head")
+            sized = key in (
+                "block_size",
+                "max_size",
+                "min_free",
+                "max_request_head",
+                "max_buffer_memory",
+            )
             return _toml_str(format_size(v)) if sized else str(v)
         if isinstance(v, (HostPort, Path)):
             return _toml_str(str(v))

@@ -49,7 +49,7 @@ from ..store.blobs import BlobStore, DriveInfo
 from ..store.index import Index
 from ..upstream.client import Upstream, UpstreamResponse, parse_http_url, quote_target
 from .blocks import ObjectMeta, block_bounds, block_count, blocks_for_range, make_version
-from .flight import Fetch, FileSlice, Flight, FlightKey, FlightTable
+from .flight import Fetch, FileSlice, Flight, FlightKey, FlightTable, MemoryBudget
 from .freshness import age, freshness_lifetime, may_serve_stale
 
 __all__ = ["Cache", "FileSlice", "Lookup", "ObjectInfo", "Statistics", "open_cache"]
@@ -222,6 +222,7 @@ class Cache:
         self.upstream = upstream
         self._nursery = nursery
         self._flights = FlightTable()
+        self.memory = MemoryBudget(config.limits.max_buffer_memory)
         # memory mirrors of the index, bounded (the index has everything)
         self._metas: _Bounded[ObjectMeta] = _Bounded(_MEMO_ENTRIES)
         self._fetch_urls: _Bounded[str] = _Bounded(_MEMO_ENTRIES)
@@ -659,7 +660,11 @@ class Cache:
         """A flight for block ``idx``, registered in the table (no fetch attached yet)."""
         b_start, b_end = block_bounds(idx, self.block_size, meta.size)
         flight = Flight(
-            FlightKey(meta.key, meta.version, idx), b_start, b_end - b_start, self.blobs.writer
+            FlightKey(meta.key, meta.version, idx),
+            b_start,
+            b_end - b_start,
+            self.blobs.writer,
+            self.memory,
         )
         flight.starter = reader
         self._flights.add(flight)
@@ -1036,6 +1041,28 @@ class Cache:
         by_index: dict[int, Flight],
         deferred: list[Flight] | None,
     ) -> None:
+        await self.memory.take(_RECEIVE_BUFFER)
+        try:
+            await self._receive_body(meta, fetch, resp, pos, stop, by_index, deferred)
+        finally:
+            self.memory.give(_RECEIVE_BUFFER)
+        unfinished = [f for f in fetch.flights if not f.finished]
+        if unfinished:
+            raise UpstreamError(f"{meta.key}: body ended before block {unfinished[0].key.index}")
+        # a body without Content-Length ended as promised: now its blocks may be stored
+        while deferred:
+            await self._store(meta, deferred.pop(0))
+
+    async def _receive_body(
+        self,
+        meta: ObjectMeta,
+        fetch: Fetch,
+        resp: UpstreamResponse,
+        pos: int,
+        stop: int,
+        by_index: dict[int, Flight],
+        deferred: list[Flight] | None,
+    ) -> None:
         buf = memoryview(bytearray(_RECEIVE_BUFFER)) if resp.can_receive_into else None
         while True:
             if buf is not None:
@@ -1050,12 +1077,6 @@ class Cache:
                     f"{meta.key}: body runs past byte {stop - 1}, the end of what was asked"
                 )
             pos = await self._place(meta, fetch, by_index, chunk, pos, deferred)
-        unfinished = [f for f in fetch.flights if not f.finished]
-        if unfinished:
-            raise UpstreamError(f"{meta.key}: body ended before block {unfinished[0].key.index}")
-        # a body without Content-Length ended as promised: now its blocks may be stored
-        while deferred:
-            await self._store(meta, deferred.pop(0))
 
     async def _place(
         self,

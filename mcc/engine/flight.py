@@ -35,7 +35,7 @@ import trio
 from ..errors import UpstreamError
 from ..store.blobs import BlockWriter
 
-__all__ = ["Fetch", "FileSlice", "Flight", "FlightKey", "FlightTable"]
+__all__ = ["Fetch", "FileSlice", "Flight", "FlightKey", "FlightTable", "MemoryBudget"]
 
 
 @attrs.frozen
@@ -76,17 +76,23 @@ class Flight:
     """
 
     def __init__(
-        self, key: FlightKey, start: int, length: int, open_writer: Callable[[], BlockWriter]
+        self,
+        key: FlightKey,
+        start: int,
+        length: int,
+        open_writer: Callable[[], BlockWriter],
+        budget: MemoryBudget,
     ) -> None:
         self.key = key
         self.start = start
         self.length = length
         self.writer: BlockWriter | None = None
         self.memory: bytearray | None = None  # only when the file could not be written
+        self._budget = budget
         try:
             self.writer = open_writer()
         except OSError:
-            self.memory = bytearray()
+            pass  # kept in memory, if the budget allows (see feed)
         self.recycled = False
         self.filled = 0
         self.error: UpstreamError | None = None
@@ -112,17 +118,29 @@ class Flight:
         end = self.filled + len(data)
         if end > self.length:
             raise UpstreamError(f"block {self.key.index} got more bytes than it holds")
-        if self.memory is None and self.writer is not None:
+        if self.memory is None:
             try:
+                if self.writer is None:
+                    raise OSError("no block file")
                 self.writer.write(data)
-            except OSError:
+            except OSError as exc:
                 # the drive is full or failing: keep this block in memory (what was
                 # written stays readable through the open fd until recycle)
-                self.memory = bytearray(os.pread(self.writer.fd, self.filled, 0))
+                self._to_memory(exc)
         if self.memory is not None:
             self.memory += data
         self.filled = end
         self._wake()
+
+    def _to_memory(self, why: OSError) -> None:
+        if not self._budget.try_take(self.length):
+            raise UpstreamError(
+                f"block {self.key.index}: its file cannot be written ({why}) and the "
+                "memory budget is spent"
+            )
+        self.memory = bytearray()
+        if self.writer is not None and self.filled:
+            self.memory += os.pread(self.writer.fd, self.filled, 0)
 
     def contents(self) -> bytes | bytearray:
         """The block's bytes, for storing a block kept in memory."""
@@ -137,6 +155,8 @@ class Flight:
         self.recycled = True
         if self.writer is not None:
             self.writer.close()
+        if self.memory is not None:
+            self._budget.give(self.length)
         self.memory = None
 
     def fail(self, error: UpstreamError) -> None:
@@ -174,6 +194,35 @@ class Flight:
                 raise type(self.error)(str(self.error), status_hint=self.error.status_hint)
             else:
                 await self._changed.wait()
+
+
+class MemoryBudget:
+    """The bytes of RAM that fills may hold at once (``limits.max_buffer_memory``):
+    each fetch's receive buffer, and blocks kept in memory because their drive could
+    not take them. Synchronous bookkeeping plus a wait for room."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._freed = trio.Event()
+
+    def try_take(self, n: int) -> bool:
+        """Take ``n`` bytes if they fit; True when taken."""
+        if self.used + n > self.limit:
+            return False
+        self.used += n
+        return True
+
+    async def take(self, n: int) -> None:
+        """Take ``n`` bytes, waiting until they fit."""
+        while not self.try_take(n):
+            await self._freed.wait()
+
+    def give(self, n: int) -> None:
+        """Give back ``n`` bytes taken before."""
+        self.used -= n
+        self._freed.set()
+        self._freed = trio.Event()
 
 
 class Fetch:
