@@ -92,13 +92,21 @@ FLAGS: tuple[tuple[str, str, dict[str, Any], str], ...] = (
         "--log-format",
         "log_format",
         {"choices": ["text", "json"]},
-        "logs as key=value text or one JSON object per line (default text)",
+        "logs as key=value text or one JSON object per line (default text); "
+        "the access log has its own --access-log-format",
     ),
     (
         "--access-log",
         "access_log",
         {"metavar": "PATH"},
         "access log file, '-' for standard error, '' for none (default -)",
+    ),
+    (
+        "--access-log-format",
+        "access_log_format",
+        {"choices": ["kv", "combined", "json"]},
+        "access log lines as key=value pairs, the Apache/nginx combined format, "
+        "or JSON (default kv)",
     ),
     (
         "--verify-on-read",

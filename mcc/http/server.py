@@ -293,7 +293,14 @@ class Server:
         """Answer ``req``; True when the connection may carry another request."""
         started = time.monotonic()
         rec = AccessRecord(
-            client=conn.peer, method=req.method, url=req.target, range=req.header("range") or "-"
+            client=conn.peer,
+            method=req.method,
+            url=req.target,
+            range=req.header("range") or "-",
+            target=req.target,
+            http_version=req.http_version,
+            referer=req.header("referer") or "-",
+            user_agent=req.header("user-agent") or "-",
         )
         try:
             keep = await self._dispatch(conn, req, rec)
