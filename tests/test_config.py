@@ -107,24 +107,24 @@ def test_size_units() -> None:
 
 
 @pytest.mark.parametrize(
-    ("key", "value", "line"),
+    ("key", "value", "reason"),
     [
-        ("allow_origins", "mirror", 'allow_origins: expected a list of strings, got a string "mirror"'),
-        ("listen", "127.0.0.1:18961", 'listen: expected a list of strings, got a string "127.0.0.1:18961"'),
-        ("parents", "http://p:8080", 'parents: expected a list of strings, got a string "http://p:8080"'),
-        ("parents", 5, "parents: expected a list of strings, got an integer 5"),
-        ("drives", "/var/cache/mcc", 'drives: expected a list of tables, got a string "/var/cache/mcc"'),
-        ("refresh_patterns", "*.deb", 'refresh_patterns: expected a list of tables, got a string "*.deb"'),
-        ("canonical_hosts", "a=b", 'canonical_hosts: expected a table of strings, got a string "a=b"'),
-        ("limits", 5, "limits: expected a table, got an integer 5"),
+        ("allow_origins", "mirror", 'expected a list of strings, got a string "mirror"'),
+        ("listen", "127.0.0.1:18961", 'expected a list of strings, got a string "127.0.0.1:18961"'),
+        ("parents", "http://p:8080", 'expected a list of strings, got a string "http://p:8080"'),
+        ("parents", 5, "expected a list of strings, got an integer 5"),
+        ("drives", "/var/cache/mcc", 'expected a list of tables, got a string "/var/cache/mcc"'),
+        ("refresh_patterns", "*.deb", 'expected a list of tables, got a string "*.deb"'),
+        ("canonical_hosts", "a=b", 'expected a table of strings, got a string "a=b"'),
+        ("limits", 5, "expected a table, got an integer 5"),
     ],
-)  # fmt: skip
-def test_a_string_is_never_taken_as_a_list(key: str, value: object, line: str) -> None:
+)
+def test_a_string_is_never_taken_as_a_list(key: str, value: object, reason: str) -> None:
     # regression: "mirror" was taken as ["m", "i", "r", "r", "o", "r"], and a listen
     # string gave one error per character
     with pytest.raises(ConfigError) as info:
         load_config(overrides={key: value})
-    assert info.value.problems == [line]
+    assert info.value.problems == [f"{key}: {reason}"]
 
 
 def test_type_and_range_problems_come_in_one_round(tmp_path: Path) -> None:
