@@ -47,6 +47,7 @@ from ..errors import (
 from ..headers import parse_cache_control, parse_content_range, parse_unsatisfied_range
 from ..store.blobs import BlobStore, DriveInfo
 from ..store.index import Index
+from ..store.lock import lock_drives
 from ..upstream.client import Upstream, UpstreamResponse, parse_http_url
 from .blocks import ObjectMeta, block_bounds, block_count, blocks_for_range, make_version
 from .flight import BufferPool, Fetch, Flight, FlightKey, FlightTable
@@ -1203,6 +1204,14 @@ async def open_cache(config: Config | None = None, **overrides: Any) -> AsyncIte
             raw["drives"] = [{"path": str(cache_dir)}]
         raw.update(overrides)
         config = structure_config(raw)
+    # one process per cache directory (raises CacheLocked naming the holder's PID)
+    with lock_drives(Path(d.path) for d in config.drives):
+        async with _opened(config) as cache:
+            yield cache
+
+
+@asynccontextmanager
+async def _opened(config: Config) -> AsyncIterator[Cache]:
     blobs = BlobStore(drive_infos(config.drives))
     swept = blobs.sweep_tmp()
     if swept:
