@@ -166,6 +166,7 @@ def _url_authority(url: str) -> str:
 
 
 _LITERAL: object = Literal
+_TUPLE: object = tuple
 _TABLES = ("timeouts", "limits", "freshness")
 
 
@@ -237,7 +238,7 @@ def _make_converter() -> cattrs.Converter:
         return structure
 
     conv.register_structure_hook_func(
-        lambda t: typing.get_origin(t) is tuple and typing.get_args(t)[1:] == (...,),
+        lambda t: typing.get_origin(t) is _TUPLE and typing.get_args(t)[1:] == (...,),
         homogeneous_tuple,
     )
     conv.register_structure_hook_func(lambda t: t == Mapping[str, str], string_table)

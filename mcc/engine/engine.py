@@ -26,7 +26,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from contextlib import aclosing, asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -495,13 +495,17 @@ class Cache:
                 else:
                     yield bytes(seg)
 
-    async def warm(self, url: str) -> ObjectInfo:
-        """Fetch every missing block of ``url`` into the store; returns the new stat."""
+    async def warm(self, url: str, progress: Callable[[int], None] | None = None) -> ObjectInfo:
+        """Fetch every missing block of ``url`` into the store; returns the new stat.
+
+        ``progress`` is called with the byte count of each piece as it is read.
+        """
         meta = await self.meta(url)
         if meta.size:
             async with aclosing(self.segments(meta, 0, meta.size - 1)) as segments:
-                async for _ in segments:
-                    pass
+                async for seg in segments:
+                    if progress is not None:
+                        progress(seg.length if isinstance(seg, FileSlice) else len(seg))
         for flight in self._flights:  # blocks read from flights: wait until stored
             if flight.key.key == meta.key and flight.key.version == meta.version:
                 await flight.settled.wait()
@@ -515,6 +519,18 @@ class Cache:
         freed = self.index.delete_object(key)
         await self._delete_blobs(freed)
         return known
+
+    def reconfigure(self, config: Config) -> None:
+        """Take a reloaded config for what comes next (SIGHUP): allowlist, parents,
+        freshness rules, limits and timeouts. Fetches in flight keep going. The
+        caller keeps ``drives`` and ``block_size`` as they were: they cannot change
+        under a running store."""
+        self.config = config
+        self.policy = config.origin_policy()
+        self._resolved.clear()
+        self._fresh_memo.clear()
+        self._fetch_slots.total_tokens = config.limits.max_upstream_fetches
+        self.upstream.reconfigure(config)
 
     def statistics(self) -> Statistics:
         """A frozen snapshot of the counters."""
