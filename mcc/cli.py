@@ -7,14 +7,18 @@ Problems with the config or flags print one line each and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from ._version import __version__
 from .config import Config, config_to_toml, load_config
 from .errors import ConfigError, McError
+from .units import human_size
 
 __all__ = ["FLAGS", "main"]
 
@@ -92,13 +96,21 @@ FLAGS: tuple[tuple[str, str, dict[str, Any], str], ...] = (
         "--log-format",
         "log_format",
         {"choices": ["text", "json"]},
-        "logs as key=value text or one JSON object per line (default text)",
+        "logs as key=value text or one JSON object per line (default text); "
+        "the access log has its own --access-log-format",
     ),
     (
         "--access-log",
         "access_log",
         {"metavar": "PATH"},
         "access log file, '-' for standard error, '' for none (default -)",
+    ),
+    (
+        "--access-log-format",
+        "access_log_format",
+        {"choices": ["kv", "combined", "json"]},
+        "access log lines as key=value pairs, the Apache/nginx combined format, "
+        "or JSON (default kv)",
     ),
     (
         "--verify-on-read",
@@ -337,7 +349,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     config = effective_config(args)
     from .http.server import run_server
 
-    return run_server(config)
+    # SIGHUP reads the config again the same way: the same file, the same flags on top
+    return run_server(config, lambda: effective_config(args))
 
 
 def _cmd_config_show(args: argparse.Namespace) -> int:
@@ -345,57 +358,121 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
-class _ProgressBar:
-    """A one-line progress bar on standard error, redrawn when the percentage moves;
-    silent when standard error is not a terminal."""
+# Without a terminal, progress is one plain line this often (a log stays readable).
+_PLAIN_PROGRESS_SECONDS = 2.0
 
-    def __init__(self, label: str) -> None:
-        self.label = label
-        self._shown = -1
-        self._tty = sys.stderr.isatty()
 
-    def __call__(self, done: int, total: int) -> None:
-        pct = 100 * done // total if total else 100
-        if not self._tty or pct == self._shown:
+@contextlib.contextmanager
+def _progress(label: str) -> Iterator[Callable[[int, int], None]]:
+    """A progress bar in bytes, with rate and time left, on standard error; when that
+    is not a terminal, a plain line every few seconds instead. Yields
+    ``update(bytes_done, bytes_total)``."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    console = Console(stderr=True)
+    if console.is_terminal:
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(binary_units=True),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+        )
+        with Progress(*columns, console=console) as bar:
+            task = bar.add_task(label, total=None)
+            yield lambda done, total: bar.update(task, completed=done, total=total or None)
+        return
+    started = time.monotonic()
+    shown = -math.inf
+
+    def plain(done: int, total: int) -> None:
+        nonlocal shown
+        now = time.monotonic()
+        if now - shown < _PLAIN_PROGRESS_SECONDS and done < total:
             return
-        self._shown = pct
-        width = 30
-        filled = width * pct // 100
-        bar = "#" * filled + "." * (width - filled)
-        sys.stderr.write(f"\r{self.label} [{bar}] {pct:3d}% {done}/{total}")
-        if done >= total:
-            sys.stderr.write("\n")
+        shown = now
+        sys.stderr.write(_progress_line(label, done, total, now - started) + "\n")
         sys.stderr.flush()
+
+    yield plain
+
+
+def _progress_line(label: str, done: int, total: int, seconds: float) -> str:
+    pct = f" ({100 * done // total} %)" if total else ""
+    line = f"{label}: {human_size(done)} of {human_size(total)}{pct}"
+    if seconds > 0 and done:
+        rate = done / seconds
+        line += f", {human_size(rate)}/s"
+        if done < total:
+            line += f", about {math.ceil((total - done) / rate)} s left"
+    return line
+
+
+def _print_table(rows: Sequence[tuple[str, str]]) -> None:
+    """Two columns on standard output (no borders, no wrapping of long values)."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(no_wrap=True, overflow="ignore")
+    for k, v in rows:
+        table.add_row(Text(k), Text(v))  # Text: "[::1]:8080" is not markup
+    console = Console()
+    if not console.is_terminal:  # a pipe or a file: as wide as the table needs
+        console = Console(width=max(map(len, dict(rows))) + max(len(v) for _, v in rows) + 4)
+    console.print(table)
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     from .engine.engine import drive_infos
+    from .store.lock import CacheLocked
     from .store.verify import verify_cache
 
     config = effective_config(args)
+    if args.live:
+        from .ops.client import AdminClient
+
+        if args.repair:
+            sys.stderr.write("mcc: --repair needs the node stopped; --live only checks\n")
+            return EXIT_USAGE
+        result = AdminClient(config).call("POST", "/verify", {}, timeout=_LIVE_VERIFY_TIMEOUT)
+        _print_table([(str(k), str(v)) for k, v in result["rows"]])
+        return 0 if result["clean"] else 1
     index_path = Path(config.drives[0].path) / "index.sqlite3"
     if not index_path.exists():
         sys.stderr.write(f"mcc: no cache index at {index_path}\n")
         return 1
-    report = verify_cache(
-        drive_infos(config.drives),
-        index_path,
-        repair=args.repair,
-        progress=None if args.quiet else _ProgressBar("verifying"),
-    )
-    sys.stdout.write(report.table() + "\n")
+    try:
+        with contextlib.ExitStack() as stack:
+            progress = None if args.quiet else stack.enter_context(_progress("verifying"))
+            report = verify_cache(
+                drive_infos(config.drives), index_path, repair=args.repair, progress=progress
+            )
+    except CacheLocked as exc:
+        sys.stderr.write(
+            f"mcc: {exc}: stop that node first, or check it through its admin API "
+            "with 'mcc verify --live'\n"
+        )
+        return 1
+    _print_table(report.rows())
     if report.clean or args.repair:
         return 0
     sys.stdout.write("problems found: run again with --repair to fix them\n")
     return 1
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)
+# A live verify hashes the whole cache before it answers.
+_LIVE_VERIFY_TIMEOUT = 3600.0
 
 
 def _pct(x: float | None) -> str:
@@ -415,37 +492,35 @@ def _cmd_stats(args: argparse.Namespace) -> int:
         ("hit ratio, bytes (15 s)", _pct(s["last15s"]["hitRatioBytes"])),
         ("hit ratio, bytes (since start)", _pct(s["sinceStart"]["hitRatioBytes"])),
         ("hit ratio, requests (since start)", _pct(s["sinceStart"]["hitRatioRequests"])),
-        ("served", _human(s["egressBytes"])),
-        ("from upstream", _human(s["upstreamBytes"])),
+        ("served", human_size(s["egressBytes"])),
+        ("from upstream", human_size(s["upstreamBytes"])),
         ("open connections", str(s["openConnections"])),
         ("joined fetches", str(s["flightJoins"])),
     ]
     rows += [
-        (f"drive {d['path']}", f"{_human(d['bytes'])} of {_human(d['capacity'])}")
+        (f"drive {d['path']}", f"{human_size(d['bytes'])} of {human_size(d['capacity'])}")
         for d in s["drives"]
     ]
     rows += [(f"parent {p}", "up" if up else "DOWN") for p, up in s["parents"].items()]
-    width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        sys.stdout.write(f"{k:<{width}}  {v}\n")
+    if not s["parents"]:
+        rows.append(("parents", "none configured (misses go to the origin)"))
+    _print_table(rows)
     return 0
 
 
 def _cmd_warm(args: argparse.Namespace) -> int:
-    import time
-
     from .ops.client import AdminClient
 
     client = AdminClient(effective_config(args))
     job = client.call("POST", "/warm", {"urls": args.urls})
-    bar = _ProgressBar("warming")
-    while job["state"] != "done":
-        bar(job["done"] + job["failed"], job["total"])
-        time.sleep(0.2)
-        job = client.call("GET", f"/warm/{job['id']}")
-    bar(job["total"], job["total"])
+    with _progress("warming") as update:
+        while job["state"] != "done":
+            update(job["bytes"], job["totalBytes"])
+            time.sleep(0.2)
+            job = client.call("GET", f"/warm/{job['id']}")
+        update(job["bytes"], job["totalBytes"])
     sys.stdout.write(
-        f"warmed {job['done']} of {job['total']} objects ({_human(job['bytes'])}), "
+        f"warmed {job['done']} of {job['total']} objects ({human_size(job['bytes'])}), "
         f"{job['failed']} failed\n"
     )
     for line in job["errors"]:
@@ -455,13 +530,22 @@ def _cmd_warm(args: argparse.Namespace) -> int:
 
 def _cmd_purge(args: argparse.Namespace) -> int:
     from .ops.client import AdminClient
+    from .ops.purge import PurgeTarget
 
-    client = AdminClient(effective_config(args))
     target = args.target
-    body = {"url": target} if "://" in target else {"pattern": target}
+    try:
+        PurgeTarget.parse(target)  # a typo is told here, before the node is asked
+    except ValueError as exc:
+        sys.stderr.write(f"mcc: purge: {exc}\n")
+        return EXIT_USAGE
+    client = AdminClient(effective_config(args))
+    body = {"prefix": target} if "://" in target else {"pattern": target}
     result = client.call("POST", "/purge", body)
     for key in result["purged"]:
         sys.stdout.write(f"purged {key}\n")
+    if not result["purged"]:
+        sys.stderr.write(f"mcc: nothing stored matches {target}\n")
+        return 1
     sys.stdout.write(f"{len(result['purged'])} objects purged\n")
     return 0
 
@@ -478,8 +562,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser(
         "serve",
         help="run the cache server",
-        description="Run the cache server. With no --config, runs on the "
-        "embedded defaults: 127.0.0.1:8080, cache in ./mcc-cache.",
+        description="Run the cache server until SIGTERM/SIGINT (drain and exit 0). "
+        "SIGHUP reopens the log files and rereads --config with the same flags on "
+        "top. With no --config, runs on the embedded defaults: 127.0.0.1:8080, "
+        "cache in ./mcc-cache. Exit status 1 when another mcc uses the cache "
+        "directory.",
     )
     _add_config_flags(serve)
     serve.set_defaults(func=_cmd_serve)
@@ -498,12 +585,19 @@ def build_parser() -> argparse.ArgumentParser:
         "verify",
         help="check every stored blob against its digest and the index",
         description="Walk the whole cache: report corrupt, missing and orphan blobs "
-        "and leftover temp files; with --repair, fix them. Exit status 1 when "
-        "problems were found and not repaired.",
+        "and leftover temp files; with --repair, fix them. Needs the node stopped "
+        "(a running node locks its cache); --live asks a running node to check its "
+        "own cache instead. Exit status 1 when problems were found and not repaired.",
     )
     _add_config_flags(verify)
     verify.add_argument("--repair", action="store_true", help="fix what is found")
     verify.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    verify.add_argument(
+        "--live",
+        action="store_true",
+        help="check through a running node's admin API (no --repair; blobs being "
+        "written or evicted meanwhile may show as orphans or missing)",
+    )
     verify.set_defaults(func=_cmd_verify)
     stats = sub.add_parser(
         "stats",
@@ -517,7 +611,8 @@ def build_parser() -> argparse.ArgumentParser:
         "warm",
         help="pre-seed a running node with URLs",
         description="Ask a running node to fetch every block of these URLs, showing "
-        "progress until it is done. Exit status 1 when any URL failed.",
+        "progress in bytes (rate, time left) until it is done; without a terminal, "
+        "a plain line every 2 s. Exit status 1 when any URL failed.",
     )
     _add_config_flags(warm)
     warm.add_argument("urls", nargs="+", metavar="URL", help="absolute http:// URLs")
@@ -525,11 +620,18 @@ def build_parser() -> argparse.ArgumentParser:
     purge = sub.add_parser(
         "purge",
         help="remove objects from a running node",
-        description="Remove one URL, or every object whose host matches a pattern "
-        "(host or *.suffix), from a running node's cache.",
+        description="Remove objects from a running node's cache: every object whose "
+        "URL starts with an http:// URL prefix, or whose host matches a pattern in "
+        "the allowlist's syntax (host, host:port or *.suffix; without a port, any "
+        "port). Prints what was purged; exit status 1 when nothing matched, 2 for a "
+        "target that is neither.",
     )
     _add_config_flags(purge)
-    purge.add_argument("target", metavar="URL|PATTERN", help="an http:// URL or a host pattern")
+    purge.add_argument(
+        "target",
+        metavar="URL-PREFIX|PATTERN",
+        help="an http:// URL prefix, or host, host:port or *.suffix",
+    )
     purge.set_defaults(func=_cmd_purge)
     return parser
 

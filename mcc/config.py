@@ -7,6 +7,7 @@ one line per problem, ``key: value reason``, through :class:`~mcc.errors.ConfigE
 
 from __future__ import annotations
 
+import json
 import socket
 import tomllib
 import typing
@@ -16,7 +17,12 @@ from typing import Any, Literal
 
 import attrs
 import cattrs
-from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
+from cattrs.errors import (
+    ClassValidationError,
+    ForbiddenExtraKeysError,
+    IterableValidationError,
+    IterableValidationNote,
+)
 
 from .engine.freshness import RefreshRule
 from .errors import ConfigError
@@ -44,6 +50,7 @@ MAX_BLOCK_SIZE = 64 * 1024 * 1024
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["text", "json"]
+AccessLogFormat = Literal["kv", "combined", "json"]
 VerifyMode = Literal["always", "first", "never"]
 
 
@@ -137,6 +144,7 @@ class Config:
     log_level: LogLevel = "info"
     log_format: LogFormat = "text"
     access_log: str = "-"
+    access_log_format: AccessLogFormat = "kv"
     verify_on_read: VerifyMode = "first"
     timeouts: Timeouts = Timeouts()
     limits: Limits = Limits()
@@ -159,6 +167,7 @@ def _url_authority(url: str) -> str:
 
 
 _LITERAL: object = Literal
+_TUPLE: object = tuple
 _TABLES = ("timeouts", "limits", "freshness")
 
 
@@ -192,6 +201,48 @@ def _make_converter() -> cattrs.Converter:
             raise ValueError(f"{value!r} is not one of {', '.join(map(str, choices))}")
         return value
 
+    def homogeneous_tuple(value: object, kind: Any) -> tuple[Any, ...]:
+        # a TOML string is iterable: without this, "mirror" became six one-letter hosts
+        elem = typing.get_args(kind)[0]
+        if not isinstance(value, (list, tuple)):
+            noun = "tables" if attrs.has(elem) and elem is not HostPort else "strings"
+            raise ValueError(f"expected a list of {noun}, got {_describe(value)}")
+        out: list[Any] = []
+        errors: list[Exception] = []
+        for i, item in enumerate(value):
+            try:
+                out.append(conv.structure(item, elem))
+            except Exception as exc:
+                exc.__notes__ = [
+                    *getattr(exc, "__notes__", []),
+                    IterableValidationNote(f"Structuring {kind} @ index {i}", i, elem),
+                ]
+                errors.append(exc)
+        if errors:
+            raise IterableValidationError(f"While structuring {kind!r}", errors, kind)
+        return tuple(out)
+
+    def string_table(value: object, _: type) -> dict[str, str]:
+        if not isinstance(value, Mapping):
+            raise ValueError(f"expected a table of strings, got {_describe(value)}")
+        bad = [k for k, v in value.items() if not isinstance(v, str)]
+        if bad:
+            raise ValueError(f"{bad[0]!r}: expected a string, got {_describe(value[bad[0]])}")
+        return dict(value)
+
+    def table(fn: Any) -> Any:
+        def structure(value: object, kind: type) -> Any:
+            if not isinstance(value, Mapping):
+                raise ValueError(f"expected a table, got {_describe(value)}")
+            return fn(value, kind)
+
+        return structure
+
+    conv.register_structure_hook_func(
+        lambda t: typing.get_origin(t) is _TUPLE and typing.get_args(t)[1:] == (...,),
+        homogeneous_tuple,
+    )
+    conv.register_structure_hook_func(lambda t: t == Mapping[str, str], string_table)
     conv.register_structure_hook_func(lambda t: typing.get_origin(t) is _LITERAL, literal)
     conv.register_structure_hook(HostPort, lambda v, _: HostPort.parse(v))
     conv.register_structure_hook(Path, lambda v, _: Path(strict_str(v, str)))
@@ -201,11 +252,31 @@ def _make_converter() -> cattrs.Converter:
     conv.register_structure_hook(float, seconds)
     sized = cattrs.gen.override(struct_hook=size)
     make = cattrs.gen.make_dict_structure_fn
-    conv.register_structure_hook(Drive, make(Drive, conv, max_size=sized, min_free=sized))
-    conv.register_structure_hook(Limits, make(Limits, conv, max_request_head=sized, max_buffer_memory=sized))
+    conv.register_structure_hook(Drive, table(make(Drive, conv, max_size=sized, min_free=sized)))
+    limits = make(Limits, conv, max_request_head=sized, max_buffer_memory=sized)
+    conv.register_structure_hook(Limits, table(limits))
+    for cls in (Timeouts, Freshness, RefreshRule):
+        conv.register_structure_hook(cls, table(make(cls, conv)))
     # last: Config's structuring function captures the hooks of its nested classes
-    conv.register_structure_hook(Config, make(Config, conv, block_size=sized))
+    conv.register_structure_hook(Config, table(make(Config, conv, block_size=sized)))
     return conv
+
+
+def _describe(value: object) -> str:
+    """``a string "mirror"``, ``an integer 5``: what a config value was, for messages."""
+    if isinstance(value, str):
+        return f"a string {json.dumps(value)}"
+    if isinstance(value, bool):
+        return f"a boolean {'true' if value else 'false'}"
+    if isinstance(value, int):
+        return f"an integer {value}"
+    if isinstance(value, float):
+        return f"a number {value}"
+    if isinstance(value, Mapping):
+        return "a table"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    return f"{type(value).__name__} {value}"
 
 
 _converter = _make_converter()
@@ -364,12 +435,45 @@ def structure_config(raw: Mapping[str, Any]) -> Config:
     """
     try:
         config = _converter.structure(dict(raw), Config)
-    except (ClassValidationError, ForbiddenExtraKeysError) as exc:
-        raise ConfigError(_flatten_errors(exc, "")) from None
-    problems = check_config(config)
-    if problems:
-        raise ConfigError(problems)
-    return config
+    except (ClassValidationError, ForbiddenExtraKeysError, ValueError) as exc:
+        problems = _flatten_errors(exc, "")
+    else:
+        problems = check_config(config)
+        if problems:
+            raise ConfigError(problems)
+        return config
+    # Report every problem in one round: drop the keys whose type is wrong, so that
+    # the rest can be structured and range-checked too.
+    bad = {_key_of(p) for p in problems}
+    rest = _without(raw, bad)
+    try:
+        partial = _converter.structure(rest, Config)
+    except (ClassValidationError, ForbiddenExtraKeysError, ValueError):
+        raise ConfigError(problems) from None
+    dropped = {k.split(".")[0] for k in bad if "." not in k}
+    for line in check_config(partial):
+        key = _key_of(line)
+        if key not in bad and key.split(".")[0] not in dropped:
+            problems.append(line)
+    raise ConfigError(problems)
+
+
+def _key_of(problem: str) -> str:
+    """The key a problem line names: ``limits.max_ranges`` or ``listen`` (indexes and
+    anything below a list dropped: the whole list is set aside)."""
+    key = problem.split(":", 1)[0]
+    return key.split("[", 1)[0] if "[" in key else key
+
+
+def _without(raw: Mapping[str, Any], keys: set[str]) -> dict[str, Any]:
+    out = dict(raw)
+    for key in keys:
+        table, dot, sub = key.partition(".")
+        if dot and isinstance(out.get(table), Mapping):
+            out[table] = {k: v for k, v in out[table].items() if k != sub}
+        else:
+            out.pop(table, None)
+    return out
 
 
 def config_to_toml(config: Config) -> str:

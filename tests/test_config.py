@@ -104,3 +104,55 @@ def test_size_units() -> None:
     for bad in ("1.5B", "-1", "1XB", True, 1.5):
         with pytest.raises(ValueError):
             parse_size(bad)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "reason"),
+    [
+        ("allow_origins", "mirror", 'expected a list of strings, got a string "mirror"'),
+        ("listen", "127.0.0.1:18961", 'expected a list of strings, got a string "127.0.0.1:18961"'),
+        ("parents", "http://p:8080", 'expected a list of strings, got a string "http://p:8080"'),
+        ("parents", 5, "expected a list of strings, got an integer 5"),
+        ("drives", "/var/cache/mcc", 'expected a list of tables, got a string "/var/cache/mcc"'),
+        ("refresh_patterns", "*.deb", 'expected a list of tables, got a string "*.deb"'),
+        ("canonical_hosts", "a=b", 'expected a table of strings, got a string "a=b"'),
+        ("limits", 5, "expected a table, got an integer 5"),
+    ],
+)
+def test_a_string_is_never_taken_as_a_list(key: str, value: object, reason: str) -> None:
+    # regression: "mirror" was taken as ["m", "i", "r", "r", "o", "r"], and a listen
+    # string gave one error per character
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides={key: value})
+    assert info.value.problems == [f"{key}: {reason}"]
+
+
+def test_type_and_range_problems_come_in_one_round(tmp_path: Path) -> None:
+    # regression: max_connections = -5 was reported only after the type errors were fixed
+    cfg = tmp_path / "mcc.toml"
+    cfg.write_text(
+        'allow_origins = "mirror"\nlisten = "127.0.0.1:18961"\nreadahead_blocks = 100\n'
+        'block_size = 1000\nbogus = 1\n[limits]\nmax_connections = -5\nmax_ranges = "x"\n'
+        "[timeouts]\nread = 0\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(cfg)
+    assert sorted(info.value.problems) == sorted(
+        [
+            'allow_origins: expected a list of strings, got a string "mirror"',
+            'listen: expected a list of strings, got a string "127.0.0.1:18961"',
+            "readahead_blocks: 100 is not between 0 and 64",
+            "block_size: 1000 is not a power of two between 64 KiB and 64 MiB",
+            "bogus: unknown key",
+            "limits.max_connections: -5 is less than 1",
+            "limits.max_ranges: 'x' is not an integer",
+            "timeouts.read: 0.0 must be more than zero",
+        ]
+    )
+
+
+def test_access_log_format_is_checked() -> None:
+    assert load_config(overrides={"access_log_format": "combined"}).access_log_format == "combined"
+    assert load_config().access_log_format == "kv"
+    with pytest.raises(ConfigError, match="access_log_format: 'apache' is not one of kv"):
+        load_config(overrides={"access_log_format": "apache"})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import sqlite3
 import subprocess
@@ -82,6 +83,13 @@ async def test_flipped_byte_is_detected_and_the_client_gets_right_bytes(
         assert (await node.cache.stat(url)).cached  # refetched and stored again
 
 
+def _found(stdout: str, what: str) -> int:
+    """The number in ``mcc verify``'s table row ``what`` (e.g. ``corrupt (found)``)."""
+    m = re.search(rf"^{re.escape(what)}\s+(\d+)\s*$", stdout, re.MULTILINE)
+    assert m is not None, stdout
+    return int(m.group(1))
+
+
 def _run_verify(cache_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "mcc", "verify", "--cache-dir", str(cache_dir), *args],
@@ -113,10 +121,8 @@ async def test_mcc_verify_finds_and_repairs_planted_problems(
     (cache_dir / "tmp" / "half-written.1.1").write_bytes(b"half")
     r = _run_verify(cache_dir)
     assert r.returncode == 1
-    assert "| corrupt (found)    |              1 |" in r.stdout
-    assert "| missing (found)    |              1 |" in r.stdout
-    assert "| orphans (found)    |              1 |" in r.stdout
-    assert "| temp files (found) |              1 |" in r.stdout
+    for what in ("corrupt", "missing", "orphans", "temp files"):
+        assert _found(r.stdout, f"{what} (found)") == 1, what
     r = _run_verify(cache_dir, "--repair")
     assert r.returncode == 0
     assert not blobs.exists(orphan) and not blobs.exists(corrupt)
@@ -272,7 +278,7 @@ async def test_sigkill_at_random_points_never_serves_a_wrong_byte(
         proc.terminate()
         await proc.wait()
     r = _run_verify(cache_dir)
-    assert "| corrupt (found)    |              0 |" in r.stdout, r.stdout
+    assert _found(r.stdout, "corrupt (found)") == 0
 
 
 async def test_min_free_floor_triggers_eviction(origin: Origin, tmp_path: Path) -> None:

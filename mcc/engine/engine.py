@@ -26,7 +26,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from contextlib import aclosing, asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -47,6 +47,7 @@ from ..errors import (
 from ..headers import parse_cache_control, parse_content_range, parse_unsatisfied_range
 from ..store.blobs import BlobStore, DriveInfo
 from ..store.index import Index
+from ..store.lock import lock_drives
 from ..upstream.client import Upstream, UpstreamResponse, parse_http_url, quote_target
 from .blocks import ObjectMeta, block_bounds, block_count, blocks_for_range, make_version
 from .flight import Fetch, FileSlice, Flight, FlightKey, FlightTable, MemoryBudget
@@ -495,13 +496,17 @@ class Cache:
                 else:
                     yield bytes(seg)
 
-    async def warm(self, url: str) -> ObjectInfo:
-        """Fetch every missing block of ``url`` into the store; returns the new stat."""
+    async def warm(self, url: str, progress: Callable[[int], None] | None = None) -> ObjectInfo:
+        """Fetch every missing block of ``url`` into the store; returns the new stat.
+
+        ``progress`` is called with the byte count of each piece as it is read.
+        """
         meta = await self.meta(url)
         if meta.size:
             async with aclosing(self.segments(meta, 0, meta.size - 1)) as segments:
-                async for _ in segments:
-                    pass
+                async for seg in segments:
+                    if progress is not None:
+                        progress(seg.length if isinstance(seg, FileSlice) else len(seg))
         for flight in self._flights:  # blocks read from flights: wait until stored
             if flight.key.key == meta.key and flight.key.version == meta.version:
                 await flight.settled.wait()
@@ -515,6 +520,18 @@ class Cache:
         freed = self.index.delete_object(key)
         await self._delete_blobs(freed)
         return known
+
+    def reconfigure(self, config: Config) -> None:
+        """Take a reloaded config for what comes next (SIGHUP): allowlist, parents,
+        freshness rules, limits and timeouts. Fetches in flight keep going. The
+        caller keeps ``drives`` and ``block_size`` as they were: they cannot change
+        under a running store."""
+        self.config = config
+        self.policy = config.origin_policy()
+        self._resolved.clear()
+        self._fresh_memo.clear()
+        self._fetch_slots.total_tokens = config.limits.max_upstream_fetches
+        self.upstream.reconfigure(config)
 
     def statistics(self) -> Statistics:
         """A frozen snapshot of the counters."""
@@ -1246,6 +1263,14 @@ async def open_cache(config: Config | None = None, **overrides: Any) -> AsyncIte
             raw["drives"] = [{"path": str(cache_dir)}]
         raw.update(overrides)
         config = structure_config(raw)
+    # one process per cache directory (raises CacheLocked naming the holder's PID)
+    with lock_drives(Path(d.path) for d in config.drives):
+        async with _opened(config) as cache:
+            yield cache
+
+
+@asynccontextmanager
+async def _opened(config: Config) -> AsyncIterator[Cache]:
     blobs = BlobStore(drive_infos(config.drives))
     swept = blobs.sweep_tmp()
     if swept:

@@ -11,19 +11,23 @@ with ``os.sendfile``, blocks in flight as they arrive. Anything else (other meth
 requests with credentials, answers upstream marks private) is forwarded unstored.
 
 On SIGTERM or SIGINT the listeners close, idle keep-alive connections are closed,
-and responses in progress get ``shutdown_grace`` seconds to finish.
+and responses in progress get ``shutdown_grace`` seconds to finish. On SIGHUP the
+logs are reopened and the config reread (see :mod:`mcc.ops.daemon`): new requests
+see the new config, responses in progress finish as they started.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hmac
+import ipaddress
 import logging
 import math
 import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import aclosing
 from typing import Any
 
@@ -36,6 +40,7 @@ from ..engine.freshness import age
 from ..errors import BadRequest, NotCacheable, UpstreamError, VersionChanged
 from ..ops.accesslog import AccessRecord, configure_logging, write_access
 from ..ops.admin import AdminServer
+from ..ops.daemon import banner, reload
 from ..ops.metrics import Metrics
 from .protocol import CLOSED, END_OF_BODY, NEED_DATA, Request, ServerProtocol
 from .ranges import UNSATISFIABLE, ByteRange, content_range, if_range_matches, parse_range
@@ -98,6 +103,10 @@ class Server:
         self._all_closed = trio.Event()
         self._stopped = trio.Event()
         self.ports: list[int] = []
+
+    def reconfigure(self, config: Config) -> None:
+        """Use a reloaded config for new requests (listen and node_id stay as they were)."""
+        self.config = config
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -295,7 +304,14 @@ class Server:
         """Answer ``req``; True when the connection may carry another request."""
         started = time.monotonic()
         rec = AccessRecord(
-            client=conn.peer, method=req.method, url=req.target, range=req.header("range") or "-"
+            client=conn.peer,
+            method=req.method,
+            url=req.target,
+            range=req.header("range") or "-",
+            target=req.target,
+            http_version=req.http_version,
+            referer=req.header("referer") or "-",
+            user_agent=req.header("user-agent") or "-",
         )
         try:
             keep = await self._dispatch(conn, req, rec)
@@ -341,6 +357,8 @@ class Server:
     async def _dispatch(self, conn: _Conn, req: Request, rec: AccessRecord) -> bool:
         if req.method == "CONNECT":
             raise BadRequest("CONNECT is not supported: mcc is not a tunnel", status_hint=405)
+        if req.method == "PURGE":
+            return await self._purge(conn, req, rec)
         via = [v.split()[-1].lower() for v in req.header_list("via") if v.split()]
         if self.via_token in via:
             raise BadRequest(
@@ -367,6 +385,36 @@ class Server:
                     if attempt or conn.proto.response_started:
                         raise
         return await self._forward(conn, req, route.url, rec)
+
+    async def _purge(self, conn: _Conn, req: Request, rec: AccessRecord) -> bool:
+        """PURGE, as Squid and Varnish answer it: drop the URL from the cache (200, or
+        404 when it was not stored). Allowed from loopback or with the admin token;
+        never forwarded upstream."""
+        rec.cache = "purge"
+        if not self._may_purge(conn.peer, req):
+            raise BadRequest(
+                "PURGE is allowed from loopback or with the admin token", status_hint=403
+            )
+        route = route_request(req.target, req.header("host"), self.own, self.config.origin)
+        rec.url = route.url
+        purged = await self.cache.purge(route.url)  # 403 for a host not allowed
+        rec.status = 200 if purged else 404
+        text = f"purged {route.url}\n" if purged else f"not stored: {route.url}\n"
+        await self._send_simple(conn, rec.status, [("content-type", "text/plain")], text.encode())
+        return True
+
+    def _may_purge(self, peer: str, req: Request) -> bool:
+        token = self.config.admin_token
+        given = req.header("authorization") or ""
+        if token and hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            return True
+        try:
+            address = ipaddress.ip_address(peer.rsplit(":", 1)[0].strip("[]"))
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return address.is_loopback
 
     def _names_no_origin(self, req: Request) -> bool:
         try:
@@ -669,27 +717,27 @@ async def _linger(stream: trio.SocketStream) -> None:
         pass
 
 
-async def _main(config: Config) -> int:
+async def _main(config: Config, load: Callable[[], Config] | None = None) -> int:
     async with open_cache(config) as cache:
         server = Server(config, cache)
         async with trio.open_nursery() as nursery:
             admin = AdminServer(cache, server.metrics, lambda: server.open_connections)
             try:
                 ports = await nursery.start(server.serve)
-                await nursery.start(admin.serve)
+                admin_port = await nursery.start(admin.serve)
             except OSError as exc:
                 sys.stderr.write(f"mcc: {exc.strerror}\n")
                 nursery.cancel_scope.cancel()
                 return 1
-            addrs = ", ".join(str(a) for a in config.listen)
-            log.info(
-                "mcc serving on %s (ports %s), cache in %s",
-                addrs,
-                ports,
-                ", ".join(str(d.path) for d in config.drives),
-            )
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            stored = [cache.index.stored_bytes_on(i) for i in range(len(config.drives))]
+            for line in banner(config, ports, admin_port, stored):
+                log.info("%s", line)
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        log.info("got SIGHUP: reopening logs and rereading the config")
+                        config = reload(config, load, [cache, server])
+                        continue
                     log.info(
                         "got %s: draining (grace %.0fs)",
                         signal.Signals(signum).name,
@@ -716,12 +764,21 @@ def _raise_fd_limit() -> None:
         log.warning("could not raise the open-files limit: %s", exc)
 
 
-def run_server(config: Config) -> int:
-    """Run the server until SIGTERM/SIGINT; returns the exit status."""
+def run_server(config: Config, load: Callable[[], Config] | None = None) -> int:
+    """Run the server until SIGTERM/SIGINT; returns the exit status.
+
+    Args:
+      config: the config to start with.
+      load: reads the config again on SIGHUP (the same file and flags); without it,
+        SIGHUP only reopens the logs.
+
+    Raises:
+      CacheLocked: another process uses a cache directory.
+    """
     configure_logging(config)
     _raise_fd_limit()
     try:
-        return trio.run(_main, config)
+        return trio.run(_main, config, load)
     except OSError as exc:
         sys.stderr.write(f"mcc: cannot start: {exc}\n")
         return 1

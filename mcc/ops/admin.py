@@ -6,14 +6,17 @@ for the write endpoints, and for every endpoint when the listener is not on loop
 - ``GET /metrics``: Prometheus text exposition.
 - ``GET /summary``: JSON in the spirit of Connected Cache's summary report.
 - ``GET /health``: readiness JSON; 503 when a drive is not writable or the index fails.
-- ``POST /warm`` ``{"urls": [...]}``: pre-seed in the background; ``GET /warm/<id>``.
-- ``POST /purge`` ``{"url": ...}`` or ``{"pattern": "host or *.suffix"}``.
+- ``POST /warm`` ``{"urls": [...]}``: pre-seed in the background; ``GET /warm/<id>``
+  shows its progress in objects and bytes (rate, time left).
+- ``POST /purge`` ``{"url": ...}``, ``{"prefix": "http://..."}`` or
+  ``{"pattern": "host, host:port or *.suffix"}``.
+- ``POST /verify``: check every blob of the running cache (no repair).
 - ``GET /``: an HTML status page that refreshes itself.
 """
 
 from __future__ import annotations
 
-import fnmatch
+import functools
 import hmac
 import json
 import logging
@@ -27,10 +30,13 @@ from urllib.parse import urlsplit
 import attrs
 import trio
 
+from ..config import Config
 from ..engine.engine import Cache
 from ..errors import BadRequest, McError
 from ..http.protocol import CLOSED, END_OF_BODY, NEED_DATA, Request, ServerProtocol
+from ..store.verify import verify_cache
 from .metrics import DURATION_BUCKETS, WINDOW_SECONDS, Metrics, exposition
+from .purge import PurgeTarget
 
 __all__ = ["AdminServer"]
 
@@ -45,23 +51,32 @@ _LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 @attrs.define
 class WarmJob:
-    """One POST /warm request's progress."""
+    """One POST /warm request's progress, in objects and in bytes."""
 
     id: str
     urls: list[str]
     done: int = 0
     failed: int = 0
-    bytes: int = 0
+    bytes: int = 0  # read so far (from the store or upstream), updated as blocks arrive
+    total_bytes: int = 0  # the sizes of the URLs found so far
     state: str = "running"
     errors: list[str] = attrs.field(factory=list)
+    started: float = attrs.field(factory=time.monotonic)
+    ended: float | None = None
 
     def as_json(self) -> dict[str, Any]:
+        elapsed = (self.ended or time.monotonic()) - self.started
+        rate = self.bytes / elapsed if elapsed > 0 else 0.0
+        left = self.total_bytes - self.bytes
         return {
             "id": self.id,
             "total": len(self.urls),
             "done": self.done,
             "failed": self.failed,
             "bytes": self.bytes,
+            "totalBytes": self.total_bytes,
+            "bytesPerSecond": round(rate),
+            "etaSeconds": round(left / rate, 1) if rate and self.state == "running" else None,
             "state": self.state,
             "errors": self.errors[-20:],
         }
@@ -78,12 +93,16 @@ class AdminServer:
 
     def __init__(self, cache: Cache, metrics: Metrics, open_connections: Callable[[], int]) -> None:
         self.cache = cache
-        self.config = cache.config
         self.metrics = metrics
         self._open_connections = open_connections
         self.jobs: dict[str, WarmJob] = {}
         self._nursery: trio.Nursery | None = None
         self.port = 0
+
+    @property
+    def config(self) -> Config:
+        """The config in force (the engine's: a reload on SIGHUP replaces it)."""
+        return self.cache.config
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Listen on ``admin_listen`` until cancelled; started() gets the bound port.
@@ -188,6 +207,8 @@ class AdminServer:
             return 202, "application/json", _json(self.start_warm(urls).as_json())
         if path == "/purge":
             return 200, "application/json", _json(await self.purge(doc))
+        if path == "/verify":
+            return 200, "application/json", _json(await self.verify())
         raise BadRequest(f"no such endpoint {path!r}", status_hint=404)
 
     # -- actions -------------------------------------------------------------------
@@ -203,31 +224,73 @@ class AdminServer:
         return job
 
     async def _warm(self, job: WarmJob) -> None:
+        # sizes first (one discovery each), so that progress has a total in bytes
+        sizes: dict[str, int] = {}
         for url in job.urls:
             try:
-                info = await self.cache.warm(url)
-                job.bytes += info.size
+                sizes[url] = (await self.cache.stat(url)).size
+                job.total_bytes += sizes[url]
+            except McError as exc:
+                job.failed += 1
+                job.errors.append(f"{url}: {exc}")
+
+        def progress(n: int) -> None:
+            job.bytes += n
+
+        for url in sizes:
+            before = job.bytes
+            try:
+                await self.cache.warm(url, progress)
                 job.done += 1
             except McError as exc:
                 job.failed += 1
                 job.errors.append(f"{url}: {exc}")
+                job.total_bytes -= sizes[url] - (job.bytes - before)
+        job.ended = time.monotonic()
         job.state = "done"
 
     async def purge(self, doc: dict[str, Any]) -> dict[str, Any]:
-        """Purge one URL or every object whose host matches a pattern."""
-        url, pattern = doc.get("url"), doc.get("pattern")
+        """Purge one URL (``url``), every object under a URL prefix (``prefix``), or
+        every object whose host matches a pattern (``pattern``: host, host:port or
+        *.suffix); see :mod:`mcc.ops.purge`.
+
+        Raises:
+          BadRequest: 400 for a malformed target.
+        """
+        url, prefix, pattern = doc.get("url"), doc.get("prefix"), doc.get("pattern")
         if isinstance(url, str):
-            removed = [url] if await self.cache.purge(url) else []
-        elif isinstance(pattern, str) and pattern:
-            removed = []
-            for key in self.cache.index.object_keys():
-                host = urlsplit(key).hostname or ""
-                if fnmatch.fnmatchcase(host, pattern.lower()) or host == pattern.lower():
-                    await self.cache.purge(key)
-                    removed.append(key)
-        else:
-            raise BadRequest('purge needs {"url": "http://..."} or {"pattern": "host"}')
+            removed = [self.cache.resolve(url)] if await self.cache.purge(url) else []
+            return {"purged": removed}
+        text = prefix if isinstance(prefix, str) else pattern
+        if not isinstance(text, str) or not text:
+            raise BadRequest(
+                'purge needs {"url": "http://..."}, {"prefix": "http://..."} or '
+                '{"pattern": "host, host:port or *.suffix"}'
+            )
+        try:
+            target = PurgeTarget.parse(text, self.cache.policy.canonical)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        removed = []
+        for key in self.cache.index.object_keys():
+            if target.matches(key):
+                await self.cache.purge(key)
+                removed.append(key)
         return {"purged": removed}
+
+    async def verify(self) -> dict[str, Any]:
+        """Check every blob of the running cache against its digest (no repair)."""
+        drives = list(self.cache.blobs.drives)
+        index_path = drives[0].root / "index.sqlite3"
+        report = await trio.to_thread.run_sync(
+            functools.partial(verify_cache, drives, index_path, lock=False)
+        )
+        return {
+            "rows": report.rows(),
+            "clean": report.clean,
+            "corrupt": report.corrupt,
+            "missing": report.missing,
+        }
 
     # -- reports -------------------------------------------------------------------
 

@@ -34,7 +34,14 @@ class AdminClient:
         self.base = f"http://{host}:{addr.port}"
         self.token = config.admin_token
 
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        *,
+        timeout: float = _TIMEOUT,
+    ) -> Any:
         """One request; returns the decoded JSON answer.
 
         Raises:
@@ -47,7 +54,7 @@ class AdminClient:
         if self.token:
             req.add_header("authorization", f"Bearer {self.token}")
         try:
-            with urllib.request.urlopen(req, timeout=_TIMEOUT) as resp:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
                 return json.loads(resp.read() or b"null")
         except urllib.error.HTTPError as exc:
             if exc.code == 401:

@@ -6,8 +6,11 @@ row) and temp files left by a crash. With ``repair``: corrupt blobs are quaranti
 and their rows dropped (the next read refetches them), rows of missing blobs are
 dropped, orphans and temp files are deleted.
 
-Safe to run next to a running server; run it with the server stopped for a snapshot
-that does not move while it is walked.
+A cache in use by a server is locked (see :mod:`mcc.store.lock`): ``mcc verify``
+takes the lock too, so it refuses to walk a cache that a server is changing, and a
+server cannot start on a cache being repaired. A running node checks its own cache
+through its admin API (``lock=False``, never with ``repair``: blobs in flight may
+show up as orphans there).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import attrs
 
 from .blobs import BlobStore, DriveInfo
 from .index import Index
+from .lock import lock_drives
 
 __all__ = ["VerifyReport", "verify_cache"]
 
@@ -42,10 +46,10 @@ class VerifyReport:
         """True when nothing was wrong."""
         return not (self.corrupt or self.missing or self.orphans or self.temp_files)
 
-    def table(self) -> str:
-        """A plain-text summary table."""
+    def rows(self) -> list[tuple[str, str]]:
+        """The summary as (what, how many) pairs, for a table."""
         action = "repaired" if self.repaired else "found"
-        rows = [
+        return [
             ("blobs checked", str(self.checked)),
             ("bytes checked", str(self.bytes_checked)),
             (f"corrupt ({action})", str(len(self.corrupt))),
@@ -54,10 +58,6 @@ class VerifyReport:
             (f"temp files ({action})", str(self.temp_files)),
             ("seconds", f"{self.seconds:.1f}"),
         ]
-        width = max(len(r[0]) for r in rows)
-        line = "+" + "-" * (width + 2) + "+" + "-" * 16 + "+"
-        out = [line] + [f"| {k:<{width}} | {v:>14} |" for k, v in rows] + [line]
-        return "\n".join(out)
 
 
 def verify_cache(
@@ -66,6 +66,7 @@ def verify_cache(
     *,
     repair: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    lock: bool = True,
 ) -> VerifyReport:
     """Check every blob of a cache; see the module docstring.
 
@@ -73,8 +74,27 @@ def verify_cache(
       drives: the cache drives.
       index_path: the sqlite index file.
       repair: fix what is found.
-      progress: called with (done, total) as blobs are checked.
+      progress: called with (bytes done, bytes in all) as blobs are checked.
+      lock: take the cache directories' locks for the walk (off only for the
+        running server's own check).
+
+    Raises:
+      CacheLocked: a server (or another verify) holds a cache directory.
     """
+    if repair and not lock:
+        raise ValueError("repair needs the cache to itself (lock=True)")
+    if not lock:
+        return _walk(drives, index_path, repair, progress)
+    with lock_drives(d.root for d in drives):
+        return _walk(drives, index_path, repair, progress)
+
+
+def _walk(
+    drives: list[DriveInfo],
+    index_path: Path,
+    repair: bool,
+    progress: Callable[[int, int], None] | None,
+) -> VerifyReport:
     started = time.monotonic()
     blobs = BlobStore(drives)
     index = Index(index_path)
@@ -82,8 +102,9 @@ def verify_cache(
     try:
         indexed = index.all_digests()
         on_disk = {d for d, _ in blobs.iter_blob_files()}
-        total = len(indexed)
-        for n, (digest, size) in enumerate(sorted(indexed.items()), start=1):
+        total = sum(indexed.values())
+        done = 0
+        for digest, size in sorted(indexed.items()):
             if digest not in on_disk:
                 report.missing.append(digest)
             elif not blobs.verify(digest):
@@ -91,8 +112,9 @@ def verify_cache(
             else:
                 report.checked += 1
                 report.bytes_checked += size
+            done += size
             if progress is not None:
-                progress(n, total)
+                progress(done, total)
         report.orphans = sorted(on_disk - set(indexed))
         report.temp_files = sum(1 for d in drives for _ in (d.root / "tmp").iterdir())
         if repair:

@@ -331,6 +331,16 @@ class Upstream:
         self.bytes_received = 0
         self.outcomes: dict[tuple[str, str], int] = defaultdict(int)
 
+    def reconfigure(self, config: Config) -> None:
+        """Use a reloaded config for requests from now on (parents, proxy, timeouts,
+        pool size); requests under way finish as they started. A parent kept from
+        the old list keeps its up/down state."""
+        self._config = config
+        self._policy = config.origin_policy()
+        self._parents = [self._parent_route(u) for u in config.parents]
+        names = {r.name for r in self._parents}
+        self._down_until = {k: v for k, v in self._down_until.items() if k in names}
+
     @staticmethod
     def _parent_route(url: str) -> Route:
         host, port, _ = parse_http_url(url if url.endswith("/") else url + "/")
