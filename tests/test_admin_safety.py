@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
-import pytest
+import tracemalloc
+from pathlib import Path
 
-from mcc.origins import is_internal_address
+import pytest
+import trio
+import trio.testing
+from prometheus_client.parser import text_string_to_metric_families
+
+from fixtures.origin import Origin
+from mcc.ops.metrics import _MAX_TRACKED_URLS, MAX_HOST_LABELS, OTHER, Metrics, fold_tail
+from mcc.origins import OriginPolicy, is_internal_address
+from tests.helpers import get, run_node
 
 
 @pytest.mark.parametrize(
@@ -51,3 +60,76 @@ from mcc.origins import is_internal_address
 )
 def test_is_internal_address(address: str, internal: bool) -> None:
     assert is_internal_address(address) is internal
+
+
+# -- bounded metric labels -------------------------------------------------------------
+
+
+def test_host_labels_stay_bounded_however_many_hosts_arrive() -> None:
+    """Regression: every Host ever seen kept its own entry (120k hosts, +17.6 MB)."""
+    metrics = Metrics(OriginPolicy.build(["*.example.com"]))
+
+    def flood(first: int, n: int) -> None:
+        for i in range(first, first + n):
+            metrics.record("miss", 10, 0.01, f"h{i}.example.com", f"http://h{i}.example.com/f")
+            metrics.record("error", 1, 0.01, f"evil{i}.test", f"http://evil{i}.test/")
+
+    tracemalloc.start()
+    try:
+        flood(0, 5_000)
+        before = tracemalloc.get_traced_memory()[0]
+        flood(5_000, 20_000)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(metrics.bytes_by_host) == MAX_HOST_LABELS + 1
+    assert "h0.example.com" in metrics.bytes_by_host  # the first ones keep their entry
+    assert not any(h.startswith("evil") for h in metrics.bytes_by_host)  # off the allowlist
+    assert sum(metrics.bytes_by_host.values()) == 25_000 * 11  # nothing lost, only folded
+    assert metrics.bytes_by_host[OTHER] == 25_000 * 11 - MAX_HOST_LABELS * 10
+    assert len(metrics.bytes_by_url) <= _MAX_TRACKED_URLS
+    # 20,000 more hosts of each kind: a few label-cache refills, no growth per host
+    assert grown < 1_000_000, grown
+
+
+def test_host_labels_are_normalised() -> None:
+    metrics = Metrics()
+    for authority in ("Deb.Debian.org", "deb.debian.org:80", "deb.debian.org.", "[::1]:8080"):
+        metrics.record("hit", 1, 0.0, authority, "http://deb.debian.org/x")
+    assert dict(metrics.bytes_by_host) == {"deb.debian.org": 3, "[::1]:8080": 1}
+
+
+async def test_metrics_series_stay_bounded_and_parse(origin: Origin, tmp_path: Path) -> None:
+    async with run_node(tmp_path / "c", allow_origins=["*.example.com", origin.authority]) as node:
+        # real requests naming hosts off the allowlist (refused 403) get no label of their own
+        for i in range(20):
+            r = await get(node.port, f"http://evil{i}.test/x")
+            assert r.status == 403
+        await trio.testing.wait_all_tasks_blocked(cushion=0.05)  # the 403s are recorded
+        assert set(node.server.metrics.bytes_by_host) == {OTHER}
+        for i in range(5_000):
+            node.server.metrics.record("miss", 5, 0.01, f"h{i}.example.com", "http://x/")
+            node.cache.upstream.outcomes[(f"h{i}.example.com:80", "ok")] += 1
+        r = await get(node.admin_port, "/metrics")
+        assert r.status == 200
+        families = {f.name: f for f in text_string_to_metric_families(r.body.decode())}
+    hosts = {s.labels["host"] for s in families["mcc_host_bytes"].samples}
+    assert len(hosts) == MAX_HOST_LABELS + 1 and OTHER in hosts
+    upstreams = {s.labels["upstream"] for s in families["mcc_upstream_requests"].samples}
+    assert len(upstreams) == MAX_HOST_LABELS + 1 and OTHER in upstreams
+    total = sum(s.value for s in families["mcc_upstream_requests"].samples)
+    assert total == 5_000
+
+
+def test_fold_tail_keeps_the_largest_and_sums_the_rest() -> None:
+    rows = [({"upstream": f"u{i}", "outcome": "ok"}, float(i)) for i in range(10)]
+    rows.append(({"upstream": "u0", "outcome": "error"}, 100.0))
+    folded = fold_tail(rows, "upstream", cap=3)
+    assert sorted((r["upstream"], r["outcome"], v) for r, v in folded) == [
+        ("other", "ok", 1 + 2 + 3 + 4 + 5 + 6 + 7),
+        ("u0", "error", 100),
+        ("u0", "ok", 0),
+        ("u8", "ok", 8),
+        ("u9", "ok", 9),
+    ]
+    assert fold_tail(rows, "upstream", cap=100) == rows

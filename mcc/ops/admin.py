@@ -30,7 +30,15 @@ import trio
 from ..engine.engine import Cache
 from ..errors import BadRequest, McError
 from ..http.protocol import CLOSED, END_OF_BODY, NEED_DATA, Request, ServerProtocol
-from .metrics import DURATION_BUCKETS, WINDOW_SECONDS, Metrics, exposition
+from .metrics import (
+    DURATION_BUCKETS,
+    MAX_HOST_LABELS,
+    OTHER,
+    WINDOW_SECONDS,
+    Metrics,
+    exposition,
+    fold_tail,
+)
 
 __all__ = ["AdminServer"]
 
@@ -300,6 +308,10 @@ class AdminServer:
             cum += n
             hist.append(({"le": "+Inf" if bound == float("inf") else repr(bound)}, cum))
         drives = self.cache.blobs.drives
+        # one series per upstream name: an allowlist *.suffix admits any number of them
+        upstream_rows = [
+            ({"upstream": u, "outcome": o}, float(n)) for (u, o), n in sorted(up.outcomes.items())
+        ]
         families: list[tuple[str, str, str, list[tuple[dict[str, str], float]]]] = [
             (
                 "mcc_requests_total",
@@ -317,10 +329,17 @@ class AdminServer:
                 [({"source": k}, m.bytes_by_source[k]) for k in ("cache", "upstream")],
             ),
             (
+                "mcc_host_bytes_total",
+                "counter",
+                f"Body bytes sent to clients per content host ({OTHER}: hosts off the "
+                f"allowlist or past the first {MAX_HOST_LABELS}).",
+                [({"host": h}, n) for h, n in sorted(m.bytes_by_host.items())],
+            ),
+            (
                 "mcc_upstream_requests_total",
                 "counter",
                 "Upstream requests by upstream and outcome.",
-                [({"upstream": u, "outcome": o}, n) for (u, o), n in sorted(up.outcomes.items())],
+                fold_tail(upstream_rows, "upstream"),
             ),
             (
                 "mcc_upstream_bytes_total",
