@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import tracemalloc
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -11,9 +15,10 @@ import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
 from fixtures.origin import Origin
+from mcc.ops.client import ADMIN_HEADER
 from mcc.ops.metrics import _MAX_TRACKED_URLS, MAX_HOST_LABELS, OTHER, Metrics, fold_tail
 from mcc.origins import OriginPolicy, is_internal_address
-from tests.helpers import get, run_node
+from tests.helpers import Node, Response, admin_call, get, run_node
 
 
 @pytest.mark.parametrize(
@@ -110,7 +115,7 @@ async def test_metrics_series_stay_bounded_and_parse(origin: Origin, tmp_path: P
         for i in range(5_000):
             node.server.metrics.record("miss", 5, 0.01, f"h{i}.example.com", "http://x/")
             node.cache.upstream.outcomes[(f"h{i}.example.com:80", "ok")] += 1
-        r = await get(node.admin_port, "/metrics")
+        r = await admin_call(node, "/metrics")
         assert r.status == 200
         families = {f.name: f for f in text_string_to_metric_families(r.body.decode())}
     hosts = {s.labels["host"] for s in families["mcc_host_bytes"].samples}
@@ -133,3 +138,106 @@ def test_fold_tail_keeps_the_largest_and_sums_the_rest() -> None:
         ("u9", "ok", 9),
     ]
     assert fold_tail(rows, "upstream", cap=100) == rows
+
+
+# -- the admin API and browsers ----------------------------------------------------------
+
+DATA = b"x" * 100_000
+JSON_AND_HEADER = [("content-type", "application/json"), (ADMIN_HEADER, "1")]
+
+
+@pytest.fixture
+async def node(origin: Origin, tmp_path: Path) -> AsyncIterator[Node]:
+    """A node with no admin token (the loopback default) holding one object."""
+    origin.put("/f.bin", DATA)
+    async with run_node(tmp_path / "c", allow_origins=[origin.authority]) as n:
+        await n.cache.warm(origin.url("/f.bin"))
+        assert n.cache.index.object_keys()
+        yield n
+
+
+async def _post(node: Node, path: str, body: bytes, headers: list[tuple[str, str]]) -> Response:
+    return await get(
+        node.admin_port, path, headers, method="POST", body=body, host=node.admin_authority
+    )
+
+
+async def test_cross_site_purge_without_token_is_refused(node: Node) -> None:
+    """Regression: a text/plain POST from evil.example (no preflight needed) purged all."""
+    body = json.dumps({"pattern": "*"}).encode()
+    evil = [("content-type", "text/plain"), ("origin", "http://evil.example")]
+    # the request exactly as a rebound page sends it
+    r = await get(node.admin_port, "/purge", evil, method="POST", body=body, host="evil.example")
+    assert r.status in (403, 421), r
+    # with our own Host, each half of the guard on its own is not enough
+    for headers in (
+        evil,
+        [("content-type", "text/plain")],
+        [("content-type", "text/plain"), (ADMIN_HEADER, "1")],  # no JSON type
+        [("content-type", "application/json")],  # no custom header
+        [("content-type", "application/x-www-form-urlencoded"), (ADMIN_HEADER, "1")],
+        [*JSON_AND_HEADER, ("origin", "http://evil.example")],  # a foreign page's Origin
+        [*JSON_AND_HEADER, ("origin", "null")],
+    ):
+        r = await _post(node, "/purge", body, headers)
+        assert r.status == 403, (headers, r)
+        assert b"\n" not in r.body.strip() and json.loads(r.body)["error"]
+    assert node.cache.index.object_keys(), "nothing may be purged"
+    # the form the CLI uses works (and a same-origin Origin is fine)
+    r = await _post(node, "/purge", body, JSON_AND_HEADER)
+    assert r.status == 200 and len(json.loads(r.body)["purged"]) == 1
+    assert not node.cache.index.object_keys()
+    r = await admin_call(
+        node, "/purge", {"pattern": "*"}, [("origin", f"http://{node.admin_authority}")]
+    )
+    assert r.status == 200
+
+
+async def test_other_write_methods_are_guarded_too(node: Node) -> None:
+    for method in ("PUT", "DELETE", "PATCH"):
+        r = await get(node.admin_port, "/purge", method=method, host=node.admin_authority)
+        assert r.status == 403, method
+        r = await admin_call(node, "/purge", {"pattern": "*"}, method=method)
+        assert r.status == 405, method
+    assert node.cache.index.object_keys()
+
+
+async def test_a_foreign_host_header_is_refused(node: Node) -> None:
+    """DNS rebinding: evil.example resolved to 127.0.0.1 still says Host: evil.example."""
+    port = node.admin_port
+    body = json.dumps({"pattern": "*"}).encode()
+    for host in (f"evil.example:{port}", "evil.example", f"127.0.0.1:{port + 1}", "127.0.0.1"):
+        r = await get(port, "/purge", JSON_AND_HEADER, method="POST", body=body, host=host)
+        assert r.status == 421, host
+        assert "does not name this admin listener" in json.loads(r.body)["error"]
+        assert (await get(port, "/summary", host=host)).status == 421  # reads too
+    assert node.cache.index.object_keys()
+    # a page cannot read the status page through a rebound name either
+    assert (await get(port, "/", host=f"evil.example:{port}")).status == 421
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"LOCALHOST.:{port}", f"[::1]:{port}"):
+        assert (await get(port, "/health", host=host)).status == 200, host
+
+
+async def test_the_token_is_required_for_writes_when_set(origin: Origin, tmp_path: Path) -> None:
+    token = "0123456789abcdef-test-token"
+    async with run_node(tmp_path / "c", allow_origins=[origin.authority], admin_token=token) as n:
+        r = await admin_call(n, "/purge", {"pattern": "*"})  # JSON + header, but no token
+        assert r.status == 401
+        r = await admin_call(n, "/purge", {"pattern": "*"}, [("authorization", f"Bearer {token}")])
+        assert r.status == 200
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mcc", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+async def test_cli_works_without_a_token(node: Node, origin: Origin) -> None:
+    admin = ["--admin-listen", node.admin_authority]
+    r = await trio.to_thread.run_sync(lambda: _cli("warm", origin.url("/f.bin"), *admin))
+    assert r.returncode == 0 and "warmed 1 of 1" in r.stdout, r.stderr
+    r = await trio.to_thread.run_sync(lambda: _cli("stats", *admin))
+    assert r.returncode == 0 and "ready" in r.stdout, r.stderr
+    r = await trio.to_thread.run_sync(lambda: _cli("purge", "127.0.0.1", *admin))
+    assert r.returncode == 0 and "1 objects purged" in r.stdout, r.stderr

@@ -1,7 +1,6 @@
 """The admin listener: metrics, summary, health, warm, purge and a status page.
 
-Endpoints (``admin_token``, when set, is required as ``Authorization: Bearer TOKEN``
-for the write endpoints, and for every endpoint when the listener is not on loopback):
+Endpoints:
 
 - ``GET /metrics``: Prometheus text exposition.
 - ``GET /summary``: JSON in the spirit of Connected Cache's summary report.
@@ -9,15 +8,31 @@ for the write endpoints, and for every endpoint when the listener is not on loop
 - ``POST /warm`` ``{"urls": [...]}``: pre-seed in the background; ``GET /warm/<id>``.
 - ``POST /purge`` ``{"url": ...}`` or ``{"pattern": "host or *.suffix"}``.
 - ``GET /``: an HTML status page that refreshes itself.
+
+Rules, checked in this order on every request (theory: a browser on this machine must
+never be a way in, neither by a cross-site request nor through DNS rebinding):
+
+1. The Host header names this listener: its host and bound port, or the address the
+   connection reached; on loopback also ``localhost``, ``127.0.0.1`` and ``[::1]``; on
+   a wildcard listener also the machine's host name. Otherwise 421 (a page from
+   ``evil.example`` whose name was rebound to 127.0.0.1 still sends ``Host: evil.example``).
+2. A write (every method but GET and HEAD) with an ``Origin`` header from elsewhere is
+   refused (403).
+3. With ``admin_token`` set, writes need ``Authorization: Bearer TOKEN`` (401), and so
+   does every request when the listener is not on loopback. With no token, writes need
+   ``Content-Type: application/json`` and an ``X-MCC-Admin`` header (403 otherwise):
+   neither can be sent cross-site without a CORS preflight, which this API never grants.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import hmac
+import ipaddress
 import json
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable
 from importlib import resources
@@ -30,6 +45,8 @@ import trio
 from ..engine.engine import Cache
 from ..errors import BadRequest, McError
 from ..http.protocol import CLOSED, END_OF_BODY, NEED_DATA, Request, ServerProtocol
+from ..origins import split_host_port
+from .client import ADMIN_HEADER
 from .metrics import (
     DURATION_BUCKETS,
     MAX_HOST_LABELS,
@@ -48,7 +65,11 @@ log = logging.getLogger("mcc.admin")
 _MAX_BODY = 1024 * 1024
 # Warm jobs remembered for GET /warm/<id>.
 _MAX_JOBS = 100
+# Methods that change nothing; every other method is a write and guarded as one.
+_SAFE_METHODS = ("GET", "HEAD")
 _LOOPBACK = ("127.0.0.1", "::1", "localhost")
+_LOOPBACK_NAMES = frozenset(_LOOPBACK)
+_WILDCARD = ("0.0.0.0", "::", "")
 
 
 @attrs.define
@@ -92,6 +113,7 @@ class AdminServer:
         self.jobs: dict[str, WarmJob] = {}
         self._nursery: trio.Nursery | None = None
         self.port = 0
+        self._names = self._listener_names()
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Listen on ``admin_listen`` until cancelled; started() gets the bound port.
@@ -117,17 +139,14 @@ class AdminServer:
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         proto = ServerProtocol()
+        names = self._names | _local_names(stream)
         try:
             while True:
                 with trio.move_on_after(self.config.timeouts.keepalive) as idle:
                     req, body = await _read_request(proto, stream)
                 if idle.cancelled_caught or req is None:
                     return
-                try:
-                    status, ctype, payload = await self._route(req, body)
-                except BadRequest as exc:
-                    status, ctype = exc.status_hint, "application/json"
-                    payload = json.dumps({"error": str(exc)}).encode()
+                status, ctype, payload = await self._answer(req, body, names)
                 headers = [("content-type", ctype), ("content-length", str(len(payload)))]
                 if status == 401:
                     headers.append(("www-authenticate", 'Bearer realm="mcc"'))
@@ -149,23 +168,95 @@ class AdminServer:
         finally:
             await stream.aclose()
 
-    def _authorized(self, req: Request, write: bool) -> bool:
-        token = self.config.admin_token
-        if not token:
-            return True
-        if not write and self.config.admin_listen.host in _LOOPBACK:
-            return True
-        given = req.header("authorization") or ""
-        return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
+    async def _answer(
+        self, req: Request, body: bytes, names: frozenset[str]
+    ) -> tuple[int, str, bytes]:
+        """Route one request; a refusal becomes its status."""
+        try:
+            return await self._route(req, body, names)
+        except BadRequest as exc:
+            return exc.status_hint, "application/json", _json_error(str(exc))
 
-    async def _route(self, req: Request, body: bytes) -> tuple[int, str, bytes]:
+    # -- who may ask ---------------------------------------------------------------
+
+    def _listener_names(self) -> frozenset[str]:
+        """Host names (normalised, no port) that name this listener on any connection."""
+        host = self.config.admin_listen.host
+        names: set[str] = set()
+        if host in _WILDCARD:
+            try:
+                names.add(split_host_port(socket.gethostname(), 0)[0])
+            except ValueError:
+                pass
+        else:
+            names.add(host)
+            if _is_loopback(host):
+                names |= _LOOPBACK_NAMES
+        return frozenset(names)
+
+    def _check_host(self, req: Request, names: frozenset[str]) -> None:
+        """Refuse a Host header that does not name this listener (DNS rebinding)."""
+        given = [v for k, v in req.headers if k == "host"]
+        if len(given) != 1:
+            raise BadRequest("the admin API needs exactly one Host header")
+        if not self._names_us(given[0], names):
+            raise BadRequest(
+                f"Host {given[0][:100]!r} does not name this admin listener "
+                f"({_authority(self.config.admin_listen.host, self.port)}); refused "
+                "as a guard against DNS rebinding",
+                status_hint=421,
+            )
+
+    def _names_us(self, authority: str, names: frozenset[str]) -> bool:
+        try:
+            host, port = split_host_port(authority, 80)
+        except ValueError:
+            return False
+        return port == self.port and host in names
+
+    def _check_write(self, req: Request, path: str, names: frozenset[str]) -> None:
+        """A write must come from a client that is not a browser tricked by a page."""
+        origin = req.header("origin")
+        if origin is not None:
+            parts = urlsplit(origin)
+            if parts.scheme != "http" or not self._names_us(parts.netloc, names):
+                raise BadRequest(
+                    f"{req.method} {path} from Origin {origin[:100]!r} refused: "
+                    "the admin API takes no cross-site writes",
+                    status_hint=403,
+                )
+        token = self.config.admin_token
+        if token:
+            if not _bearer_matches(req, token):
+                raise BadRequest("missing or wrong admin token", status_hint=401)
+            return
+        ctype = (req.header("content-type") or "").split(";", 1)[0].strip().lower()
+        if ctype != "application/json" or not req.header(ADMIN_HEADER):
+            raise BadRequest(
+                f"{req.method} {path} needs Content-Type: application/json and an "
+                f"{ADMIN_HEADER} header (no admin_token is set; browsers cannot send "
+                "these cross-site)",
+                status_hint=403,
+            )
+
+    def _read_allowed(self, req: Request) -> bool:
+        token = self.config.admin_token
+        if not token or self.config.admin_listen.host in _LOOPBACK:
+            return True
+        return _bearer_matches(req, token)
+
+    async def _route(
+        self, req: Request, body: bytes, names: frozenset[str]
+    ) -> tuple[int, str, bytes]:
         path = urlsplit(req.target).path
-        write = req.method == "POST"
+        self._check_host(req, names)
+        if req.method not in _SAFE_METHODS:
+            self._check_write(req, path, names)
+        elif not self._read_allowed(req):
+            raise BadRequest("missing or wrong admin token", status_hint=401)
         if req.method not in ("GET", "HEAD", "POST"):
             raise BadRequest(f"{req.method} is not supported here", status_hint=405)
-        if not self._authorized(req, write):
-            raise BadRequest("missing or wrong admin token", status_hint=401)
-        if req.method in ("GET", "HEAD"):
+        if req.method in _SAFE_METHODS:
             if path == "/metrics":
                 return (
                     200,
@@ -425,6 +516,10 @@ def _json(doc: Any) -> bytes:
     return json.dumps(doc, indent=1).encode()
 
 
+def _json_error(message: str) -> bytes:
+    return json.dumps({"error": message}).encode()
+
+
 def _parse_json(body: bytes) -> dict[str, Any]:
     try:
         doc = json.loads(body or b"{}")
@@ -433,6 +528,39 @@ def _parse_json(body: bytes) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise BadRequest("body must be a JSON object")
     return doc
+
+
+def _bearer_matches(req: Request, token: str) -> bool:
+    given = req.header("authorization") or ""
+    return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _local_names(stream: trio.SocketStream) -> frozenset[str]:
+    """The address a connection reached (a client may name it in Host), plus the
+    loopback names when that address is a loopback one."""
+    try:
+        address = ipaddress.ip_address(str(stream.socket.getsockname()[0]).split("%", 1)[0])
+    except (OSError, ValueError, IndexError):
+        return frozenset()
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    names = {str(address)}
+    if address.is_loopback:
+        names |= _LOOPBACK_NAMES
+    return frozenset(names)
+
+
+def _authority(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 async def _read_request(
