@@ -15,10 +15,12 @@ import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
 from fixtures.origin import Origin
+from mcc.errors import McError
+from mcc.ops.admin import _MAX_RUNNING_JOBS
 from mcc.ops.client import ADMIN_HEADER
 from mcc.ops.metrics import _MAX_TRACKED_URLS, MAX_HOST_LABELS, OTHER, Metrics, fold_tail
 from mcc.origins import OriginPolicy, is_internal_address
-from tests.helpers import Node, Response, admin_call, get, run_node
+from tests.helpers import Node, Response, admin_call, get, raw_exchange, run_node
 
 
 @pytest.mark.parametrize(
@@ -241,3 +243,150 @@ async def test_cli_works_without_a_token(node: Node, origin: Origin) -> None:
     assert r.returncode == 0 and "ready" in r.stdout, r.stderr
     r = await trio.to_thread.run_sync(lambda: _cli("purge", "127.0.0.1", *admin))
     assert r.returncode == 0 and "1 objects purged" in r.stdout, r.stderr
+
+
+# -- the admin handlers contain failures --------------------------------------------------
+
+
+async def _still_serving(node: Node, origin: Origin) -> None:
+    assert (await admin_call(node, "/health")).status == 200
+    assert (await get(node.port, origin.url("/f.bin"))).body == DATA
+
+
+async def test_deep_json_is_refused_and_the_node_keeps_serving(node: Node, origin: Origin) -> None:
+    """Regression: 50,000 nested arrays raised RecursionError inside the admin."""
+    deep = b'{"urls": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
+    medium = b'{"urls": ' + b"[" * 20 + b'"http://x/"' + b"]" * 20 + b"}"  # parses, too deep
+    for body in (deep, medium, b'{"pattern": ' + b'{"a": ' * 30 + b"1" + b"}" * 31):
+        for path in ("/warm", "/purge"):
+            r = await _post(node, path, body, JSON_AND_HEADER)
+            assert r.status == 400, (path, r)
+            assert "nested deeper than" in json.loads(r.body)["error"]
+    for body in (b"{", b"\xff\xfe", b"[1]", b'"x"'):
+        r = await _post(node, "/warm", body, JSON_AND_HEADER)
+        assert r.status == 400 and json.loads(r.body)["error"]
+    await _still_serving(node, origin)
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("http://{authority}/a b", "space"),
+        ("http://{authority}/caf\u00e9", "non-ASCII"),
+        ("http://{authority}/\u2028", "non-ASCII"),
+        ("http://{authority}/a\tb", "control character"),
+        ("http://{authority}/a\r\nX-Injected: 1", "control character"),
+        ("http://{authority}/a\x00", "control character"),
+        ("http://{authority}/a\x7f", "control character"),
+        ("https://{authority}/f.bin", "not an http:// URL"),
+        ("ftp://{authority}/f.bin", "not an http:// URL"),
+        ("/f.bin", "not an http:// URL"),
+        ("http://", "not an http:// URL"),
+        ("http://{authority}/" + "a" * 20_000, "longer than"),
+    ],
+)
+async def test_warm_and_purge_check_urls_at_the_door(
+    node: Node, origin: Origin, url: str, problem: str
+) -> None:
+    """Regression: a URL with a space or non-ASCII character crashed the warm job."""
+    url = url.format(authority=origin.authority)
+    before = len(origin.requests)
+    for path, doc in (("/warm", {"urls": [origin.url("/f.bin"), url]}), ("/purge", {"url": url})):
+        r = await admin_call(node, path, doc)
+        assert r.status == 400, (path, r)
+        assert problem in json.loads(r.body)["error"], r.body
+    assert len(origin.requests) == before  # no job was started
+    assert node.cache.index.object_keys()
+    await _still_serving(node, origin)
+
+
+async def test_bad_shapes_get_400(node: Node) -> None:
+    for path, doc in (
+        ("/warm", {"urls": "http://x/"}),
+        ("/warm", {"urls": [1]}),
+        ("/warm", {"urls": []}),
+        ("/purge", {"url": 5}),
+        ("/purge", {"pattern": "a b"}),
+        ("/purge", {"pattern": "\u00e9.example"}),
+        ("/purge", {"pattern": ""}),
+        ("/purge", {}),
+    ):
+        r = await admin_call(node, path, doc)
+        assert r.status == 400, (path, doc, r)
+    r = await admin_call(node, "/warm", {"urls": ["http://x/"] * 10_001})
+    assert r.status == 413
+    assert node.cache.index.object_keys()
+
+
+async def test_a_body_declared_too_large_is_refused_before_it_is_read(node: Node) -> None:
+    head = (
+        f"POST /warm HTTP/1.1\r\nHost: {node.admin_authority}\r\n"
+        f"Content-Type: application/json\r\n{ADMIN_HEADER}: 1\r\n"
+        f"Content-Length: {2 * 1024 * 1024}\r\n\r\n"
+    ).encode()
+    out = await raw_exchange(node.admin_port, head + b"{", read_timeout=5)
+    assert out.startswith(b"HTTP/1.1 413 "), out[:200]
+
+
+async def test_an_exception_in_a_handler_is_a_500_and_the_admin_goes_on(
+    node: Node, origin: Origin, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken() -> dict[str, object]:
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(node.admin, "summary", broken)
+    for _ in range(2):
+        r = await admin_call(node, "/summary")
+        assert r.status == 500 and "internal error" in json.loads(r.body)["error"]
+        assert b"injected" not in r.body  # details go to the log, not to the client
+    failures = [rec for rec in caplog.records if rec.name == "mcc.admin" and rec.exc_info]
+    assert len(failures) == 2 and "/summary" in failures[0].getMessage()
+    metrics = (await admin_call(node, "/metrics")).body.decode()
+    samples = {
+        s.labels.get("where"): s.value
+        for f in text_string_to_metric_families(metrics)
+        if f.name == "mcc_internal_errors"
+        for s in f.samples
+        if s.name == "mcc_internal_errors_total"
+    }
+    assert samples["admin"] == 2
+    await _still_serving(node, origin)
+
+
+async def test_an_exception_in_a_warm_job_fails_the_job_not_the_node(
+    node: Node, origin: Origin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(url: str) -> object:
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(node.cache, "warm", broken)
+    r = await admin_call(node, "/warm", {"urls": [origin.url("/f.bin")]})
+    assert r.status == 202
+    job = json.loads(r.body)
+    with trio.fail_after(10):
+        while job["state"] != "done":
+            await trio.sleep(0.02)
+            job = json.loads((await admin_call(node, f"/warm/{job['id']}")).body)
+    assert job["failed"] == 1 and "internal error (RuntimeError)" in job["errors"][0]
+    assert node.server.metrics.internal_errors["warm"] == 1
+    await _still_serving(node, origin)
+
+
+async def test_running_warm_jobs_are_capped(
+    node: Node, origin: Origin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    release = trio.Event()
+
+    async def stuck(url: str) -> object:
+        await release.wait()
+        raise McError("released")
+
+    monkeypatch.setattr(node.cache, "warm", stuck)
+    doc = {"urls": [origin.url("/f.bin")]}
+    for _ in range(_MAX_RUNNING_JOBS):
+        assert (await admin_call(node, "/warm", doc)).status == 202
+    r = await admin_call(node, "/warm", doc)
+    assert r.status == 503 and "running already" in json.loads(r.body)["error"]
+    release.set()
+    await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+    assert (await admin_call(node, "/warm", doc)).status == 202

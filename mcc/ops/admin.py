@@ -22,6 +22,9 @@ never be a way in, neither by a cross-site request nor through DNS rebinding):
    does every request when the listener is not on loopback. With no token, writes need
    ``Content-Type: application/json`` and an ``X-MCC-Admin`` header (403 otherwise):
    neither can be sent cross-site without a CORS preflight, which this API never grants.
+4. Bodies are bounded in size and JSON depth; URLs are checked before any work starts.
+   Any unexpected exception becomes a 500 with one logged traceback and a count in
+   ``mcc_internal_errors_total{where="admin"}``; the listener and the node go on.
 """
 
 from __future__ import annotations
@@ -61,10 +64,20 @@ __all__ = ["AdminServer"]
 
 log = logging.getLogger("mcc.admin")
 
-# Largest admin request body (a warm list of a few thousand URLs fits).
+# Largest admin request body (a warm list of a few thousand URLs fits); larger gets 413.
 _MAX_BODY = 1024 * 1024
+# Deepest JSON accepted. The documents are two levels deep ({"urls": [...]}); the bound
+# keeps a hostile body from exhausting the parser's stack (json raises RecursionError
+# near 1,000 levels) and the walk that checks it short.
+_MAX_JSON_DEPTH = 8
+# Longest URL accepted by warm and purge: the client listener's default max_request_head.
+_MAX_URL = 16 * 1024
+# URLs in one warm job (a 1 MiB body of short URLs would be ~20,000).
+_MAX_WARM_URLS = 10_000
 # Warm jobs remembered for GET /warm/<id>.
 _MAX_JOBS = 100
+# Warm jobs running at once; more get 503 (each holds its URL list until it ends).
+_MAX_RUNNING_JOBS = 16
 # Methods that change nothing; every other method is a write and guarded as one.
 _SAFE_METHODS = ("GET", "HEAD")
 _LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -111,6 +124,7 @@ class AdminServer:
         self.metrics = metrics
         self._open_connections = open_connections
         self.jobs: dict[str, WarmJob] = {}
+        self._running_jobs = 0
         self._nursery: trio.Nursery | None = None
         self.port = 0
         self._names = self._listener_names()
@@ -165,17 +179,29 @@ class AdminServer:
                     await stream.send_all(refusal)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             return
+        except Exception:
+            # a bug outside the handlers (reading or sending): this connection ends,
+            # the admin listener and the node go on
+            self._internal_error("admin", "admin connection")
         finally:
             await stream.aclose()
 
     async def _answer(
         self, req: Request, body: bytes, names: frozenset[str]
     ) -> tuple[int, str, bytes]:
-        """Route one request; a refusal becomes its status."""
+        """Route one request; every failure becomes a status, none escapes."""
         try:
             return await self._route(req, body, names)
         except BadRequest as exc:
             return exc.status_hint, "application/json", _json_error(str(exc))
+        except Exception:
+            self._internal_error("admin", f"admin {req.method} {req.target[:200]!r}")
+            return 500, "application/json", _json_error("internal error (logged on the node)")
+
+    def _internal_error(self, where: str, what: str) -> None:
+        """Count and log the exception being handled (call inside ``except``)."""
+        self.metrics.count_internal_error(where)
+        log.error("%s failed with an internal error", what, exc_info=True)
 
     # -- who may ask ---------------------------------------------------------------
 
@@ -231,7 +257,7 @@ class AdminServer:
                 raise BadRequest("missing or wrong admin token", status_hint=401)
             return
         ctype = (req.header("content-type") or "").split(";", 1)[0].strip().lower()
-        if ctype != "application/json" or not req.header(ADMIN_HEADER):
+        if ctype != "application/json" or not req.header(ADMIN_HEADER.lower()):
             raise BadRequest(
                 f"{req.method} {path} needs Content-Type: application/json and an "
                 f"{ADMIN_HEADER} header (no admin_token is set; browsers cannot send "
@@ -271,57 +297,85 @@ class AdminServer:
             if path.startswith("/warm/"):
                 job = self.jobs.get(path[len("/warm/") :])
                 if job is None:
-                    raise BadRequest(f"no warm job {path[6:]!r}", status_hint=404)
+                    raise BadRequest(f"no warm job {path[6:100]!r}", status_hint=404)
                 return 200, "application/json", _json(job.as_json())
             if path in ("/", "/index.html"):
                 page = resources.files("mcc.ops").joinpath("status.html").read_bytes()
                 return 200, "text/html; charset=utf-8", page
-            raise BadRequest(f"no such page {path!r}", status_hint=404)
+            raise BadRequest(f"no such page {path[:100]!r}", status_hint=404)
         doc = _parse_json(body)
         if path == "/warm":
             urls = doc.get("urls")
-            if not isinstance(urls, list) or not urls or not all(isinstance(u, str) for u in urls):
+            if not isinstance(urls, list) or not urls:
                 raise BadRequest('warm needs {"urls": ["http://...", ...]}')
+            if len(urls) > _MAX_WARM_URLS:
+                raise BadRequest(
+                    f"warm takes at most {_MAX_WARM_URLS} URLs at once, got {len(urls)}",
+                    status_hint=413,
+                )
             for u in urls:
-                self.cache.resolve(u)  # 400/403 now, not later in the job
+                self.cache.resolve(_check_url(u, "urls[]"))  # 400/403 now, not in the job
             return 202, "application/json", _json(self.start_warm(urls).as_json())
         if path == "/purge":
             return 200, "application/json", _json(await self.purge(doc))
-        raise BadRequest(f"no such endpoint {path!r}", status_hint=404)
+        raise BadRequest(f"no such endpoint {path[:100]!r}", status_hint=404)
 
     # -- actions -------------------------------------------------------------------
 
     def start_warm(self, urls: list[str]) -> WarmJob:
-        """Start a background warm job (owned by the admin server's nursery)."""
+        """Start a background warm job (owned by the admin server's nursery).
+
+        Raises:
+          BadRequest: 503 when ``_MAX_RUNNING_JOBS`` jobs are running already.
+        """
         assert self._nursery is not None
+        if self._running_jobs >= _MAX_RUNNING_JOBS:
+            raise BadRequest(
+                f"{self._running_jobs} warm jobs are running already; try again later",
+                status_hint=503,
+            )
         job = WarmJob(os.urandom(6).hex(), list(urls))
         self.jobs[job.id] = job
         while len(self.jobs) > _MAX_JOBS:
             del self.jobs[next(iter(self.jobs))]
+        self._running_jobs += 1
         self._nursery.start_soon(self._warm, job)
         return job
 
     async def _warm(self, job: WarmJob) -> None:
-        for url in job.urls:
-            try:
-                info = await self.cache.warm(url)
-                job.bytes += info.size
-                job.done += 1
-            except McError as exc:
-                job.failed += 1
-                job.errors.append(f"{url}: {exc}")
-        job.state = "done"
+        try:
+            for url in job.urls:
+                try:
+                    info = await self.cache.warm(url)
+                    job.bytes += info.size
+                    job.done += 1
+                except McError as exc:
+                    job.failed += 1
+                    job.errors.append(f"{url}: {exc}")
+                except Exception as exc:  # a bug must not take the admin nursery down
+                    self._internal_error("warm", f"warm {url[:200]!r}")
+                    job.failed += 1
+                    job.errors.append(f"{url}: internal error ({type(exc).__name__})")
+        finally:
+            self._running_jobs -= 1
+            job.state = "done"
 
     async def purge(self, doc: dict[str, Any]) -> dict[str, Any]:
-        """Purge one URL or every object whose host matches a pattern."""
+        """Purge one URL or every object whose host matches a pattern.
+
+        Raises:
+          BadRequest: 400 naming what is wrong with the URL or pattern.
+        """
         url, pattern = doc.get("url"), doc.get("pattern")
-        if isinstance(url, str):
+        if url is not None:
+            url = _check_url(url, "url")
             removed = [url] if await self.cache.purge(url) else []
-        elif isinstance(pattern, str) and pattern:
+        elif pattern is not None:
+            pattern = _check_pattern(pattern).lower()
             removed = []
             for key in self.cache.index.object_keys():
                 host = urlsplit(key).hostname or ""
-                if fnmatch.fnmatchcase(host, pattern.lower()) or host == pattern.lower():
+                if fnmatch.fnmatchcase(host, pattern) or host == pattern:
                     await self.cache.purge(key)
                     removed.append(key)
         else:
@@ -484,6 +538,12 @@ class AdminServer:
                 [({}, self._open_connections())],
             ),
             (
+                "mcc_internal_errors_total",
+                "counter",
+                "Unexpected exceptions contained (answered 500, logged with a traceback).",
+                [({"where": w}, n) for w, n in sorted({"admin": 0, **m.internal_errors}.items())],
+            ),
+            (
                 "mcc_parent_up",
                 "gauge",
                 "1 when a parent cache is considered up.",
@@ -521,13 +581,70 @@ def _json_error(message: str) -> bytes:
 
 
 def _parse_json(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object, no deeper than ``_MAX_JSON_DEPTH``.
+
+    Raises:
+      BadRequest: 400 saying why the body is refused.
+    """
+    too_deep = f"body is JSON nested deeper than {_MAX_JSON_DEPTH} levels"
     try:
         doc = json.loads(body or b"{}")
-    except ValueError as exc:
+    except RecursionError:
+        raise BadRequest(too_deep) from None
+    except ValueError as exc:  # UnicodeDecodeError included
         raise BadRequest(f"body is not JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise BadRequest("body must be a JSON object")
+    if _depth_exceeds(doc, _MAX_JSON_DEPTH):
+        raise BadRequest(too_deep)
     return doc
+
+
+def _depth_exceeds(doc: Any, limit: int) -> bool:
+    """True when containers in ``doc`` nest deeper than ``limit`` (no recursion)."""
+    stack: list[tuple[Any, int]] = [(doc, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return False
+
+
+def _check_url(value: object, field: str) -> str:
+    """``value`` if it is a plain ``http://`` URL with nothing a request line cannot carry.
+
+    Raises:
+      BadRequest: 400 naming the field and the problem.
+    """
+    if not isinstance(value, str):
+        raise BadRequest(f"{field}: expected a URL string, got {type(value).__name__}")
+    shown = repr(value[:200])
+    if len(value) > _MAX_URL:
+        raise BadRequest(f"{field}: URL longer than {_MAX_URL} characters")
+    if not value.isascii():
+        raise BadRequest(f"{field}: {shown} has non-ASCII characters (percent-encode them)")
+    if any(c < " " or c == "\x7f" for c in value):
+        raise BadRequest(f"{field}: {shown} has a control character")
+    if " " in value:
+        raise BadRequest(f"{field}: {shown} has a space (percent-encode it as %20)")
+    if value[:7].lower() != "http://" or len(value) == 7:
+        raise BadRequest(f"{field}: {shown} is not an http:// URL")
+    return value
+
+
+def _check_pattern(value: object) -> str:
+    """A purge host pattern: ``host`` or ``*.suffix``, printable ASCII without spaces.
+
+    Raises:
+      BadRequest: 400 naming the problem.
+    """
+    if not isinstance(value, str) or not value:
+        raise BadRequest('pattern: expected a host or "*.suffix" string')
+    if len(value) > 255 or not value.isascii() or not value.isprintable() or " " in value:
+        raise BadRequest(f"pattern: {value[:100]!r} is not a host or *.suffix pattern")
+    return value
 
 
 def _bearer_matches(req: Request, token: str) -> bool:
@@ -576,9 +693,12 @@ async def _read_request(
             return None, b""
         elif isinstance(event, Request):
             req = event
+            declared = req.header("content-length") or ""
+            if declared.isdigit() and int(declared) > _MAX_BODY:
+                raise BadRequest(f"request body over {_MAX_BODY} bytes", status_hint=413)
         elif isinstance(event, bytes):
             body += event
             if len(body) > _MAX_BODY:
-                raise BadRequest("request body too large", status_hint=413)
+                raise BadRequest(f"request body over {_MAX_BODY} bytes", status_hint=413)
         elif event is END_OF_BODY:
             return req, body

@@ -21,7 +21,7 @@ _TIMEOUT = 10.0
 # The custom header the admin API requires on writes when no admin_token is set (with
 # Content-Type: application/json). A browser cannot add it to a cross-site request
 # without a CORS preflight, which the admin API never grants.
-ADMIN_HEADER = "x-mcc-admin"
+ADMIN_HEADER = "X-MCC-Admin"
 
 
 class AdminError(McError):

@@ -73,6 +73,8 @@ class Metrics:
         self.bytes_by_source: dict[str, int] = defaultdict(int)
         self.bytes_by_host: dict[str, int] = defaultdict(int)
         self.bytes_by_url: dict[str, int] = defaultdict(int)
+        # unexpected exceptions contained, by where they happened ("admin", "warm"...)
+        self.internal_errors: dict[str, int] = defaultdict(int)
         self._labels: dict[str, str | None] = {}
         self.buckets = [0] * (len(DURATION_BUCKETS) + 1)
         self.duration_sum = 0.0
@@ -102,6 +104,10 @@ class Metrics:
         elif kind in ("miss", "partial", "pass"):
             sec.miss_bytes += nbytes
             sec.miss_requests += 1
+
+    def count_internal_error(self, where: str) -> None:
+        """Count one unexpected exception that was contained (``where``: a fixed name)."""
+        self.internal_errors[where] += 1
 
     def _host_label(self, authority: str) -> str | None:
         """The label ``authority`` (a URL's ``host[:port]``) is counted under: the
