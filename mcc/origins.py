@@ -132,24 +132,40 @@ def normalize_host(host: str) -> str:
     return h
 
 
+# IPv6 ranges that ``ipaddress`` (Python 3.11) still calls global but that can lead to
+# an internal host, so mcc never connects to them by a wildcard-allowed name.
+_ALSO_INTERNAL = (
+    # 6to4 (RFC 3056): a relay unwraps the embedded IPv4 address, which may be private
+    ipaddress.IPv6Network("2002::/16"),
+    # site-local (RFC 3879 deprecated it, but networks still route it internally)
+    ipaddress.IPv6Network("fec0::/10"),
+)
+# NAT64 well-known prefix (RFC 6052 s2.1): the last 32 bits are the IPv4 address the
+# translator connects to, so the address is judged by that IPv4 address.
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+
+
 def is_internal_address(address: str) -> bool:
-    """True for loopback, private, link-local (cloud metadata lives at 169.254.169.254),
-    unique-local (fc00::/7), unspecified, multicast and reserved addresses, including
-    IPv4 addresses wrapped in IPv6."""
+    """True for every address that is not globally reachable: loopback, private,
+    shared (100.64.0.0/10), link-local (cloud metadata lives at 169.254.169.254),
+    unique- and site-local, 6to4, documentation, unspecified, multicast and reserved.
+
+    IPv4 addresses wrapped in IPv6 (``::ffff:10.0.0.1``, NAT64 ``64:ff9b::a00:1``) are
+    judged by the IPv4 address. Anything that does not parse counts as internal.
+    """
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
         return True  # not an address we can judge: treat as internal
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return bool(
-        ip.is_loopback
-        or ip.is_private
-        or ip.is_link_local
-        or ip.is_unspecified
-        or ip.is_multicast
-        or ip.is_reserved
-    )
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        elif ip in _NAT64:
+            ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        elif any(ip in net for net in _ALSO_INTERNAL):
+            return True
+    # is_global leaves multicast (224.0.0.0/4, ff00::/8) and some reserved ranges in
+    return not ip.is_global or ip.is_multicast or ip.is_reserved
 
 
 @attrs.frozen

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import sys
 from collections.abc import AsyncIterator, Sequence
@@ -19,6 +20,7 @@ import mcc
 from mcc.http.protocol import Request, ServerProtocol
 from mcc.http.server import Server
 from mcc.ops.admin import AdminServer
+from mcc.ops.client import ADMIN_HEADER
 
 
 @attrs.define
@@ -38,6 +40,11 @@ class Node:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin_authority(self) -> str:
+        """What a client of the admin API puts in Host."""
+        return f"127.0.0.1:{self.admin_port}"
 
 
 @asynccontextmanager
@@ -141,6 +148,26 @@ async def get(
     """One request on a fresh connection."""
     async with Client.connect(port) as c:
         return await c.request(target, headers, method=method, host=host, body=body)
+
+
+async def admin_call(
+    node: Node,
+    path: str,
+    doc: Any = None,
+    headers: Sequence[tuple[str, str]] = (),
+    *,
+    method: str | None = None,
+) -> Response:
+    """One admin API request the way ``mcc warm|purge|stats`` sends it: the admin's own
+    Host and, with a ``doc``, a POST of JSON carrying the X-MCC-Admin header."""
+    body = None if doc is None else json.dumps(doc).encode()
+    hdrs = list(headers)
+    if body is not None:
+        hdrs += [("content-type", "application/json"), (ADMIN_HEADER, "1")]
+    method = method or ("GET" if body is None else "POST")
+    return await get(
+        node.admin_port, path, hdrs, method=method, host=node.admin_authority, body=body
+    )
 
 
 async def raw_exchange(port: int, data: bytes, *, read_timeout: float = 5) -> bytes:

@@ -107,6 +107,7 @@ async def test_a_stored_etag_with_obs_text_revalidates_and_survives_restart(
                 for _ in range(2):
                     r = await get(node.port, origin.url("/e"))
                     assert r.status == 200 and r.body == DATA
+                    await node.cache.wait_idle()  # else the next one joins this fetch
                 await _healthy(node)
         assert sum(1 for r in origin.requests if r.headers.get("if-none-match") == etag) >= 3
         nursery.cancel_scope.cancel()

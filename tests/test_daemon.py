@@ -18,7 +18,16 @@ import trio
 from fixtures.origin import Fault, Origin
 from mcc.http.protocol import Request
 from mcc.ops.purge import PurgeTarget
-from tests.helpers import Client, Node, free_port, get, run_node, serve_argv, wait_serving
+from tests.helpers import (
+    Client,
+    Node,
+    admin_call,
+    free_port,
+    get,
+    run_node,
+    serve_argv,
+    wait_serving,
+)
 
 TOKEN = "0123456789abcdef-test-token"
 BIG = os.urandom(3 * 1024 * 1024 + 777)
@@ -261,12 +270,14 @@ async def test_warm_progress_is_in_bytes(node: Node, origin: Origin) -> None:
     origin.faults["/w.bin"] = Fault(body_delay=0.01)
     auth = [("authorization", f"Bearer {TOKEN}")]
     body = json.dumps({"urls": [origin.url("/w.bin")]}).encode()
-    job = json.loads((await get(node.admin_port, "/warm", auth, method="POST", body=body)).body)
+    job = json.loads((await admin_call(node, "/warm", json.loads(body), auth)).body)
     seen = []
     with trio.fail_after(30):
         while job["state"] != "done":
             await trio.sleep(0.02)
-            job = json.loads((await get(node.admin_port, f"/warm/{job['id']}")).body)
+            job = json.loads(
+                (await get(node.admin_port, f"/warm/{job['id']}", host=node.admin_authority)).body
+            )
             seen.append(job)
     running = [j for j in seen if j["state"] == "running" and 0 < j["bytes"] < len(data)]
     assert running, seen

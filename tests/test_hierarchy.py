@@ -69,7 +69,9 @@ async def test_dead_parent_is_skipped_for_the_next(origin: Origin, tmp_path: Pat
         assert health == {dead: False, p2.url: True}
         metrics = c.admin.render_metrics()
         assert f'mcc_parent_up{{parent="{dead}"}} 0' in metrics
-        assert (await get(c.admin_port, "/summary")).body.count(b'"' + dead.encode()) == 1
+        assert (await get(c.admin_port, "/summary", host=c.admin_authority)).body.count(
+            b'"' + dead.encode()
+        ) == 1
 
 
 async def test_no_origin_fallback_fails_when_parents_are_down(

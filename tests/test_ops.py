@@ -16,7 +16,7 @@ import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
 from fixtures.origin import Fault, Origin
-from tests.helpers import Node, get, run_node, tmpfs
+from tests.helpers import Node, admin_call, get, run_node, tmpfs
 
 TOKEN = "0123456789abcdef-test-token"
 DATA = os.urandom(200_000)
@@ -72,7 +72,7 @@ async def test_counters_follow_a_scripted_sequence(node: Node, origin: Origin) -
     assert _m(m, "mcc_store_capacity_bytes", drive=str(node.cache.blobs.drives[0].root)) > 0
     assert _m(m, "mcc_open_connections") == 0
     # the summary agrees
-    s = json.loads((await get(node.admin_port, "/summary")).body)
+    s = json.loads((await admin_call(node, "/summary")).body)
     assert s["sinceStart"]["hitBytes"] == 100 and s["sinceStart"]["hitRequests"] == 1
     assert s["last15s"]["hitBytes"] == 100
     assert s["hosts"][origin.authority] > 0
@@ -97,25 +97,17 @@ async def test_evictions_are_counted(origin: Origin, tmp_path: Path) -> None:
 async def test_warm_then_hit_and_purge_then_miss(node: Node, origin: Origin) -> None:
     auth = [("authorization", f"Bearer {TOKEN}")]
     url = origin.url("/f.bin")
-    r = await get(
-        node.admin_port, "/warm", auth, method="POST", body=json.dumps({"urls": [url]}).encode()
-    )
+    r = await admin_call(node, "/warm", {"urls": [url]}, auth)
     assert r.status == 202
     job = json.loads(r.body)
     with trio.fail_after(10):
         while job["state"] != "done":
             await trio.sleep(0.02)
-            job = json.loads((await get(node.admin_port, f"/warm/{job['id']}")).body)
+            job = json.loads((await admin_call(node, f"/warm/{job['id']}")).body)
     assert job["done"] == 1 and job["bytes"] == len(DATA)
     r = await get(node.port, url)
     assert r.header("cache-status") == "node; hit" and r.body == DATA
-    r = await get(
-        node.admin_port,
-        "/purge",
-        auth,
-        method="POST",
-        body=json.dumps({"pattern": "127.0.0.1"}).encode(),
-    )
+    r = await admin_call(node, "/purge", {"pattern": "127.0.0.1"}, auth)
     assert json.loads(r.body)["purged"] == [node.cache.resolve(url)]
     r = await get(node.port, url)
     assert r.header("cache-status") == "node; fwd=miss; stored" and r.body == DATA
@@ -125,15 +117,22 @@ async def test_write_endpoints_need_the_token(node: Node, origin: Origin) -> Non
     body = json.dumps({"url": origin.url("/f.bin")}).encode()
     for headers in ([], [("authorization", "Bearer wrong")], [("authorization", TOKEN)]):
         for path in ("/purge", "/warm"):
-            r = await get(node.admin_port, path, headers, method="POST", body=body)
+            r = await get(
+                node.admin_port, path, headers, method="POST", body=body, host=node.admin_authority
+            )
             assert r.status == 401, (path, headers)
             assert r.header("www-authenticate") == 'Bearer realm="mcc"'
     r = await get(
-        node.admin_port, "/purge", [("authorization", f"Bearer {TOKEN}")], method="POST", body=body
+        node.admin_port,
+        "/purge",
+        [("authorization", f"Bearer {TOKEN}")],
+        method="POST",
+        body=body,
+        host=node.admin_authority,
     )
     assert r.status == 200
     # reads on a loopback listener need no token
-    assert (await get(node.admin_port, "/metrics")).status == 200
+    assert (await admin_call(node, "/metrics")).status == 200
 
 
 async def test_health_goes_503_when_a_drive_is_read_only(origin: Origin, tmp_path: Path) -> None:
@@ -144,14 +143,14 @@ async def test_health_goes_503_when_a_drive_is_read_only(origin: Origin, tmp_pat
         async with run_node(
             tmp_path / "a", allow_origins=[origin.authority], drives=drives
         ) as node:
-            r1 = await get(node.admin_port, "/health")
+            r1 = await admin_call(node, "/health")
             assert r1.status == 200 and json.loads(r1.body)["ready"] is True
             await trio.run_process(["mount", "-o", "remount,ro", str(mnt)])
-            r2 = await get(node.admin_port, "/health")
+            r2 = await admin_call(node, "/health")
             assert r2.status == 503
             assert [d["writable"] for d in json.loads(r2.body)["drives"]] == [True, False]
             await trio.run_process(["mount", "-o", "remount,rw", str(mnt)])
-            assert (await get(node.admin_port, "/health")).status == 200
+            assert (await admin_call(node, "/health")).status == 200
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:

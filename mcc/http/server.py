@@ -95,7 +95,7 @@ class Server:
         self.cache = cache
         self.own = OwnNames.build([(a.host, a.port) for a in config.listen], config.node_id)
         self.via_token = config.node_id.lower()
-        self.metrics = Metrics()
+        self.metrics = Metrics(cache.policy)
         self._misses: dict[str, int] = {}  # client address -> misses being answered
         self.open_connections = 0
         self.draining = False

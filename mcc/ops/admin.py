@@ -1,7 +1,6 @@
 """The admin listener: metrics, summary, health, warm, purge and a status page.
 
-Endpoints (``admin_token``, when set, is required as ``Authorization: Bearer TOKEN``
-for the write endpoints, and for every endpoint when the listener is not on loopback):
+Endpoints:
 
 - ``GET /metrics``: Prometheus text exposition.
 - ``GET /summary``: JSON in the spirit of Connected Cache's summary report.
@@ -12,15 +11,34 @@ for the write endpoints, and for every endpoint when the listener is not on loop
   ``{"pattern": "host, host:port or *.suffix"}``.
 - ``POST /verify``: check every blob of the running cache (no repair).
 - ``GET /``: an HTML status page that refreshes itself.
+
+Rules, checked in this order on every request (theory: a browser on this machine must
+never be a way in, neither by a cross-site request nor through DNS rebinding):
+
+1. The Host header names this listener: its host and bound port, or the address the
+   connection reached; on loopback also ``localhost``, ``127.0.0.1`` and ``[::1]``; on
+   a wildcard listener also the machine's host name. Otherwise 421 (a page from
+   ``evil.example`` whose name was rebound to 127.0.0.1 still sends ``Host: evil.example``).
+2. A write (every method but GET and HEAD) with an ``Origin`` header from elsewhere is
+   refused (403).
+3. With ``admin_token`` set, writes need ``Authorization: Bearer TOKEN`` (401), and so
+   does every request when the listener is not on loopback. With no token, writes need
+   ``Content-Type: application/json`` and an ``X-MCC-Admin`` header (403 otherwise):
+   neither can be sent cross-site without a CORS preflight, which this API never grants.
+4. Bodies are bounded in size and JSON depth; URLs are checked before any work starts.
+   Any unexpected exception becomes a 500 with one logged traceback and a count in
+   ``mcc_internal_errors_total{where="admin"}``; the listener and the node go on.
 """
 
 from __future__ import annotations
 
 import functools
 import hmac
+import ipaddress
 import json
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable
 from importlib import resources
@@ -34,19 +52,43 @@ from ..config import Config
 from ..engine.engine import Cache
 from ..errors import BadRequest, McError
 from ..http.protocol import CLOSED, END_OF_BODY, NEED_DATA, Request, ServerProtocol
+from ..origins import split_host_port
 from ..store.verify import verify_cache
-from .metrics import DURATION_BUCKETS, WINDOW_SECONDS, Metrics, exposition
+from .client import ADMIN_HEADER
+from .metrics import (
+    DURATION_BUCKETS,
+    MAX_HOST_LABELS,
+    OTHER,
+    WINDOW_SECONDS,
+    Metrics,
+    exposition,
+    fold_tail,
+)
 from .purge import PurgeTarget
 
 __all__ = ["AdminServer"]
 
 log = logging.getLogger("mcc.admin")
 
-# Largest admin request body (a warm list of a few thousand URLs fits).
+# Largest admin request body (a warm list of a few thousand URLs fits); larger gets 413.
 _MAX_BODY = 1024 * 1024
+# Deepest JSON accepted. The documents are two levels deep ({"urls": [...]}); the bound
+# keeps a hostile body from exhausting the parser's stack (json raises RecursionError
+# near 1,000 levels) and the walk that checks it short.
+_MAX_JSON_DEPTH = 8
+# Longest URL accepted by warm and purge: the client listener's default max_request_head.
+_MAX_URL = 16 * 1024
+# URLs in one warm job (a 1 MiB body of short URLs would be ~20,000).
+_MAX_WARM_URLS = 10_000
 # Warm jobs remembered for GET /warm/<id>.
 _MAX_JOBS = 100
+# Warm jobs running at once; more get 503 (each holds its URL list until it ends).
+_MAX_RUNNING_JOBS = 16
+# Methods that change nothing; every other method is a write and guarded as one.
+_SAFE_METHODS = ("GET", "HEAD")
 _LOOPBACK = ("127.0.0.1", "::1", "localhost")
+_LOOPBACK_NAMES = frozenset(_LOOPBACK)
+_WILDCARD = ("0.0.0.0", "::", "")
 
 
 @attrs.define
@@ -96,8 +138,10 @@ class AdminServer:
         self.metrics = metrics
         self._open_connections = open_connections
         self.jobs: dict[str, WarmJob] = {}
+        self._running_jobs = 0
         self._nursery: trio.Nursery | None = None
         self.port = 0
+        self._names = self._listener_names()
 
     @property
     def config(self) -> Config:
@@ -128,17 +172,14 @@ class AdminServer:
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         proto = ServerProtocol()
+        names = self._names | _local_names(stream)
         try:
             while True:
                 with trio.move_on_after(self.config.timeouts.keepalive) as idle:
                     req, body = await _read_request(proto, stream)
                 if idle.cancelled_caught or req is None:
                     return
-                try:
-                    status, ctype, payload = await self._route(req, body)
-                except BadRequest as exc:
-                    status, ctype = exc.status_hint, "application/json"
-                    payload = json.dumps({"error": str(exc)}).encode()
+                status, ctype, payload = await self._answer(req, body, names)
                 headers = [("content-type", ctype), ("content-length", str(len(payload)))]
                 if status == 401:
                     headers.append(("www-authenticate", 'Bearer realm="mcc"'))
@@ -157,26 +198,110 @@ class AdminServer:
                     await stream.send_all(refusal)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             return
+        except Exception:
+            # a bug outside the handlers (reading or sending): this connection ends,
+            # the admin listener and the node go on
+            self._internal_error("admin", "admin connection")
         finally:
             await stream.aclose()
 
-    def _authorized(self, req: Request, write: bool) -> bool:
-        token = self.config.admin_token
-        if not token:
-            return True
-        if not write and self.config.admin_listen.host in _LOOPBACK:
-            return True
-        given = req.header("authorization") or ""
-        return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
+    async def _answer(
+        self, req: Request, body: bytes, names: frozenset[str]
+    ) -> tuple[int, str, bytes]:
+        """Route one request; every failure becomes a status, none escapes."""
+        try:
+            return await self._route(req, body, names)
+        except BadRequest as exc:
+            return exc.status_hint, "application/json", _json_error(str(exc))
+        except Exception:
+            self._internal_error("admin", f"admin {req.method} {req.target[:200]!r}")
+            return 500, "application/json", _json_error("internal error (logged on the node)")
 
-    async def _route(self, req: Request, body: bytes) -> tuple[int, str, bytes]:
+    def _internal_error(self, where: str, what: str) -> None:
+        """Count and log the exception being handled (call inside ``except``)."""
+        self.metrics.count_internal_error(where)
+        log.error("%s failed with an internal error", what, exc_info=True)
+
+    # -- who may ask ---------------------------------------------------------------
+
+    def _listener_names(self) -> frozenset[str]:
+        """Host names (normalised, no port) that name this listener on any connection."""
+        host = self.config.admin_listen.host
+        names: set[str] = set()
+        if host in _WILDCARD:
+            try:
+                names.add(split_host_port(socket.gethostname(), 0)[0])
+            except ValueError:
+                pass
+        else:
+            names.add(host)
+            if _is_loopback(host):
+                names |= _LOOPBACK_NAMES
+        return frozenset(names)
+
+    def _check_host(self, req: Request, names: frozenset[str]) -> None:
+        """Refuse a Host header that does not name this listener (DNS rebinding)."""
+        given = [v for k, v in req.headers if k == "host"]
+        if len(given) != 1:
+            raise BadRequest("the admin API needs exactly one Host header")
+        if not self._names_us(given[0], names):
+            raise BadRequest(
+                f"Host {given[0][:100]!r} does not name this admin listener "
+                f"({_authority(self.config.admin_listen.host, self.port)}); refused "
+                "as a guard against DNS rebinding",
+                status_hint=421,
+            )
+
+    def _names_us(self, authority: str, names: frozenset[str]) -> bool:
+        try:
+            host, port = split_host_port(authority, 80)
+        except ValueError:
+            return False
+        return port == self.port and host in names
+
+    def _check_write(self, req: Request, path: str, names: frozenset[str]) -> None:
+        """A write must come from a client that is not a browser tricked by a page."""
+        origin = req.header("origin")
+        if origin is not None:
+            parts = urlsplit(origin)
+            if parts.scheme != "http" or not self._names_us(parts.netloc, names):
+                raise BadRequest(
+                    f"{req.method} {path} from Origin {origin[:100]!r} refused: "
+                    "the admin API takes no cross-site writes",
+                    status_hint=403,
+                )
+        token = self.config.admin_token
+        if token:
+            if not _bearer_matches(req, token):
+                raise BadRequest("missing or wrong admin token", status_hint=401)
+            return
+        ctype = (req.header("content-type") or "").split(";", 1)[0].strip().lower()
+        if ctype != "application/json" or not req.header(ADMIN_HEADER.lower()):
+            raise BadRequest(
+                f"{req.method} {path} needs Content-Type: application/json and an "
+                f"{ADMIN_HEADER} header (no admin_token is set; browsers cannot send "
+                "these cross-site)",
+                status_hint=403,
+            )
+
+    def _read_allowed(self, req: Request) -> bool:
+        token = self.config.admin_token
+        if not token or self.config.admin_listen.host in _LOOPBACK:
+            return True
+        return _bearer_matches(req, token)
+
+    async def _route(
+        self, req: Request, body: bytes, names: frozenset[str]
+    ) -> tuple[int, str, bytes]:
         path = urlsplit(req.target).path
-        write = req.method == "POST"
+        self._check_host(req, names)
+        if req.method not in _SAFE_METHODS:
+            self._check_write(req, path, names)
+        elif not self._read_allowed(req):
+            raise BadRequest("missing or wrong admin token", status_hint=401)
         if req.method not in ("GET", "HEAD", "POST"):
             raise BadRequest(f"{req.method} is not supported here", status_hint=405)
-        if not self._authorized(req, write):
-            raise BadRequest("missing or wrong admin token", status_hint=401)
-        if req.method in ("GET", "HEAD"):
+        if req.method in _SAFE_METHODS:
             if path == "/metrics":
                 return (
                     200,
@@ -191,63 +316,90 @@ class AdminServer:
             if path.startswith("/warm/"):
                 job = self.jobs.get(path[len("/warm/") :])
                 if job is None:
-                    raise BadRequest(f"no warm job {path[6:]!r}", status_hint=404)
+                    raise BadRequest(f"no warm job {path[6:100]!r}", status_hint=404)
                 return 200, "application/json", _json(job.as_json())
             if path in ("/", "/index.html"):
                 page = resources.files("mcc.ops").joinpath("status.html").read_bytes()
                 return 200, "text/html; charset=utf-8", page
-            raise BadRequest(f"no such page {path!r}", status_hint=404)
+            raise BadRequest(f"no such page {path[:100]!r}", status_hint=404)
         doc = _parse_json(body)
         if path == "/warm":
             urls = doc.get("urls")
-            if not isinstance(urls, list) or not urls or not all(isinstance(u, str) for u in urls):
+            if not isinstance(urls, list) or not urls:
                 raise BadRequest('warm needs {"urls": ["http://...", ...]}')
+            if len(urls) > _MAX_WARM_URLS:
+                raise BadRequest(
+                    f"warm takes at most {_MAX_WARM_URLS} URLs at once, got {len(urls)}",
+                    status_hint=413,
+                )
             for u in urls:
-                self.cache.resolve(u)  # 400/403 now, not later in the job
+                self.cache.resolve(_check_url(u, "urls[]"))  # 400/403 now, not in the job
             return 202, "application/json", _json(self.start_warm(urls).as_json())
         if path == "/purge":
             return 200, "application/json", _json(await self.purge(doc))
         if path == "/verify":
             return 200, "application/json", _json(await self.verify())
-        raise BadRequest(f"no such endpoint {path!r}", status_hint=404)
+        raise BadRequest(f"no such endpoint {path[:100]!r}", status_hint=404)
 
     # -- actions -------------------------------------------------------------------
 
     def start_warm(self, urls: list[str]) -> WarmJob:
-        """Start a background warm job (owned by the admin server's nursery)."""
+        """Start a background warm job (owned by the admin server's nursery).
+
+        Raises:
+          BadRequest: 503 when ``_MAX_RUNNING_JOBS`` jobs are running already.
+        """
         assert self._nursery is not None
+        if self._running_jobs >= _MAX_RUNNING_JOBS:
+            raise BadRequest(
+                f"{self._running_jobs} warm jobs are running already; try again later",
+                status_hint=503,
+            )
         job = WarmJob(os.urandom(6).hex(), list(urls))
         self.jobs[job.id] = job
         while len(self.jobs) > _MAX_JOBS:
             del self.jobs[next(iter(self.jobs))]
+        self._running_jobs += 1
         self._nursery.start_soon(self._warm, job)
         return job
 
     async def _warm(self, job: WarmJob) -> None:
-        # sizes first (one discovery each), so that progress has a total in bytes
-        sizes: dict[str, int] = {}
-        for url in job.urls:
-            try:
-                sizes[url] = (await self.cache.stat(url)).size
-                job.total_bytes += sizes[url]
-            except McError as exc:
-                job.failed += 1
-                job.errors.append(f"{url}: {exc}")
+        try:
+            # sizes first (one discovery each), so that progress has a total in bytes
+            sizes: dict[str, int] = {}
+            for url in job.urls:
+                try:
+                    sizes[url] = (await self.cache.stat(url)).size
+                    job.total_bytes += sizes[url]
+                except McError as exc:
+                    job.failed += 1
+                    job.errors.append(f"{url}: {exc}")
+                except Exception as exc:  # a bug must not take the admin nursery down
+                    self._internal_error("warm", f"warm {url[:200]!r}")
+                    job.failed += 1
+                    job.errors.append(f"{url}: internal error ({type(exc).__name__})")
 
-        def progress(n: int) -> None:
-            job.bytes += n
+            def progress(n: int) -> None:
+                job.bytes += n
 
-        for url in sizes:
-            before = job.bytes
-            try:
-                await self.cache.warm(url, progress)
-                job.done += 1
-            except McError as exc:
-                job.failed += 1
-                job.errors.append(f"{url}: {exc}")
-                job.total_bytes -= sizes[url] - (job.bytes - before)
-        job.ended = time.monotonic()
-        job.state = "done"
+            for url in sizes:
+                before = job.bytes
+                try:
+                    await self.cache.warm(url, progress)
+                    job.done += 1
+                except McError as exc:
+                    job.failed += 1
+                    job.errors.append(f"{url}: {exc}")
+                    job.total_bytes -= sizes[url] - (job.bytes - before)
+                except Exception as exc:  # a bug must not take the admin nursery down
+                    self._internal_error("warm", f"warm {url[:200]!r}")
+                    job.failed += 1
+                    job.errors.append(f"{url}: internal error ({type(exc).__name__})")
+                    job.total_bytes -= sizes[url] - (job.bytes - before)
+        finally:
+            self._running_jobs -= 1
+            job.ended = time.monotonic()
+            job.state = "done"
 
     async def purge(self, doc: dict[str, Any]) -> dict[str, Any]:
         """Purge one URL (``url``), every object under a URL prefix (``prefix``), or
@@ -258,11 +410,15 @@ class AdminServer:
           BadRequest: 400 for a malformed target.
         """
         url, prefix, pattern = doc.get("url"), doc.get("prefix"), doc.get("pattern")
-        if isinstance(url, str):
+        if url is not None:
+            url = _check_url(url, "url")
             removed = [self.cache.resolve(url)] if await self.cache.purge(url) else []
             return {"purged": removed}
-        text = prefix if isinstance(prefix, str) else pattern
-        if not isinstance(text, str) or not text:
+        if prefix is not None:
+            text = _check_url(prefix, "prefix")
+        elif pattern is not None:
+            text = _check_pattern(pattern)
+        else:
             raise BadRequest(
                 'purge needs {"url": "http://..."}, {"prefix": "http://..."} or '
                 '{"pattern": "host, host:port or *.suffix"}'
@@ -363,6 +519,10 @@ class AdminServer:
             cum += n
             hist.append(({"le": "+Inf" if bound == float("inf") else repr(bound)}, cum))
         drives = self.cache.blobs.drives
+        # one series per upstream name: an allowlist *.suffix admits any number of them
+        upstream_rows = [
+            ({"upstream": u, "outcome": o}, float(n)) for (u, o), n in sorted(up.outcomes.items())
+        ]
         families: list[tuple[str, str, str, list[tuple[dict[str, str], float]]]] = [
             (
                 "mcc_requests_total",
@@ -380,10 +540,17 @@ class AdminServer:
                 [({"source": k}, m.bytes_by_source[k]) for k in ("cache", "upstream")],
             ),
             (
+                "mcc_host_bytes_total",
+                "counter",
+                f"Body bytes sent to clients per content host ({OTHER}: hosts off the "
+                f"allowlist or past the first {MAX_HOST_LABELS}).",
+                [({"host": h}, n) for h, n in sorted(m.bytes_by_host.items())],
+            ),
+            (
                 "mcc_upstream_requests_total",
                 "counter",
                 "Upstream requests by upstream and outcome.",
-                [({"upstream": u, "outcome": o}, n) for (u, o), n in sorted(up.outcomes.items())],
+                fold_tail(upstream_rows, "upstream"),
             ),
             (
                 "mcc_upstream_bytes_total",
@@ -437,6 +604,15 @@ class AdminServer:
                 [({}, self._open_connections())],
             ),
             (
+                "mcc_internal_errors_total",
+                "counter",
+                "Unexpected exceptions contained (answered 500, logged with a traceback).",
+                [
+                    ({"where": w}, n)
+                    for w, n in sorted(_summed(self.cache.internal_errors, m.internal_errors))
+                ],
+            ),
+            (
                 "mcc_parent_up",
                 "gauge",
                 "1 when a parent cache is considered up.",
@@ -469,14 +645,118 @@ def _json(doc: Any) -> bytes:
     return json.dumps(doc, indent=1).encode()
 
 
+def _json_error(message: str) -> bytes:
+    return json.dumps({"error": message}).encode()
+
+
 def _parse_json(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object, no deeper than ``_MAX_JSON_DEPTH``.
+
+    Raises:
+      BadRequest: 400 saying why the body is refused.
+    """
+    too_deep = f"body is JSON nested deeper than {_MAX_JSON_DEPTH} levels"
     try:
         doc = json.loads(body or b"{}")
-    except ValueError as exc:
+    except RecursionError:
+        raise BadRequest(too_deep) from None
+    except ValueError as exc:  # UnicodeDecodeError included
         raise BadRequest(f"body is not JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise BadRequest("body must be a JSON object")
+    if _depth_exceeds(doc, _MAX_JSON_DEPTH):
+        raise BadRequest(too_deep)
     return doc
+
+
+def _depth_exceeds(doc: Any, limit: int) -> bool:
+    """True when containers in ``doc`` nest deeper than ``limit`` (no recursion)."""
+    stack: list[tuple[Any, int]] = [(doc, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return False
+
+
+def _summed(*counts: dict[str, int]) -> list[tuple[str, int]]:
+    """Per-boundary counts of contained errors (engine and http from the cache, admin
+    and warm from the admin's metrics), every boundary listed even at zero."""
+    total = dict.fromkeys(("admin", "engine", "http", "warm"), 0)
+    for c in counts:
+        for where, n in c.items():
+            total[where] = total.get(where, 0) + n
+    return list(total.items())
+
+
+def _check_url(value: object, field: str) -> str:
+    """``value`` if it is a plain ``http://`` URL with nothing a request line cannot carry.
+
+    Raises:
+      BadRequest: 400 naming the field and the problem.
+    """
+    if not isinstance(value, str):
+        raise BadRequest(f"{field}: expected a URL string, got {type(value).__name__}")
+    shown = repr(value[:200])
+    if len(value) > _MAX_URL:
+        raise BadRequest(f"{field}: URL longer than {_MAX_URL} characters")
+    if not value.isascii():
+        raise BadRequest(f"{field}: {shown} has non-ASCII characters (percent-encode them)")
+    if any(c < " " or c == "\x7f" for c in value):
+        raise BadRequest(f"{field}: {shown} has a control character")
+    if " " in value:
+        raise BadRequest(f"{field}: {shown} has a space (percent-encode it as %20)")
+    if value[:7].lower() != "http://" or len(value) == 7:
+        raise BadRequest(f"{field}: {shown} is not an http:// URL")
+    return value
+
+
+def _check_pattern(value: object) -> str:
+    """A purge host pattern: ``host`` or ``*.suffix``, printable ASCII without spaces.
+
+    Raises:
+      BadRequest: 400 naming the problem.
+    """
+    if not isinstance(value, str) or not value:
+        raise BadRequest('pattern: expected a host or "*.suffix" string')
+    if len(value) > 255 or not value.isascii() or not value.isprintable() or " " in value:
+        raise BadRequest(f"pattern: {value[:100]!r} is not a host or *.suffix pattern")
+    return value
+
+
+def _bearer_matches(req: Request, token: str) -> bool:
+    given = req.header("authorization") or ""
+    return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _local_names(stream: trio.SocketStream) -> frozenset[str]:
+    """The address a connection reached (a client may name it in Host), plus the
+    loopback names when that address is a loopback one."""
+    try:
+        address = ipaddress.ip_address(str(stream.socket.getsockname()[0]).split("%", 1)[0])
+    except (OSError, ValueError, IndexError):
+        return frozenset()
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    names = {str(address)}
+    if address.is_loopback:
+        names |= _LOOPBACK_NAMES
+    return frozenset(names)
+
+
+def _authority(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 async def _read_request(
@@ -492,9 +772,12 @@ async def _read_request(
             return None, b""
         elif isinstance(event, Request):
             req = event
+            declared = req.header("content-length") or ""
+            if declared.isdigit() and int(declared) > _MAX_BODY:
+                raise BadRequest(f"request body over {_MAX_BODY} bytes", status_hint=413)
         elif isinstance(event, bytes):
             body += event
             if len(body) > _MAX_BODY:
-                raise BadRequest("request body too large", status_hint=413)
+                raise BadRequest(f"request body over {_MAX_BODY} bytes", status_hint=413)
         elif event is END_OF_BODY:
             return req, body

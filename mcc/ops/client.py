@@ -14,10 +14,14 @@ from typing import Any
 from ..config import Config
 from ..errors import McError
 
-__all__ = ["AdminClient", "AdminError"]
+__all__ = ["ADMIN_HEADER", "AdminClient", "AdminError"]
 
 # Seconds to wait for the admin API before saying the node is not there.
 _TIMEOUT = 10.0
+# The custom header the admin API requires on writes when no admin_token is set (with
+# Content-Type: application/json). A browser cannot add it to a cross-site request
+# without a CORS preflight, which the admin API never grants.
+ADMIN_HEADER = "X-MCC-Admin"
 
 
 class AdminError(McError):
@@ -25,7 +29,12 @@ class AdminError(McError):
 
 
 class AdminClient:
-    """Talks to the admin API named by ``config.admin_listen`` with its token."""
+    """Talks to the admin API named by ``config.admin_listen`` with its token.
+
+    Every request carries the :data:`ADMIN_HEADER` header, and bodies are sent as
+    ``application/json``, so writes pass the admin API's guard when no token is set.
+    The Host header is the address connected to, which the admin API accepts.
+    """
 
     def __init__(self, config: Config) -> None:
         addr = config.admin_listen
@@ -49,6 +58,7 @@ class AdminClient:
         """
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(self.base + path, data=data, method=method)
+        req.add_header(ADMIN_HEADER, "1")
         if data is not None:
             req.add_header("content-type", "application/json")
         if self.token:

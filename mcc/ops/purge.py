@@ -4,8 +4,9 @@ a pattern in the allowlist's syntax.
 A target is either an ``http://`` URL, taken as a prefix of the stored URLs
 (``http://deb.debian.org/debian/pool/`` removes everything below it; a whole URL
 removes that object and any whose URL it begins), or a host pattern: ``host``,
-``host:port`` or ``*.suffix``. Unlike the allowlist, a pattern without a port matches
-the host on every port: a purge is meant to remove, not to let in.
+``host:port`` or ``*.suffix``; ``*`` alone is every object. Unlike the allowlist, a
+pattern without a port matches the host on every port: a purge is meant to remove,
+not to let in.
 
 Hosts are normalised as the allowlist normalises them, and mapped to their canonical
 name (``canonical_hosts``), because that is the name objects are filed under.
@@ -44,6 +45,8 @@ class PurgeTarget:
         Raises:
           ValueError: one line naming the text and the accepted forms.
         """
+        if text == "*":
+            return cls(text, prefix="")  # every object
         if "://" in text:
             try:
                 host, port, target = parse_http_url(text)
