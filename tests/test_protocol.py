@@ -73,7 +73,7 @@ def test_bad_heads_raise_bad_request_with_status(raw: bytes, status: int) -> Non
     assert info.value.status_hint == status
     out = p.error_response(status, str(info.value))
     assert out is not None and out.startswith(f"HTTP/1.1 {status} ".encode())
-    assert b"connection: close" in out
+    assert b"Connection: close" in out
 
 
 @settings(max_examples=300)

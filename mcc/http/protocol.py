@@ -25,6 +25,7 @@ import attrs
 import h11
 
 from ..errors import BadRequest
+from ..headers import canonical_name
 
 __all__ = ["CLOSED", "END_OF_BODY", "NEED_DATA", "Request", "ServerProtocol"]
 
@@ -187,11 +188,15 @@ class ServerProtocol:
     # -- output --------------------------------------------------------------------
 
     def response_head(self, status: int, headers: Sequence[tuple[str, str]]) -> bytes:
-        """The bytes of a response head (Date and Server added)."""
+        """The bytes of a response head (Date and Server added).
+
+        Every header name goes out in its canonical case (``Content-Length``, ``ETag``):
+        h11 writes names as handed to it, and some clients match them case-sensitively.
+        """
         full = [
-            ("date", _http_date()),
-            ("server", SERVER_NAME),
-            *headers,
+            ("Date", _http_date()),
+            ("Server", SERVER_NAME),
+            *((canonical_name(k), v) for k, v in headers),
         ]
         try:
             reason = HTTPStatus(status).phrase.encode("ascii")
@@ -224,11 +229,11 @@ class ServerProtocol:
             reason = ""
         head = (
             f"HTTP/1.1 {status} {reason}\r\n"
-            f"date: {_http_date()}\r\n"
-            f"server: {SERVER_NAME}\r\n"
-            "content-type: text/plain; charset=utf-8\r\n"
-            f"content-length: {len(body)}\r\n"
-            "connection: close\r\n\r\n"
+            f"Date: {_http_date()}\r\n"
+            f"Server: {SERVER_NAME}\r\n"
+            "Content-Type: text/plain; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n"
         )
         return head.encode("latin-1") + body
 

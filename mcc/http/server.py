@@ -539,8 +539,8 @@ class Server:
         ctype = meta.content_type or "application/octet-stream"
         part_heads = [
             (
-                f"\r\n--{boundary}\r\ncontent-type: {ctype}\r\n"
-                f"content-range: {content_range(r, meta.size)}\r\n\r\n"
+                f"\r\n--{boundary}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Range: {content_range(r, meta.size)}\r\n\r\n"
             ).encode("latin-1")
             for r in ranges
         ]
