@@ -108,9 +108,9 @@ class ServerProtocol:
 
     # -- input ---------------------------------------------------------------------
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         """Feed bytes read from the client (``b""`` means it closed its side)."""
-        self._conn.receive_data(data)
+        self._conn.receive_data(bytes(data))  # no copy when already bytes
 
     @property
     def has_partial_request(self) -> bool:
