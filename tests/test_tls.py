@@ -6,6 +6,7 @@ configured, and there was no TLS listener.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import shutil
@@ -306,3 +307,77 @@ async def test_tls_handshake_timeout_and_certificate_reload(origin: Origin, tmp_
 def test_config_refuses_tls_listener_without_certificate() -> None:
     with pytest.raises(ConfigError, match="listen_tls: needs tls_cert and tls_key"):
         load_config(overrides={"listen_tls": [f"127.0.0.1:{free_port()}"]})
+
+
+class _ConnectProxy:
+    """A tiny HTTP proxy that only tunnels (CONNECT), recording what it was asked."""
+
+    def __init__(self, refuse: bool = False) -> None:
+        self.refuse = refuse
+        self.asked: list[str] = []
+        self.port = 0
+
+    async def serve(
+        self,
+        *,
+        task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        await trio.serve_listeners(self._handle, listeners, task_status=task_status)
+
+    async def _handle(self, client: trio.SocketStream) -> None:
+        async with client:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = await client.receive_some(1)
+                if not chunk:
+                    return
+                head += chunk
+            method, authority = head.split(b" ")[:2]
+            self.asked.append(f"{method.decode()} {authority.decode()}")
+            if method != b"CONNECT" or self.refuse:
+                await client.send_all(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+                return
+            host, port = authority.decode().rsplit(":", 1)
+            async with await trio.open_tcp_stream(host, int(port)) as target:
+                await client.send_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+
+                async def pipe(a: trio.SocketStream, b: trio.SocketStream) -> None:
+                    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                        while data := await a.receive_some(65536):
+                            await b.send_all(data)
+                    nursery.cancel_scope.cancel()
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(pipe, client, target)
+                    nursery.start_soon(pipe, target, client)
+
+
+async def test_https_through_upstream_proxy_uses_a_verified_tunnel(
+    https_origin: Origin, ca_file: Path, tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    o = https_origin
+    proxy = _ConnectProxy()
+    await nursery.start(proxy.serve)
+    async with run_node(
+        tmp_path / "c",
+        allow_origins=[f"https://{o.authority}"],
+        upstream_ca_file=str(ca_file),
+        upstream_proxy=f"127.0.0.1:{proxy.port}",
+    ) as node:
+        await _check_object(node.port, f"/f.bin?cacheHostOrigin={o.authority}")
+    assert proxy.asked and set(proxy.asked) == {f"CONNECT {o.authority}"}
+    assert all(r.target == "/f.bin" for r in o.requests)  # origin form inside the tunnel
+    # a proxy refusing the tunnel, and a proxy-ready origin nobody trusts: 502 both
+    refusing = _ConnectProxy(refuse=True)
+    await nursery.start(refusing.serve)
+    for i, (proxy_port, ca) in enumerate(((refusing.port, str(ca_file)), (proxy.port, None))):
+        async with run_node(
+            tmp_path / f"refused-{i}",
+            allow_origins=[f"https://{o.authority}"],
+            upstream_ca_file=ca,
+            upstream_proxy=f"127.0.0.1:{proxy_port}",
+        ) as node:
+            r = await get(node.port, f"/f.bin?cacheHostOrigin={o.authority}")
+            assert r.status == 502, r.body
