@@ -33,6 +33,19 @@ FLAGS: tuple[tuple[str, str, dict[str, Any], str], ...] = (
         "address to serve clients on (repeatable; default 127.0.0.1:8080)",
     ),
     (
+        "--listen-tls",
+        "listen_tls",
+        {"action": "append", "metavar": "HOST:PORT"},
+        "address to serve clients on over TLS (repeatable; needs --tls-cert and --tls-key)",
+    ),
+    (
+        "--tls-cert",
+        "tls_cert",
+        {"metavar": "FILE"},
+        "certificate chain (PEM) of the TLS listeners",
+    ),
+    ("--tls-key", "tls_key", {"metavar": "FILE"}, "private key (PEM) of the TLS listeners"),
+    (
         "--admin-listen",
         "admin_listen",
         {"metavar": "HOST:PORT"},
@@ -79,6 +92,12 @@ FLAGS: tuple[tuple[str, str, dict[str, Any], str], ...] = (
         "upstream_proxy",
         {"metavar": "HOST:PORT"},
         "send all upstream traffic through this HTTP proxy",
+    ),
+    (
+        "--upstream-ca-file",
+        "upstream_ca_file",
+        {"metavar": "FILE"},
+        "extra CA certificates (PEM) trusted for https origins and parents",
     ),
     (
         "--node-id",

@@ -129,6 +129,9 @@ class Config:
     """The whole configuration of one mcc node. Defaults are the embedded config."""
 
     listen: tuple[HostPort, ...] = (HostPort("127.0.0.1", 8080),)
+    listen_tls: tuple[HostPort, ...] = ()
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
     admin_listen: HostPort = HostPort("127.0.0.1", 8081)
     admin_token: str = ""
     drives: tuple[Drive, ...] = (Drive(Path("mcc-cache")),)
@@ -139,6 +142,7 @@ class Config:
     origin: str | None = None
     parents: tuple[str, ...] = ()
     upstream_proxy: HostPort | None = None
+    upstream_ca_file: Path | None = None
     origin_fallback: bool = True
     node_id: str = attrs.field(factory=_default_node_id)
     log_level: LogLevel = "info"
@@ -155,14 +159,16 @@ class Config:
         """The compiled allowlist (``--origin``'s host is allowed too)."""
         patterns = list(self.allow_origins)
         if self.origin:
-            patterns.append(_url_authority(self.origin))
+            https = self.origin.lower().startswith("https://")
+            patterns.append(("https://" if https else "") + _url_authority(self.origin))
         return OriginPolicy.build(patterns, self.canonical_hosts)
 
 
 def _url_authority(url: str) -> str:
     rest = url.split("://", 1)[1] if "://" in url else url
     authority = rest.split("/", 1)[0]
-    host, port = split_host_port(authority, default_port=80)
+    default = 443 if url.lower().startswith("https://") else 80
+    host, port = split_host_port(authority, default_port=default)
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -319,6 +325,8 @@ def check_config(config: Config) -> list[str]:
         )
     if not config.listen:
         problems.append("listen: at least one address is needed")
+    if config.listen_tls and (config.tls_cert is None or config.tls_key is None):
+        problems.append("listen_tls: needs tls_cert and tls_key (PEM files)")
     if config.upstream_proxy is not None and config.upstream_proxy.port == 0:
         problems.append(f"upstream_proxy: {config.upstream_proxy} needs a real port")
     if not config.drives:
@@ -384,8 +392,8 @@ def check_config(config: Config) -> list[str]:
 
 
 def _check_http_url(url: str) -> str | None:
-    if not url.startswith("http://"):
-        return "is not an http:// URL (only plain HTTP is spoken upstream)"
+    if not url.startswith(("http://", "https://")):
+        return "is not an http:// or https:// URL"
     try:
         _url_authority(url)
     except ValueError as exc:

@@ -4,10 +4,39 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["parse_cache_control", "parse_content_range", "parse_unsatisfied_range"]
+__all__ = [
+    "canonical_name",
+    "parse_cache_control",
+    "parse_content_range",
+    "parse_unsatisfied_range",
+]
 
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _UNSATISFIED = re.compile(r"^bytes \*/(\d+)$")
+
+# Header names whose conventional spelling is not plain Title-Case (RFC 9110 s5.1 says
+# names are case-insensitive, but some clients look them up case-sensitively:
+# Delivery Optimization reads "Content-Length" and "Content-Range" that way). The
+# spellings are those of the IANA HTTP Field Name Registry and what nginx/IIS send.
+_SPECIAL_NAMES: dict[str, str] = {
+    "etag": "ETag",
+    "www-authenticate": "WWW-Authenticate",
+    "content-md5": "Content-MD5",
+    "content-id": "Content-ID",
+    "te": "TE",
+    "dnt": "DNT",
+    "x-xss-protection": "X-XSS-Protection",
+    "x-ua-compatible": "X-UA-Compatible",
+    "x-dns-prefetch-control": "X-DNS-Prefetch-Control",
+    "x-msedge-ref": "X-MSEdge-Ref",
+    "x-ccc": "X-CCC",
+    "x-cid": "X-CID",
+    "sourcemap": "SourceMap",
+    "nel": "NEL",
+}
+_canonical_memo: dict[str, str] = {}
+# Distinct names memoised; headers forwarded from upstream are bounded by this.
+_CANONICAL_MEMO_MAX = 4096
 
 
 def parse_content_range(value: str | None) -> tuple[int, int, int | None] | None:
@@ -41,4 +70,17 @@ def parse_cache_control(value: str | None) -> dict[str, str | None]:
         name, sep, arg = part.strip().partition("=")
         if name:
             out[name.strip().lower()] = arg.strip().strip('"') if sep else None
+    return out
+
+
+def canonical_name(name: str) -> str:
+    """The conventional spelling of a header name: ``etag`` -> ``ETag``,
+    ``content-length`` -> ``Content-Length``, anything else Title-Case per dash."""
+    known = _canonical_memo.get(name)
+    if known is not None:
+        return known
+    lower = name.lower()
+    out = _SPECIAL_NAMES.get(lower) or "-".join(p[:1].upper() + p[1:] for p in lower.split("-"))
+    if len(_canonical_memo) < _CANONICAL_MEMO_MAX:
+        _canonical_memo[name] = out
     return out

@@ -4,7 +4,10 @@ mcc is never an open proxy: a request is served only when its origin host matche
 an allowlist pattern. A pattern is ``host``, ``host:port`` or ``*.suffix`` (which
 matches any name ending in ``.suffix`` but not ``suffix`` itself). A pattern
 without a port matches ports 80 and 443 only, the ports real mirrors use; name the
-port to allow any other.
+port to allow any other. A pattern written ``https://host`` (any of the forms after
+``https://``) also says that the host is fetched over TLS when a request names only
+the host (the ``cacheHostOrigin=`` and Host-header forms): port 80, or no port, then
+means 443.
 
 ``DEFAULT_ALLOW_ORIGINS`` holds the content endpoints that Microsoft Connected
 Cache caches for Delivery Optimization clients. Source: "Microsoft Connected Cache
@@ -173,13 +176,18 @@ class _Pattern:
     host: str  # normalised; for a wildcard, the suffix without "*."
     port: int | None
     wildcard: bool
+    https: bool = False  # written "https://...": fetch over TLS
 
     @classmethod
     def parse(cls, text: str) -> _Pattern:
-        wildcard = text.startswith("*.")
-        body = text[2:] if wildcard else text
+        scheme, sep, rest = text.partition("://")
+        if sep and scheme.lower() not in ("http", "https"):
+            raise ValueError(f"{text!r}: only http:// or https:// may prefix a host pattern")
+        body = rest.rstrip("/") if sep else text
+        wildcard = body.startswith("*.")
+        body = body[2:] if wildcard else body
         host, port = split_host_port(body, default_port=0)
-        return cls(host, port or None, wildcard)
+        return cls(host, port or None, wildcard, https=bool(sep) and scheme.lower() == "https")
 
     def matches(self, host: str, port: int) -> bool:
         if self.port is None:
@@ -226,6 +234,11 @@ class OriginPolicy:
         """True when a pattern names ``host`` itself (no wildcard): only then may it
         resolve to an internal address (``127.0.0.1:8000``, ``mirror.lan``)."""
         return any(not p.wildcard and p.matches(host, port) for p in self._patterns)
+
+    def upstream_scheme(self, host: str, port: int) -> str:
+        """``"https"`` when a pattern written ``https://`` matches ``host:port``, else
+        ``"http"``: the scheme for requests that name only a host."""
+        return "https" if any(p.https and p.matches(host, port) for p in self._patterns) else "http"
 
     def canonical(self, host: str) -> str:
         """The name objects from ``host`` are filed under."""

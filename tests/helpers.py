@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import ssl
 import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -32,6 +33,7 @@ class Node:
     cache: mcc.Cache
     port: int
     admin_port: int
+    tls_port: int | None = None
 
     @property
     def authority(self) -> str:
@@ -62,7 +64,8 @@ async def run_node(cache_dir: Path, **overrides: Any) -> AsyncIterator[Node]:
             ports = await nursery.start(server.serve)
             admin_port = await nursery.start(admin.serve)
             try:
-                yield Node(server, admin, cache, ports[0], admin_port)
+                tls_port = server.tls_ports[0] if server.tls_ports else None
+                yield Node(server, admin, cache, ports[0], admin_port, tls_port)
             finally:
                 nursery.cancel_scope.cancel()
 
@@ -83,7 +86,7 @@ class Response:
 class Client:
     """One keep-alive client connection speaking h11."""
 
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
         self.conn = h11.Connection(h11.CLIENT)
 
@@ -95,6 +98,20 @@ class Client:
             yield cls(stream)
         finally:
             await stream.aclose()
+
+    @classmethod
+    @asynccontextmanager
+    async def connect_tls(
+        cls, port: int, context: ssl.SSLContext, server_hostname: str = "127.0.0.1"
+    ) -> AsyncIterator[Client]:
+        """The same client over TLS (h11 over :class:`trio.SSLStream`)."""
+        tcp = await trio.open_tcp_stream("127.0.0.1", port)
+        stream = trio.SSLStream(tcp, context, server_hostname=server_hostname)
+        try:
+            yield cls(stream)
+        finally:
+            with trio.move_on_after(1):
+                await stream.aclose()
 
     async def request(
         self,
@@ -122,7 +139,7 @@ class Client:
         while True:
             event = self.conn.next_event()
             if event is h11.NEED_DATA:
-                self.conn.receive_data(await self.stream.receive_some(1 << 20))
+                self.conn.receive_data(bytes(await self.stream.receive_some(1 << 20)))
             elif isinstance(event, h11.Response):
                 head = event
             elif isinstance(event, h11.Data):

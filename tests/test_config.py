@@ -59,7 +59,7 @@ def test_show_round_trips() -> None:
         ({"timeouts": {"read": "fast"}}, "timeouts.read: 'fast' is not a duration"),
         ({"limits": {"max_ranges": "x"}}, "limits.max_ranges: 'x' is not an integer"),
         ({"drives": [{"path": "a", "max_size": "5ZB"}]}, "drives[0].max_size: '5ZB' is not a size"),
-        ({"parents": ["https://x"]}, "parents[0]: 'https://x' is not an http:// URL"),
+        ({"parents": ["ftp://x"]}, "parents[0]: 'ftp://x' is not an http:// or https:// URL"),
         ({"bogus": 1}, "bogus: unknown key"),
         ({"allow_origins": ["a b"]}, "allow_origins[0]: 'a b' is not a valid host name"),
         ({"node_id": "a b"}, "node_id: 'a b' must be letters"),

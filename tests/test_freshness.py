@@ -42,7 +42,7 @@ def test_lifetime_precedence() -> None:
 def test_refresh_rules_override() -> None:
     rules = (RefreshRule("*.deb", immutable=True), RefreshRule("*/InRelease", max_age=300))
     deb = _meta(key="http://deb.example/pool/a.deb")
-    assert not is_fresh(deb, NOW + 10, ())
+    assert not is_fresh(deb, NOW + 10, (RefreshRule("*.deb", max_age=5),))  # beats the default
     assert is_fresh(deb, NOW + 10**9, rules)
     rel = _meta(("cache-control", "max-age=86400"), key="http://deb.example/dists/x/InRelease")
     assert freshness_lifetime(rel, rules) == 300

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from mcc.errors import BadRequest
 from mcc.http.protocol import CLOSED, END_OF_BODY, NEED_DATA, Request, ServerProtocol
 from mcc.http.routing import OwnNames, route_request
+from mcc.origins import OriginPolicy
 from tests.helpers import ConnectionPair
 
 
@@ -73,7 +74,7 @@ def test_bad_heads_raise_bad_request_with_status(raw: bytes, status: int) -> Non
     assert info.value.status_hint == status
     out = p.error_response(status, str(info.value))
     assert out is not None and out.startswith(f"HTTP/1.1 {status} ".encode())
-    assert b"connection: close" in out
+    assert b"Connection: close" in out
 
 
 @settings(max_examples=300)
@@ -125,6 +126,9 @@ OWN = OwnNames.build([("127.0.0.1", 8080)], "edge")
         ("http://mirror:81", None, "http://mirror:81/", "proxy"),
         ("/d/x", "mirror.example.org", "http://mirror.example.org/d/x", "host"),
         ("/d/x", "127.0.0.1:9000", "http://127.0.0.1:9000/d/x", "host"),
+        ("https://Mirror.Example.ORG/d/x", None, "https://mirror.example.org/d/x", "proxy"),
+        ("https://mirror:443/x?q", None, "https://mirror/x?q", "proxy"),
+        ("https://mirror:8443", None, "https://mirror:8443/", "proxy"),
     ],
 )
 def test_routing_forms(target: str, host: str | None, url: str, form: str) -> None:
@@ -141,8 +145,35 @@ def test_own_names_need_an_origin(host: str | None) -> None:
 
 @pytest.mark.parametrize(
     "target",
-    ["https://x/y", "*", "http://user@evil/", "http://[::1/x", "/p?cacheHostOrigin=", "ftp://x"],
+    [
+        "https://user@evil/y",
+        "*",
+        "http://user@evil/",
+        "http://[::1/x",
+        "/p?cacheHostOrigin=",
+        "ftp://x",
+    ],
 )
 def test_bad_targets(target: str) -> None:
     with pytest.raises(BadRequest):
         route_request(target, "edge", OWN, None)
+
+
+def test_https_marked_allowlist_entries_upgrade_host_only_forms() -> None:
+    policy = OriginPolicy.build(
+        ["https://secure.example", "https://127.0.0.1:8443", "plain.example"]
+    )
+    scheme = policy.upstream_scheme
+    assert policy.allows("secure.example", 443) and policy.allows("127.0.0.1", 8443)
+    for target, host, url in [
+        ("/p?cacheHostOrigin=secure.example", None, "https://secure.example/p"),
+        ("/p", "secure.example", "https://secure.example/p"),
+        ("/p?cacheHostOrigin=127.0.0.1:8443", None, "https://127.0.0.1:8443/p"),
+        ("/p?cacheHostOrigin=plain.example", None, "http://plain.example/p"),
+        ("/p", "plain.example", "http://plain.example/p"),
+        # an explicit http:// URL stays what the client asked for
+        ("http://secure.example/p", None, "http://secure.example/p"),
+    ]:
+        assert route_request(target, host, OWN, None, scheme).url == url, target
+    with pytest.raises(ValueError, match="only http:// or https://"):
+        OriginPolicy.build(["ftp://x.example"])

@@ -193,7 +193,7 @@ async def test_keepalive_and_pipelining_answer_in_order(node: Node, origin: Orig
             while True:
                 event = parser.next_event()
                 if event is h11.NEED_DATA:
-                    parser.receive_data(await c.stream.receive_some(65536))
+                    parser.receive_data(bytes(await c.stream.receive_some(65536)))
                 elif isinstance(event, h11.Response):
                     status = event.status_code
                 elif isinstance(event, h11.Data):

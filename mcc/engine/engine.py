@@ -48,7 +48,14 @@ from ..headers import parse_cache_control, parse_content_range, parse_unsatisfie
 from ..store.blobs import BlobStore, DriveInfo
 from ..store.index import Index
 from ..store.lock import lock_drives
-from ..upstream.client import Upstream, UpstreamResponse, parse_http_url, quote_target
+from ..upstream.client import (
+    DEFAULT_PORTS,
+    Upstream,
+    UpstreamResponse,
+    parse_http_url,
+    parse_url,
+    quote_target,
+)
 from .blocks import ObjectMeta, block_bounds, block_count, blocks_for_range, make_version
 from .flight import Fetch, FileSlice, Flight, FlightKey, FlightTable, MemoryBudget
 from .freshness import age, freshness_lifetime, may_serve_stale
@@ -364,13 +371,13 @@ class Cache:
         """The cache key of ``url``: the normalised URL with the canonical host.
 
         Raises:
-          BadRequest: 400 for a URL that is not http://, 403 for a host not allowed.
+          BadRequest: 400 for a URL that is not http(s)://, 403 for a host not allowed.
         """
         known = self._resolved.get(url)
         if known is not None:
             return known
         try:
-            host, port, target = parse_http_url(url)
+            scheme, host, port, target = parse_url(url)
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
         if not self.policy.allows(host, port):
@@ -378,9 +385,9 @@ class Cache:
             raise BadRequest(f"origin {shown}:{port} is not allowed", status_hint=403)
         canon = self.policy.canonical(host)
         authority = f"[{canon}]" if ":" in canon else canon
-        if port != 80:
+        if port != DEFAULT_PORTS[scheme]:
             authority += f":{port}"
-        key = f"http://{authority}{target}"
+        key = f"{scheme}://{authority}{target}"  # http and https objects kept apart
         if key not in self._fetch_urls:
             self._fetch_urls[key] = url
         if len(self._resolved) >= _RESOLVED_URLS:

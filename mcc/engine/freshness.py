@@ -5,7 +5,9 @@ Pure functions over an object's stored headers. Lifetime, in order of precedence
 4.2.2 (10 % of the time since ``Last-Modified``, capped). ``no-cache`` makes the
 lifetime zero (revalidate every time). A matching refresh rule from the config (as
 Squid's refresh_pattern) then overrides: ``immutable`` never expires, ``max_age``
-caps the lifetime, ``min_age`` raises it.
+caps the lifetime, ``min_age`` raises it. When no configured rule matches, the
+shipped defaults of :mod:`mcc.refresh_defaults` are tried (package files immutable,
+repository indexes rechecked every time).
 """
 
 from __future__ import annotations
@@ -17,10 +19,19 @@ from collections.abc import Sequence
 
 import attrs
 
+from .. import refresh_defaults
 from ..headers import parse_cache_control
 from .blocks import ObjectMeta
 
-__all__ = ["RefreshRule", "age", "freshness_lifetime", "is_fresh", "may_serve_stale"]
+__all__ = [
+    "DEFAULT_REFRESH_RULES",
+    "RefreshRule",
+    "age",
+    "freshness_lifetime",
+    "is_fresh",
+    "matching_rule",
+    "may_serve_stale",
+]
 
 # RFC 9111 s4.2.2: a heuristic lifetime is a fraction of the time since Last-Modified.
 HEURISTIC_FRACTION = 0.1
@@ -39,6 +50,25 @@ class RefreshRule:
     def matches(self, url: str) -> bool:
         path = url.split("://", 1)[-1].partition("/")[2].split("?")[0]
         return fnmatch.fnmatchcase(url, self.match) or fnmatch.fnmatchcase("/" + path, self.match)
+
+
+DEFAULT_REFRESH_RULES: tuple[RefreshRule, ...] = (
+    *(RefreshRule(p, max_age=refresh_defaults.VOLATILE_MAX_AGE)
+      for p in refresh_defaults.VOLATILE_EXCEPTIONS),
+    *(RefreshRule(p, immutable=True) for p in refresh_defaults.IMMUTABLE),
+    *(RefreshRule(p, max_age=refresh_defaults.VOLATILE_MAX_AGE) for p in refresh_defaults.VOLATILE),
+)  # fmt: skip
+
+
+def matching_rule(url: str, rules: Sequence[RefreshRule] = ()) -> RefreshRule | None:
+    """The first of ``rules`` matching ``url``, else the first default rule, else None."""
+    for rule in rules:
+        if rule.matches(url):
+            return rule
+    for rule in DEFAULT_REFRESH_RULES:
+        if rule.matches(url):
+            return rule
+    return None
 
 
 def _header(meta: ObjectMeta, name: str) -> str | None:
@@ -87,15 +117,14 @@ def freshness_lifetime(
             if modified is not None
             else 0.0
         )
-    for rule in rules:
-        if rule.matches(meta.key):
-            if rule.immutable:
-                return math.inf
-            if rule.min_age is not None:
-                lifetime = max(lifetime, rule.min_age)
-            if rule.max_age is not None:
-                lifetime = min(lifetime, rule.max_age)
-            break
+    rule = matching_rule(meta.key, rules)
+    if rule is not None:
+        if rule.immutable:
+            return math.inf
+        if rule.min_age is not None:
+            lifetime = max(lifetime, rule.min_age)
+        if rule.max_age is not None:
+            lifetime = min(lifetime, rule.max_age)
     return lifetime
 
 

@@ -25,6 +25,7 @@ import attrs
 import h11
 
 from ..errors import BadRequest
+from ..headers import canonical_name
 
 __all__ = ["CLOSED", "END_OF_BODY", "NEED_DATA", "Request", "ServerProtocol"]
 
@@ -108,9 +109,9 @@ class ServerProtocol:
 
     # -- input ---------------------------------------------------------------------
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         """Feed bytes read from the client (``b""`` means it closed its side)."""
-        self._conn.receive_data(data)
+        self._conn.receive_data(bytes(data))  # no copy when already bytes
 
     @property
     def has_partial_request(self) -> bool:
@@ -188,13 +189,17 @@ class ServerProtocol:
     # -- output --------------------------------------------------------------------
 
     def response_head(self, status: int, headers: Sequence[tuple[str, str]]) -> bytes:
-        """The bytes of a response head (Date and Server added)."""
-        full = [(b"date", _http_date().encode("ascii")), (b"server", _SERVER_BYTES)]
+        """The bytes of a response head (Date and Server added).
+
+        Every header name goes out in its canonical case (``Content-Length``, ``ETag``):
+        h11 writes names as handed to it, and some clients match them case-sensitively.
+        Values travel as the latin-1 bytes they came as (an origin's UTF-8
+        Content-Disposition, obs-text); one that cannot is dropped, not fatal.
+        """
+        full = [(b"Date", _http_date().encode("ascii")), (b"Server", _SERVER_BYTES)]
         for name, value in headers:
-            # values travel as the latin-1 bytes they came as (an origin's UTF-8
-            # Content-Disposition, obs-text); one that cannot is dropped, not fatal
             try:
-                full.append((name.encode("ascii"), value.encode("latin-1")))
+                full.append((canonical_name(name).encode("ascii"), value.encode("latin-1")))
             except UnicodeError:
                 continue
         try:
@@ -228,11 +233,11 @@ class ServerProtocol:
             reason = ""
         head = (
             f"HTTP/1.1 {status} {reason}\r\n"
-            f"date: {_http_date()}\r\n"
-            f"server: {SERVER_NAME}\r\n"
-            "content-type: text/plain; charset=utf-8\r\n"
-            f"content-length: {len(body)}\r\n"
-            "connection: close\r\n\r\n"
+            f"Date: {_http_date()}\r\n"
+            f"Server: {SERVER_NAME}\r\n"
+            "Content-Type: text/plain; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n"
         )
         return head.encode("latin-1") + body
 

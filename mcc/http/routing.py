@@ -4,9 +4,13 @@ The four forms, tried in order:
 
 1. Delivery Optimization: ``GET /path?query&cacheHostOrigin=HOST`` ->
    ``http://HOST/path?query`` (the parameter removed).
-2. Forward proxy (apt, ``curl -x``, a child mcc): ``GET http://HOST[:PORT]/path``.
+2. Forward proxy (apt, ``curl -x``, a child mcc): ``GET http[s]://HOST[:PORT]/path``.
 3. Host header (DNS redirection): ``Host: HOST`` that is not one of this node's names.
 4. Reverse proxy: with ``origin`` configured, ``origin + path?query``.
+
+Forms 1 and 3 name only a host; ``scheme_for(host, port)`` (the allowlist's
+``https://`` marks) says whether it is fetched over https, on port 443 unless another
+port was named.
 
 Anything else names no origin: 400.
 """
@@ -14,7 +18,7 @@ Anything else names no origin: 400.
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from urllib.parse import parse_qsl, urlencode
 
 import attrs
@@ -63,7 +67,13 @@ class OwnNames:
         return host in self.hosts and (port is None or port in self.ports)
 
 
-def route_request(target: str, host_header: str | None, own: OwnNames, origin: str | None) -> Route:
+def route_request(
+    target: str,
+    host_header: str | None,
+    own: OwnNames,
+    origin: str | None,
+    scheme_for: Callable[[str, int], str] | None = None,
+) -> Route:
     """The origin URL a request names.
 
     Args:
@@ -71,6 +81,8 @@ def route_request(target: str, host_header: str | None, own: OwnNames, origin: s
       host_header: the Host header's value, if any.
       own: this node's names.
       origin: the configured default origin URL (reverse-proxy form), or None.
+      scheme_for: ``(host, port) -> "http" | "https"`` for the forms naming only a
+        host; None means http.
 
     Raises:
       BadRequest: 400 when the target is malformed or names no origin.
@@ -86,11 +98,11 @@ def route_request(target: str, host_header: str | None, own: OwnNames, origin: s
                 host, port = _authority(hosts[0])
                 rest = [(k, v) for k, v in pairs if k.lower() != _DO_PARAM]
                 new_query = "?" + urlencode(rest) if rest else ""
-                return Route(f"http://{_join(host, port)}{path}{new_query}", "do")
+                return Route(f"{_origin(host, port, scheme_for)}{path}{new_query}", "do")
         if host_header:
             host, maybe_port = _host_header(host_header)
             if not own.owns(host, maybe_port):
-                return Route(f"http://{_join(host, maybe_port or 80)}{target}", "host")
+                return Route(f"{_origin(host, maybe_port or 80, scheme_for)}{target}", "host")
         if origin:
             return Route(origin.rstrip("/") + target, "origin")
         raise BadRequest("the request names no origin (no cacheHostOrigin, absolute URL or Host)")
@@ -100,8 +112,11 @@ def route_request(target: str, host_header: str | None, own: OwnNames, origin: s
         host, port = _authority(authority)
         return Route(f"http://{_join(host, port)}/{path if slash else ''}", "proxy")
     if lowered.startswith("https://"):
-        raise BadRequest("https:// targets cannot be cached (mcc speaks plain HTTP upstream)")
-    raise BadRequest(f"request target {target[:100]!r} is not a path or an http:// URL")
+        authority, slash, path = target[8:].partition("/")
+        host, maybe_port = _host_header(authority)
+        port = 443 if maybe_port is None else maybe_port
+        return Route(f"https://{_join(host, port, 443)}/{path if slash else ''}", "proxy")
+    raise BadRequest(f"request target {target[:100]!r} is not a path or an http(s):// URL")
 
 
 def _host_header(text: str) -> tuple[str, int | None]:
@@ -117,6 +132,13 @@ def _authority(text: str) -> tuple[str, int]:
     return host, 80 if port is None else port
 
 
-def _join(host: str, port: int) -> str:
+def _origin(host: str, port: int, scheme_for: Callable[[str, int], str] | None) -> str:
+    """``scheme://authority`` for a request naming only ``host:port`` (80 if unnamed)."""
+    if scheme_for is not None and scheme_for(host, port) == "https":
+        return f"https://{_join(host, 443 if port == 80 else port, 443)}"
+    return f"http://{_join(host, port)}"
+
+
+def _join(host: str, port: int, default_port: int = 80) -> str:
     h = f"[{host}]" if ":" in host else host
-    return h if port == 80 else f"{h}:{port}"
+    return h if port == default_port else f"{h}:{port}"

@@ -10,6 +10,10 @@ GET and HEAD of cacheable objects are answered from the engine: stored blocks go
 with ``os.sendfile``, blocks in flight as they arrive. Anything else (other methods,
 requests with credentials, answers upstream marks private) is forwarded unstored.
 
+``listen_tls`` addresses serve the same over TLS (see :mod:`mcc.http.tls`): the
+handshake is awaited first, and stored blocks go out by pread through the SSL stream
+instead of sendfile.
+
 On SIGTERM or SIGINT the listeners close, idle keep-alive connections are closed,
 and responses in progress get ``shutdown_grace`` seconds to finish. On SIGHUP the
 logs are reopened and the config reread (see :mod:`mcc.ops.daemon`): new requests
@@ -46,6 +50,7 @@ from .protocol import CLOSED, END_OF_BODY, NEED_DATA, Request, ServerProtocol
 from .ranges import UNSATISFIABLE, ByteRange, content_range, if_range_matches, parse_range
 from .routing import OwnNames, route_request
 from .sendfile import SendfileBody, push, send_bytes, sendfile
+from .tls import ServerCertificate, file_pieces
 
 __all__ = ["Server", "run_server"]
 
@@ -70,12 +75,16 @@ class _ClientGone(Exception):
     """The client stopped reading or closed; the connection is finished."""
 
 
+_ClientStream = trio.SocketStream | trio.SSLStream[trio.SocketStream]
+
+
 class _Conn:
     """Per-connection state shared by the request loop and the drain logic."""
 
-    def __init__(self, stream: trio.SocketStream, peer: str, max_head: int) -> None:
+    def __init__(self, stream: _ClientStream, peer: str, max_head: int) -> None:
         self.stream = stream
-        self.sock = stream.socket
+        self.tls = isinstance(stream, trio.SSLStream)
+        self.sock = _socket_stream(stream).socket
         self.peer = peer
         self.proto = ServerProtocol(max_head)
         self.idle_scope: trio.CancelScope | None = None
@@ -93,7 +102,9 @@ class Server:
     def __init__(self, config: Config, cache: Cache) -> None:
         self.config = config
         self.cache = cache
-        self.own = OwnNames.build([(a.host, a.port) for a in config.listen], config.node_id)
+        self.own = OwnNames.build(
+            [(a.host, a.port) for a in (*config.listen, *config.listen_tls)], config.node_id
+        )
         self.via_token = config.node_id.lower()
         self.metrics = Metrics(cache.policy)
         self._misses: dict[str, int] = {}  # client address -> misses being answered
@@ -103,10 +114,20 @@ class Server:
         self._all_closed = trio.Event()
         self._stopped = trio.Event()
         self.ports: list[int] = []
+        self.tls_ports: list[int] = []
+        self.certificate: ServerCertificate | None = None
+        self._tls_listeners: set[trio.SocketListener] = set()
 
     def reconfigure(self, config: Config) -> None:
-        """Use a reloaded config for new requests (listen and node_id stay as they were)."""
+        """Use a reloaded config for new requests (listen and node_id stay as they were);
+        the TLS certificate is read again (a renewed one, or new paths)."""
         self.config = config
+        if self.certificate is not None:
+            try:
+                self.certificate.reload(config.tls_cert, config.tls_key)
+                log.info("reloaded TLS certificate %s", self.certificate.cert)
+            except OSError as exc:
+                log.error("reload: %s; the previous certificate stays in use", exc.strerror)
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -117,16 +138,24 @@ class Server:
           OSError: an address cannot be bound (message names it).
         """
         listeners: list[trio.SocketListener] = []
-        for addr in self.config.listen:
+        cfg = self.config
+        if cfg.listen_tls and cfg.tls_cert is not None and cfg.tls_key is not None:
+            self.certificate = ServerCertificate(cfg.tls_cert, cfg.tls_key)
+        for addr, tls in [(a, False) for a in cfg.listen] + [(a, True) for a in cfg.listen_tls]:
             try:
-                listeners += await trio.open_tcp_listeners(addr.port, host=addr.host)
+                opened = await trio.open_tcp_listeners(addr.port, host=addr.host)
             except OSError as exc:
                 for lst in listeners:
                     await lst.aclose()
                 raise OSError(exc.errno, f"cannot listen on {addr}: {exc.strerror}") from None
-        self.ports = [lst.socket.getsockname()[1] for lst in listeners]
-        if any(a.port == 0 for a in self.config.listen):
-            ports = set(self.own.ports) | set(self.ports)
+            listeners += opened
+            if tls:
+                self._tls_listeners.update(opened)
+        bound = [(lst.socket.getsockname()[1], lst in self._tls_listeners) for lst in listeners]
+        self.ports = [port for port, tls in bound if not tls]
+        self.tls_ports = [port for port, tls in bound if tls]
+        if any(a.port == 0 for a in (*self.config.listen, *self.config.listen_tls)):
+            ports = set(self.own.ports) | set(self.ports) | set(self.tls_ports)
             self.own = OwnNames(self.own.hosts, frozenset(ports))
         return listeners
 
@@ -160,6 +189,17 @@ class Server:
         """Wait until :meth:`serve` has drained and returned."""
         await self._stopped.wait()
 
+    def reload_certificates(self) -> None:
+        """Read the TLS listeners' certificate and key again (e.g. after a renewal);
+        connections accepted from now on use them. No-op without TLS listeners.
+
+        Raises:
+          OSError: the files cannot be loaded; the previous certificate stays in use.
+        """
+        if self.certificate is not None:
+            self.certificate.reload()
+            log.info("reloaded TLS certificate %s", self.certificate.cert)
+
     def drain(self) -> None:
         """Stop accepting, close idle connections; running responses continue."""
         self.draining = True
@@ -176,14 +216,17 @@ class Server:
                 log.warning("accept failed: %s", exc)
                 await trio.sleep(0.1)
                 continue
-            conns.start_soon(self.handle_connection, stream)
+            if listener in self._tls_listeners and self.certificate is not None:
+                conns.start_soon(self.handle_connection, self.certificate.wrap(stream))
+            else:
+                conns.start_soon(self.handle_connection, stream)
 
     # -- one connection ------------------------------------------------------------
 
-    async def handle_connection(self, stream: trio.SocketStream) -> None:
+    async def handle_connection(self, stream: _ClientStream) -> None:
         """Serve one client connection until it closes, errs or idles out."""
         try:
-            peer_addr = stream.socket.getpeername()
+            peer_addr = _socket_stream(stream).socket.getpeername()
             peer = f"{peer_addr[0]}:{peer_addr[1]}"
         except OSError:
             peer = "?"
@@ -199,6 +242,8 @@ class Server:
                     with trio.move_on_after(1):
                         await _send_quiet(stream, data)
                 return
+            if conn.tls and not await self._handshake(conn):
+                return
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._request_loop, conn)
         except Exception:
@@ -213,8 +258,21 @@ class Server:
                 if conn.linger:
                     await _linger(stream)
             finally:
-                with trio.CancelScope(shield=True):
-                    await stream.aclose()
+                with trio.CancelScope(shield=True), trio.move_on_after(_LINGER_SECONDS):
+                    await stream.aclose()  # TLS: close_notify; cut short, closes anyway
+
+    async def _handshake(self, conn: _Conn) -> bool:
+        """Complete the TLS handshake within ``request_head`` seconds; False if not."""
+        assert isinstance(conn.stream, trio.SSLStream)
+        with trio.move_on_after(self.config.timeouts.request_head):
+            try:
+                await conn.stream.do_handshake()
+                return True
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                log.info("%s: TLS handshake failed: %s", conn.peer, exc.__cause__ or exc)
+                return False
+        log.info("%s: TLS handshake not complete in time: closing", conn.peer)
+        return False
 
     async def _request_loop(self, conn: _Conn) -> None:
         proto = conn.proto
@@ -368,7 +426,13 @@ class Server:
             rec.status, rec.cache = 204, "health"
             await self._send_simple(conn, 204, [], b"")
             return True
-        route = route_request(req.target, req.header("host"), self.own, self.config.origin)
+        route = route_request(
+            req.target,
+            req.header("host"),
+            self.own,
+            self.config.origin,
+            self.cache.policy.upstream_scheme,
+        )
         rec.url = route.url
         self.cache.resolve(route.url)  # 403 for hosts not allowed, before anything else
         if (
@@ -503,7 +567,7 @@ class Server:
         if head_only or not length:
             await self._send_all(conn, head + conn.proto.end())
             return True
-        await send_bytes(conn.sock, head, more=True)
+        await self._send_head(conn, head)
         await self._send_span(conn, meta, spans[0], rec, via, reader)
         await self._send_all(conn, conn.proto.end())
         end = spans[0].end + 1
@@ -561,7 +625,7 @@ class Server:
         segs = self.cache.segments(meta, span.start, span.end, via, reader)
         async with aclosing(segs) as segments:
             async for seg in segments:
-                if isinstance(seg, FileSlice):
+                if isinstance(seg, FileSlice) and not conn.tls:
                     body = SendfileBody(seg.fd, seg.offset, seg.length)
                     for piece in conn.proto.body(body):
                         if piece is body:
@@ -569,9 +633,13 @@ class Server:
                                 rec.bytes += await sendfile(conn.sock, body)
                         else:
                             await self._send_all(conn, piece)
-                else:
-                    for i in range(0, len(seg), _SEND_PIECE):
-                        piece = seg[i : i + _SEND_PIECE]
+                else:  # bytes in memory, or a stored block read for TLS (no sendfile)
+                    pieces = (
+                        file_pieces(seg.fd, seg.offset, seg.length, _SEND_PIECE)
+                        if isinstance(seg, FileSlice)
+                        else (seg[i : i + _SEND_PIECE] for i in range(0, len(seg), _SEND_PIECE))
+                    )
+                    for piece in pieces:
                         for framed in conn.proto.body(piece):
                             await self._send_all(conn, framed)
                         rec.bytes += len(piece)
@@ -595,8 +663,8 @@ class Server:
         ctype = meta.content_type or "application/octet-stream"
         part_heads = [
             (
-                f"\r\n--{boundary}\r\ncontent-type: {ctype}\r\n"
-                f"content-range: {content_range(r, meta.size)}\r\n\r\n"
+                f"\r\n--{boundary}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Range: {content_range(r, meta.size)}\r\n\r\n"
             ).encode("latin-1")
             for r in ranges
         ]
@@ -612,7 +680,7 @@ class Server:
         if head_only:
             await self._send_all(conn, head + conn.proto.end())
             return True
-        await send_bytes(conn.sock, head, more=True)
+        await self._send_head(conn, head)
         for part_head, r in zip(part_heads, ranges, strict=True):
             for framed in conn.proto.body(part_head):
                 await self._send_all(conn, framed)
@@ -664,16 +732,29 @@ class Server:
         data += conn.proto.end()
         await self._send_all(conn, data)
 
+    async def _send_head(self, conn: _Conn, head: bytes) -> None:
+        """A response head with a body to follow: MSG_MORE on plain sockets."""
+        if conn.tls:
+            await self._send_all(conn, head)
+        else:
+            await send_bytes(conn.sock, head, more=True)
+
     async def _send_all(self, conn: _Conn, data: bytes) -> None:
         if data:
             with trio.fail_after(self._send_limit(len(data))):
                 await conn.stream.send_all(data)
 
 
+def _socket_stream(stream: _ClientStream) -> trio.SocketStream:
+    """The TCP stream under ``stream`` (itself, or what TLS runs over)."""
+    return stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+
+
 def _host_of(url: str) -> str | None:
-    if not url.startswith("http://"):
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("http", "https"):
         return None
-    return url[7:].split("/", 1)[0] or None
+    return rest.split("/", 1)[0] or None
 
 
 def _first_byte(range_header: str | None) -> int:
@@ -685,7 +766,7 @@ def _first_byte(range_header: str | None) -> int:
     return int(start) if start.isdigit() and len(start) < 19 else 0
 
 
-async def _send_final(stream: trio.SocketStream, data: bytes) -> None:
+async def _send_final(stream: _ClientStream, data: bytes) -> None:
     """Send a last response on a connection about to close; a client gone is fine."""
     try:
         with trio.move_on_after(_LINGER_SECONDS):
@@ -694,19 +775,20 @@ async def _send_final(stream: trio.SocketStream, data: bytes) -> None:
         pass
 
 
-async def _send_quiet(stream: trio.SocketStream, data: bytes) -> None:
+async def _send_quiet(stream: _ClientStream, data: bytes) -> None:
     """Send a final response and close gently (see :func:`_linger`)."""
     await _send_final(stream, data)
     await _linger(stream)
 
 
-async def _linger(stream: trio.SocketStream) -> None:
+async def _linger(stream: _ClientStream) -> None:
     """Close gently: stop sending, and read (and drop) what the client still sends for
     a moment, so that unread request bytes do not make the kernel reset the connection
     before the client has read the last response."""
     try:
         with trio.move_on_after(_LINGER_SECONDS):
-            await stream.send_eof()
+            if isinstance(stream, trio.SocketStream):  # TLS has no half-close
+                await stream.send_eof()
             drained = 0
             while drained < _LINGER_BYTES:
                 chunk = await stream.receive_some(65536)
@@ -730,7 +812,7 @@ async def _main(config: Config, load: Callable[[], Config] | None = None) -> int
                 nursery.cancel_scope.cancel()
                 return 1
             stored = [cache.index.stored_bytes_on(i) for i in range(len(config.drives))]
-            for line in banner(config, ports, admin_port, stored):
+            for line in banner(config, ports + server.tls_ports, admin_port, stored):
                 log.info("%s", line)
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 async for signum in signals:

@@ -692,7 +692,8 @@ def _summed(*counts: dict[str, int]) -> list[tuple[str, int]]:
 
 
 def _check_url(value: object, field: str) -> str:
-    """``value`` if it is a plain ``http://`` URL with nothing a request line cannot carry.
+    """``value`` if it is a plain ``http://`` or ``https://`` URL with nothing a request
+    line cannot carry.
 
     Raises:
       BadRequest: 400 naming the field and the problem.
@@ -708,8 +709,9 @@ def _check_url(value: object, field: str) -> str:
         raise BadRequest(f"{field}: {shown} has a control character")
     if " " in value:
         raise BadRequest(f"{field}: {shown} has a space (percent-encode it as %20)")
-    if value[:7].lower() != "http://" or len(value) == 7:
-        raise BadRequest(f"{field}: {shown} is not an http:// URL")
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme.lower() not in ("http", "https") or not rest:
+        raise BadRequest(f"{field}: {shown} is not an http:// or https:// URL")
     return value
 
 

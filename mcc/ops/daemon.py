@@ -34,7 +34,7 @@ log = logging.getLogger("mcc.daemon")
 # Keys a reload leaves as they were: listeners are bound, the drives' paths and sizes
 # place every blob (rendezvous hashing), the block size shapes every stored object,
 # and the node id is this node's Via token in its children's loop detection.
-FIXED_KEYS = ("listen", "admin_listen", "drives", "block_size", "node_id")
+FIXED_KEYS = ("listen", "listen_tls", "admin_listen", "drives", "block_size", "node_id")
 # Allowlist entries named in the banner before "and N more".
 _BANNER_PATTERNS = 4
 
@@ -111,7 +111,7 @@ def banner(
       admin_port: the bound admin port.
       stored: bytes stored on each drive.
     """
-    listen = ", ".join(str(a) for a in config.listen)
+    listen = ", ".join([str(a) for a in config.listen] + [f"{a} (TLS)" for a in config.listen_tls])
     if any(a.port == 0 for a in config.listen):
         listen += f" (ports {', '.join(map(str, ports))})"
     admin = config.admin_listen

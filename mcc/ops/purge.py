@@ -19,7 +19,7 @@ from collections.abc import Callable
 import attrs
 
 from ..origins import normalize_host, split_host_port
-from ..upstream.client import parse_http_url
+from ..upstream.client import DEFAULT_PORTS, parse_http_url, parse_url
 
 __all__ = ["PurgeTarget"]
 
@@ -49,16 +49,14 @@ class PurgeTarget:
             return cls(text, prefix="")  # every object
         if "://" in text:
             try:
-                host, port, target = parse_http_url(text)
+                scheme, host, port, target = parse_url(text)
             except ValueError:
-                raise ValueError(
-                    f"{text!r} is not an http:// URL (only http:// objects are cached)"
-                ) from None
+                raise ValueError(f"{text!r} is not an http:// or https:// URL") from None
             host = canonical(host)
             authority = f"[{host}]" if ":" in host else host
-            if port != 80:
+            if port != DEFAULT_PORTS[scheme]:
                 authority += f":{port}"
-            return cls(text, prefix=f"http://{authority}{target}")
+            return cls(text, prefix=f"{scheme}://{authority}{target}")
         wildcard = text.startswith("*.")
         body = text[2:] if wildcard else text
         try:

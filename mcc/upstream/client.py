@@ -8,8 +8,14 @@ reached, times out before answering, or answers 5xx is marked down for
 ``parent_backoff`` seconds and the next route is tried. Requests whose body cannot
 be replayed only move on to the next route when nothing was sent.
 
-Connections are pooled per (host, port): a response read to its end on a keep-alive
-connection returns the connection to the pool; anything else closes it. A pooled
+Over https (an ``https://`` URL, or an ``https://`` parent) the connection is wrapped
+in TLS that verifies the peer (see :mod:`mcc.upstream.tls`); an https object reached
+through ``upstream_proxy`` goes through a CONNECT tunnel, so the proxy never sees it
+in the clear and mcc still verifies the origin. A certificate that does not verify
+fails the route with 502: nothing is ever fetched unverified.
+
+Connections are pooled per (host, port, TLS name, tunnel): a response read to its end
+on a keep-alive connection returns the connection to the pool; anything else closes it. A pooled
 connection the peer closed meanwhile fails before any response byte arrives; the
 request is then retried once on a fresh connection.
 """
@@ -19,6 +25,7 @@ from __future__ import annotations
 import re
 import select
 import socket
+import ssl
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -32,8 +39,9 @@ import trio
 from ..config import Config
 from ..errors import Refused, UpstreamError
 from ..origins import is_internal_address, split_host_port
+from .tls import client_context, describe_tls_error, is_verify_error
 
-__all__ = ["Route", "Upstream", "UpstreamResponse", "parse_http_url", "quote_target"]
+__all__ = ["Route", "Upstream", "UpstreamResponse", "parse_http_url", "parse_url", "quote_target"]
 
 # Bytes asked of the socket per receive: large enough that a 1 MiB block takes
 # a few dozen calls, small enough to bound the memory one connection holds.
@@ -60,19 +68,32 @@ _HOP_BY_HOP = frozenset(
 )
 
 
-def parse_http_url(url: str) -> tuple[str, int, str]:
-    """Split ``http://host[:port]/path?q`` into (host, port, path-and-query).
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def parse_url(url: str) -> tuple[str, str, int, str]:
+    """Split ``http[s]://host[:port]/path?q`` into (scheme, host, port, path-and-query).
 
     Raises:
-      ValueError: naming the URL when it is not a plain http URL.
+      ValueError: naming the URL when it is not an http:// or https:// URL.
     """
     parts = urlsplit(url)
-    if parts.scheme != "http" or not parts.netloc:
-        raise ValueError(f"{url!r} is not an http:// URL")
-    host, port = split_host_port(parts.netloc, 80)
+    if parts.scheme not in DEFAULT_PORTS or not parts.netloc:
+        raise ValueError(f"{url!r} is not an http:// or https:// URL")
+    host, port = split_host_port(parts.netloc, DEFAULT_PORTS[parts.scheme])
     target = parts.path or "/"
     if parts.query:
         target += "?" + parts.query
+    return parts.scheme, host, port, target
+
+
+def parse_http_url(url: str) -> tuple[str, int, str]:
+    """Split ``http[s]://host[:port]/path?q`` into (host, port, path-and-query).
+
+    Raises:
+      ValueError: naming the URL when it is not an http:// or https:// URL.
+    """
+    _, host, port, target = parse_url(url)
     return host, port, target
 
 
@@ -85,17 +106,31 @@ def quote_target(url: str) -> str:
 
 @attrs.frozen
 class Route:
-    """One way upstream: where to connect and whether to use proxy (absolute) form."""
+    """One way upstream: where to connect and whether to use proxy (absolute) form.
+
+    ``tls_name`` is the name TLS verifies (and sends as SNI), None for plain TCP;
+    ``tunnel`` is the ``host:port`` to CONNECT to through the proxy at host:port first.
+    """
 
     name: str
     host: str
     port: int
     proxy_form: bool
     is_parent: bool = False
+    tls_name: str | None = None
+    tunnel: str | None = None
+
+    @property
+    def pool_key(self) -> tuple[str, int, str | None, str | None]:
+        return (self.host, self.port, self.tls_name, self.tunnel)
 
 
 class _Connection:
-    def __init__(self, stream: trio.SocketStream, key: tuple[str, int]) -> None:
+    def __init__(
+        self,
+        stream: trio.SocketStream | trio.SSLStream[trio.SocketStream],
+        key: tuple[str, int, str | None, str | None],
+    ) -> None:
         self.stream = stream
         self.key = key
         self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_RESPONSE_HEAD)
@@ -113,7 +148,7 @@ class _Connection:
             if event is h11.NEED_DATA:
                 with trio.fail_after(read_timeout):
                     data = await self.stream.receive_some(_RECEIVE_SIZE)
-                self.h11.receive_data(data)
+                self.h11.receive_data(bytes(data))  # no copy for a plain socket's bytes
                 continue
             assert not isinstance(event, type)  # PAUSED cannot happen: one request per cycle
             return event
@@ -219,9 +254,14 @@ class UpstreamResponse:
             buf[:n] = self._pending[:n]
             self._pending = self._pending[n:]
         else:
-            sock = self._conn.stream.socket
+            stream = self._conn.stream
             with _map_errors(self.route, "reading the body"), trio.fail_after(self._timeout):
-                n = await sock.recv_into(buf[:want])
+                if isinstance(stream, trio.SocketStream):
+                    n = await stream.socket.recv_into(buf[:want])
+                else:  # TLS: the socket holds ciphertext; read through the SSL stream
+                    data = await stream.receive_some(want)
+                    n = len(data)
+                    buf[:n] = data
             if not n:
                 raise UpstreamError(
                     f"{self.route.name}: connection closed {remaining} bytes before the "
@@ -245,7 +285,7 @@ class UpstreamResponse:
             data, self._pending = self._pending[:remaining], self._pending[remaining:]
         else:
             with _map_errors(self.route, "reading the body"), trio.fail_after(self._timeout):
-                data = await self._conn.stream.receive_some(min(remaining, _RECEIVE_SIZE))
+                data = bytes(await self._conn.stream.receive_some(min(remaining, _RECEIVE_SIZE)))
             if not data:
                 raise UpstreamError(
                     f"{self.route.name}: connection closed {remaining} bytes before the "
@@ -272,13 +312,23 @@ class UpstreamResponse:
             yield chunk
 
 
-def _quiet(sock: trio.socket.SocketType) -> bool:
+def _quiet(stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]) -> bool:
     """True when nothing is waiting to be read on an idle upstream connection: no
     bytes (which would be read as the answer to the next request: a response
-    desync) and no end of stream (the peer closed it while it sat in the pool)."""
+    desync) and no end of stream (the peer closed it while it sat in the pool).
+
+    Over TLS, readable bytes may be the server's session tickets, which are no
+    desync: there only a close (or an error) counts, and bytes after a response
+    body are caught by the framing (h11's trailing data) instead."""
+    events = select.POLLRDHUP | select.POLLERR | select.POLLHUP
+    if isinstance(stream, trio.SocketStream):
+        sock = stream.socket
+        events |= select.POLLIN
+    else:
+        sock = stream.transport_stream.socket
     try:
         poller = select.poll()
-        poller.register(sock.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
+        poller.register(sock.fileno(), events)
         return not poller.poll(0)
     except (OSError, ValueError):  # closed meanwhile
         return False
@@ -310,6 +360,11 @@ def _map_errors(route: Route, doing: str) -> Iterator[None]:
     except h11.ProtocolError as exc:
         raise UpstreamError(f"{route.name}: broken HTTP while {doing}: {exc}") from None
     except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        tls = describe_tls_error(exc)
+        if tls is not None:
+            # an untrusted certificate will be presented again: Refused is not retried
+            kind = Refused if is_verify_error(exc) else UpstreamError
+            raise kind(f"{route.name}: {tls} while {doing}; not fetched", status_hint=502) from None
         raise UpstreamError(f"{route.name}: connection failed while {doing}: {exc}") from None
 
 
@@ -323,7 +378,12 @@ class Upstream:
     def __init__(self, config: Config) -> None:
         self._config = config
         self._policy = config.origin_policy()
-        self._idle: dict[tuple[str, int], list[_Connection]] = defaultdict(list)
+        self._idle: dict[tuple[str, int, str | None, str | None], list[_Connection]] = defaultdict(
+            list
+        )
+        self._tls: ssl.SSLContext | None = None  # made on first use (reads the CA store)
+        if config.upstream_ca_file is not None:  # a bad file fails the start, not a request
+            self.tls_context()
         self._parents = [self._parent_route(u) for u in config.parents]
         self._down_until: dict[str, float] = {}
         self.via = f"1.1 {config.node_id}"
@@ -343,8 +403,15 @@ class Upstream:
 
     @staticmethod
     def _parent_route(url: str) -> Route:
-        host, port, _ = parse_http_url(url if url.endswith("/") else url + "/")
-        return Route(url, host, port, proxy_form=True, is_parent=True)
+        scheme, host, port, _ = parse_url(url if url.endswith("/") else url + "/")
+        tls_name = host if scheme == "https" else None
+        return Route(url, host, port, proxy_form=True, is_parent=True, tls_name=tls_name)
+
+    def tls_context(self) -> ssl.SSLContext:
+        """The verifying client context (built once, on first use)."""
+        if self._tls is None:
+            self._tls = client_context(self._config.upstream_ca_file)
+        return self._tls
 
     def parent_health(self) -> dict[str, bool]:
         """Each parent URL -> True when it is currently considered up."""
@@ -357,11 +424,25 @@ class Upstream:
         routes = [r for r in self._parents if self._down_until.get(r.name, 0) <= now]
         if not self._parents or self._config.origin_fallback:
             proxy = self._config.upstream_proxy
-            if proxy is not None:
+            scheme, host, port, _ = parse_url(url)
+            tls_name = host if scheme == "https" else None
+            if proxy is not None and tls_name is not None:  # https: CONNECT, then TLS
+                shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+                routes.append(
+                    Route(
+                        f"proxy {proxy} to {shown}",
+                        proxy.host,
+                        proxy.port,
+                        proxy_form=False,
+                        tls_name=tls_name,
+                        tunnel=shown,
+                    )
+                )
+            elif proxy is not None:
                 routes.append(Route(f"proxy {proxy}", proxy.host, proxy.port, proxy_form=True))
             else:
-                host, port, _ = parse_http_url(url)
-                routes.append(Route(f"origin {host}:{port}", host, port, proxy_form=False))
+                name = f"origin {scheme}://{host}:{port}" if tls_name else f"origin {host}:{port}"
+                routes.append(Route(name, host, port, proxy_form=False, tls_name=tls_name))
         if not routes:  # every parent down and no fallback: try them anyway
             routes = list(self._parents)
         return routes
@@ -376,24 +457,40 @@ class Upstream:
             self._down_until[route.name] = time.monotonic() + self._config.timeouts.parent_backoff
 
     async def _connect(self, route: Route) -> _Connection:
-        key = (route.host, route.port)
+        key = route.pool_key
         idle = self._idle[key]
         while idle:
             conn = idle.pop()
             if (
                 conn.h11.our_state is h11.IDLE
                 and conn.h11.their_state is h11.IDLE
-                and _quiet(conn.stream.socket)
+                and _quiet(conn.stream)
             ):
                 conn.reused = True
                 return conn
             await conn.stream.aclose()
         with _map_errors(route, "connecting"), trio.fail_after(self._config.timeouts.connect):
-            if route.is_parent or route.proxy_form:
+            if route.is_parent or route.proxy_form or route.tunnel:
                 stream = await trio.open_tcp_stream(route.host, route.port)
             else:
                 stream = await self._connect_origin(route)
-        return _Connection(stream, key)
+            if route.tls_name is None:
+                return _Connection(stream, key)
+            try:
+                if route.tunnel:
+                    await _open_tunnel(stream, route.tunnel, self.via)
+                tls = trio.SSLStream(
+                    stream,
+                    self.tls_context(),
+                    server_hostname=route.tls_name,
+                    https_compatible=True,
+                )
+                await tls.do_handshake()
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await stream.aclose()
+                raise
+        return _Connection(tls, key)
 
     async def _connect_origin(self, route: Route) -> trio.SocketStream:
         """Resolve, refuse internal addresses unless the host is allowlisted by name
@@ -426,7 +523,7 @@ class Upstream:
         done = conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE
         if done and conn.h11.trailing_data[0]:
             reusable = False  # bytes nobody asked for (we never pipeline upstream)
-        if reusable and (done or conn.reusable_fresh) and _quiet(conn.stream.socket):
+        if reusable and (done or conn.reusable_fresh) and _quiet(conn.stream):
             if done:
                 conn.h11.start_next_cycle()
             conn.reusable_fresh = False
@@ -458,7 +555,7 @@ class Upstream:
 
         Args:
           method: the request method.
-          url: the absolute origin URL (``http://host[:port]/path?query``).
+          url: the absolute origin URL (``http[s]://host[:port]/path?query``).
           headers: end-to-end request headers to send (Host, Via are added).
           body: the request body, streamed once (so only a connect failure moves on).
           body_length: its Content-Length, or None for chunked.
@@ -466,10 +563,11 @@ class Upstream:
         Raises:
           UpstreamError: no route answered.
         """
-        host, port, target = parse_http_url(url)
-        authority = host if port == 80 else f"{host}:{port}"
+        scheme, host, port, target = parse_url(url)
+        default = port == DEFAULT_PORTS[scheme]
+        authority = host if default else f"{host}:{port}"
         if ":" in host:
-            authority = f"[{host}]" if port == 80 else f"[{host}]:{port}"
+            authority = f"[{host}]" if default else f"[{host}]:{port}"
         base = [(k, v) for k, v in headers if k.lower() not in _HOP_BY_HOP | {"host", "via"}]
         via = [v for k, v in headers if k.lower() == "via"]
         base.append(("via", ", ".join([*via, self.via])))
@@ -481,7 +579,7 @@ class Upstream:
         last_error: UpstreamError | None = None
         wire = _wire_headers([("host", authority), *base])
         for route in self.routes(url):
-            request_target = f"http://{authority}{target}" if route.proxy_form else target
+            request_target = f"{scheme}://{authority}{target}" if route.proxy_form else target
             try:
                 h11_request = h11.Request(
                     method=method.encode("ascii"),
@@ -547,3 +645,29 @@ class Upstream:
                 return
         assert last_error is not None
         raise last_error
+
+
+# The longest CONNECT answer head read from an upstream proxy (RFC 9110 s9.3.6).
+_MAX_CONNECT_HEAD = 16 * 1024
+
+
+async def _open_tunnel(stream: trio.SocketStream, authority: str, via: str) -> None:
+    """Ask the proxy on ``stream`` for a tunnel to ``authority`` (CONNECT).
+
+    Raises:
+      UpstreamError: the proxy refused (its status is named) or answered garbage.
+    """
+    request = (f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\nVia: {via}\r\n\r\n").encode(
+        "ascii"
+    )
+    await stream.send_all(request)
+    head = b""
+    while b"\r\n\r\n" not in head:  # read byte-exact: TLS starts right after the head
+        chunk = await stream.receive_some(1)
+        if not chunk or len(head) > _MAX_CONNECT_HEAD:
+            raise UpstreamError(f"proxy closed or misbehaved answering CONNECT {authority}")
+        head += chunk
+    status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+    parts = status_line.split()
+    if len(parts) < 2 or not parts[1].startswith("2"):
+        raise UpstreamError(f"proxy refused CONNECT {authority}: {status_line[:100]}")
