@@ -71,6 +71,12 @@ FLAGS: tuple[tuple[str, str, dict[str, Any], str], ...] = (
         "parent cache to fetch misses from, tried in order (repeatable)",
     ),
     (
+        "--peer",
+        "peers",
+        {"action": "append", "metavar": "URL"},
+        "another node of this cluster; blocks it owns are fetched from it (repeatable)",
+    ),
+    (
         "--upstream-proxy",
         "upstream_proxy",
         {"metavar": "HOST:PORT"},
