@@ -54,6 +54,7 @@ async def run_node(cache_dir: Path, **overrides: Any) -> AsyncIterator[Node]:
         async with trio.open_nursery() as nursery:
             ports = await nursery.start(server.serve)
             admin_port = await nursery.start(admin.serve)
+            server.admin_port = admin_port
             try:
                 yield Node(server, admin, cache, ports[0], admin_port)
             finally:

@@ -37,6 +37,7 @@ from ..errors import BadRequest, NotCacheable, UpstreamError, VersionChanged
 from ..ops.accesslog import AccessRecord, configure_logging, write_access
 from ..ops.admin import AdminServer
 from ..ops.metrics import Metrics
+from ..upstream.peers import NODE_HEADER, PEER_HEADER, answering_peer
 from .protocol import CLOSED, END_OF_BODY, NEED_DATA, Request, ServerProtocol
 from .ranges import UNSATISFIABLE, ByteRange, content_range, if_range_matches, parse_range
 from .routing import OwnNames, route_request
@@ -98,6 +99,7 @@ class Server:
         self._all_closed = trio.Event()
         self._stopped = trio.Event()
         self.ports: list[int] = []
+        self.admin_port: int | None = None  # named in /health answers, for cluster views
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -295,8 +297,13 @@ class Server:
         rec = AccessRecord(
             client=conn.peer, method=req.method, url=req.target, range=req.header("range") or "-"
         )
+        peer = req.header(PEER_HEADER)
         try:
-            keep = await self._dispatch(conn, req, rec)
+            if peer:  # a cluster peer asks: answer from here, never from another peer
+                with answering_peer(peer):
+                    keep = await self._dispatch(conn, req, rec)
+            else:
+                keep = await self._dispatch(conn, req, rec)
         except BadRequest as exc:
             log.info("%s: %s %s refused: %s", conn.peer, req.method, req.target[:200], exc)
             keep = await self._error(conn, rec, exc.status_hint, str(exc))
@@ -315,6 +322,8 @@ class Server:
             raise _ClientGone() from None
         finally:
             rec.duration = time.monotonic() - started
+            if peer:
+                self.cache.upstream.peers.served_bytes += rec.bytes
             write_access(rec)
             self.metrics.record(rec.cache, rec.bytes, rec.duration, _host_of(rec.url), rec.url)
         return keep
@@ -340,7 +349,10 @@ class Server:
             )
         if req.method in ("GET", "HEAD") and req.target == "/health" and self._names_no_origin(req):
             rec.status, rec.cache = 204, "health"
-            await self._send_simple(conn, 204, [], b"")
+            ids = [(NODE_HEADER, self.config.node_id)]
+            if self.admin_port is not None:
+                ids.append(("x-mcc-admin-port", str(self.admin_port)))
+            await self._send_simple(conn, 204, ids, b"")
             return True
         route = route_request(req.target, req.header("host"), self.own, self.config.origin)
         rec.url = route.url
@@ -668,7 +680,7 @@ async def _main(config: Config) -> int:
             admin = AdminServer(cache, server.metrics, lambda: server.open_connections)
             try:
                 ports = await nursery.start(server.serve)
-                await nursery.start(admin.serve)
+                server.admin_port = await nursery.start(admin.serve)
             except OSError as exc:
                 sys.stderr.write(f"mcc: {exc.strerror}\n")
                 nursery.cancel_scope.cancel()

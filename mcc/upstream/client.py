@@ -16,6 +16,7 @@ request is then retried once on a fresh connection.
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 from collections import defaultdict
@@ -30,14 +31,20 @@ import trio
 from ..config import Config
 from ..errors import Refused, UpstreamError
 from ..origins import is_internal_address, split_host_port
+from .peers import PEER_HEADER, Peers, peer_request
 
 __all__ = ["Route", "Upstream", "UpstreamResponse", "parse_http_url"]
+
+log = logging.getLogger("mcc.upstream")
 
 # Bytes asked of the socket per receive: large enough that a 1 MiB block takes
 # a few dozen calls, small enough to bound the memory one connection holds.
 _RECEIVE_SIZE = 256 * 1024
 # RFC 9110 s5.4 leaves the limit to us; h11's default (16 KiB) refuses larger heads.
 _MAX_RESPONSE_HEAD = 64 * 1024
+
+# Peer answers passed on as they are; any other status moves on to the next route.
+_PEER_ANSWERS = frozenset({200, 206, 301, 302, 303, 304, 307, 308, 404, 410, 412, 416})
 
 _HOP_BY_HOP = frozenset(
     {
@@ -52,6 +59,11 @@ _HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
+
+
+def _body_length(response: UpstreamResponse) -> int:
+    length = response.header("content-length")
+    return int(length) if length is not None and length.isdigit() else 0
 
 
 def parse_http_url(url: str) -> tuple[str, int, str]:
@@ -79,6 +91,7 @@ class Route:
     port: int
     proxy_form: bool
     is_parent: bool = False
+    is_peer: bool = False
 
 
 class _Connection:
@@ -284,6 +297,7 @@ class Upstream:
         self._idle: dict[tuple[str, int], list[_Connection]] = defaultdict(list)
         self._parents = [self._parent_route(u) for u in config.parents]
         self._down_until: dict[str, float] = {}
+        self.peers = Peers(config)
         self.via = f"1.1 {config.node_id}"
         self.requests = 0
         self.bytes_received = 0
@@ -314,13 +328,26 @@ class Upstream:
             routes = list(self._parents)
         return routes
 
+    def _routes_for(self, url: str, block: int | None) -> Iterator[Route]:
+        """The routes for a request: for a block fetch, the block's owner among the
+        peers first, then the next owner if that one fails (each tried once), then
+        :meth:`routes`. A request answering a peer never goes to a peer."""
+        if block is not None and self.peers.active and peer_request() is None:
+            tried: set[str] = set()
+            while (peer := self.peers.owner(url, block, frozenset(tried))) is not None:
+                tried.add(peer.url)
+                yield Route(peer.url, peer.host, peer.port, proxy_form=True, is_peer=True)
+        yield from self.routes(url)
+
     def _route_failed(self, route: Route) -> None:
         """Count a failed attempt on ``route`` (and skip it for a while if a parent)."""
         self.outcomes[(route.name, "error")] += 1
         self._mark_down(route)
 
     def _mark_down(self, route: Route) -> None:
-        if route.is_parent:
+        if route.is_peer:
+            self.peers.mark_down(route.name)
+        elif route.is_parent:
             self._down_until[route.name] = time.monotonic() + self._config.timeouts.parent_backoff
 
     async def _connect(self, route: Route) -> _Connection:
@@ -392,6 +419,8 @@ class Upstream:
         headers: Sequence[tuple[str, str]] = (),
         body: AsyncIterator[bytes] | None = None,
         body_length: int | None = None,
+        *,
+        block: int | None = None,
     ) -> AsyncIterator[UpstreamResponse]:
         """Send one request upstream, trying routes in order; yields the response.
 
@@ -401,6 +430,8 @@ class Upstream:
           headers: end-to-end request headers to send (Host, Via are added).
           body: the request body, streamed once (so only a connect failure moves on).
           body_length: its Content-Length, or None for chunked.
+          block: the index of the block asked for, when it is a block fetch: it goes to
+            the block's owner among the peers first (see :mod:`mcc.upstream.peers`).
 
         Raises:
           UpstreamError: no route answered.
@@ -418,10 +449,11 @@ class Upstream:
         elif body is not None:
             base.append(("transfer-encoding", "chunked"))
         last_error: UpstreamError | None = None
-        for route in self.routes(url):
+        for route in self._routes_for(url, block if body is None else None):
             request_target = f"http://{authority}{target}" if route.proxy_form else target
+            marks = [(PEER_HEADER, self._config.node_id)] if route.is_peer else []
             h11_request = h11.Request(
-                method=method, target=request_target, headers=[("host", authority), *base]
+                method=method, target=request_target, headers=[("host", authority), *base, *marks]
             )
             for fresh_try in range(2):
                 try:
@@ -468,9 +500,18 @@ class Upstream:
                     last_error = UpstreamError(f"{route.name}: answered {response.status}")
                     await self._release(conn, reusable=False)
                     break
+                if route.is_peer and response.status not in _PEER_ANSWERS:
+                    # the peer is alive but could not help (its upstream failed, it is
+                    # busy, configured differently): this request goes on without it
+                    log.info("peer %s answered %d: next route", route.name, response.status)
+                    last_error = UpstreamError(f"{route.name}: answered {response.status}")
+                    await self._release(conn, reusable=False)
+                    break
                 try:
                     yield response
                 finally:
+                    if route.is_peer and response.complete:
+                        self.peers.received_bytes += _body_length(response)
                     await self._release(conn, reusable=response.complete)
                 return
         assert last_error is not None
