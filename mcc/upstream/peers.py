@@ -202,6 +202,10 @@ class Peers:
         """Each peer URL -> {"node", "up", "self"}."""
         return {p.url: p.as_json() for p in self.peers}
 
+    async def wait_changed(self) -> None:
+        """Wait until a peer goes up or down, or turns out to be this node."""
+        await self._changed.wait()
+
     async def wait_members(self, count: int) -> None:
         """Wait until ``count`` members (this node included) are known to be up."""
         while len(self.members()) < count:
@@ -222,6 +226,7 @@ class Peers:
             if node is not None and node == self.node_id:
                 peer.is_self, peer.up, peer.node = True, False, node
                 log.info("peer %s is this node (%s): skipped", peer.url, node)
+                self._notify()
                 return
             if node is not None:
                 if not peer.up:
