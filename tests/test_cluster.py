@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import shutil
 import subprocess
+import sys
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -212,6 +214,35 @@ async def test_a_dead_owner_hands_its_blocks_to_the_next(origin: Origin, tmp_pat
         # once each; every other block stayed where it was
         assert 0 < origin.count("/f.bin") - before <= len(owned)
         assert max(Counter(rq.headers["range"] for rq in origin.requests).values()) <= 2
+
+
+async def test_cluster_summary_and_stats_add_up_the_nodes(origin: Origin, tmp_path: Path) -> None:
+    data = os.urandom(8 * 65536)
+    origin.put("/f.bin", data)
+    url = origin.url("/f.bin")
+    async with cluster(tmp_path, origin, peers=True, block_size="64KiB") as members:
+        for m in members:
+            assert (await get(m.node.port, url)).body == data
+        doc = json.loads((await get(members[0].node.admin_port, "/summary?cluster=1")).body)
+        assert (doc["answered"], doc["unreachable"]) == (3, 0)
+        assert sorted(n["nodeId"] for n in doc["nodes"]) == ["n0", "n1", "n2"]
+        # what clients got, and what crossed the origin link once for all of them
+        assert doc["clientBytes"] == 3 * len(data)
+        assert doc["originBytes"] == len(data)
+        assert doc["peerBytes"] > 0 and doc["hitRatioBytes"] == round(2 / 3, 4)
+
+        def stats() -> subprocess.CompletedProcess[str]:
+            admin = f"127.0.0.1:{members[0].node.admin_port}"
+            argv = [sys.executable, "-m", "mcc", "stats", "--peers", "--admin-listen", admin]
+            return subprocess.run(argv, capture_output=True, text=True, timeout=30)
+
+        r = await trio.to_thread.run_sync(stats)
+        assert r.returncode == 0, r.stderr
+        assert "cluster (3 of 3 nodes)" in r.stdout and "66.7 %" in r.stdout
+        await members[2].kill()
+        r = await trio.to_thread.run_sync(stats)
+        assert r.returncode == 1 and "UNREACHABLE" in r.stdout
+        assert "cluster (2 of 3 nodes)" in r.stdout
 
 
 # -- HAProxy in front ---------------------------------------------------------------------

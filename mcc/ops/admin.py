@@ -4,7 +4,8 @@ Endpoints (``admin_token``, when set, is required as ``Authorization: Bearer TOK
 for the write endpoints, and for every endpoint when the listener is not on loopback):
 
 - ``GET /metrics``: Prometheus text exposition.
-- ``GET /summary``: JSON in the spirit of Connected Cache's summary report.
+- ``GET /summary``: JSON in the spirit of Connected Cache's summary report;
+  ``?cluster=1`` adds up every peer's summary too (see :mod:`mcc.ops.cluster`).
 - ``GET /health``: readiness JSON; 503 when a drive is not writable or the index fails.
 - ``POST /warm`` ``{"urls": [...]}``: pre-seed in the background; ``GET /warm/<id>``.
 - ``POST /purge`` ``{"url": ...}`` or ``{"pattern": "host or *.suffix"}``.
@@ -22,7 +23,7 @@ import time
 from collections.abc import Callable
 from importlib import resources
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import attrs
 import trio
@@ -30,6 +31,7 @@ import trio
 from ..engine.engine import Cache
 from ..errors import BadRequest, McError
 from ..http.protocol import CLOSED, END_OF_BODY, NEED_DATA, Request, ServerProtocol
+from .cluster import cluster_summary
 from .metrics import DURATION_BUCKETS, WINDOW_SECONDS, Metrics, exposition
 
 __all__ = ["AdminServer"]
@@ -164,6 +166,9 @@ class AdminServer:
                     "text/plain; version=0.0.4; charset=utf-8",
                     self.render_metrics().encode(),
                 )
+            if path == "/summary" and parse_qs(urlsplit(req.target).query).get("cluster") == ["1"]:
+                others = await self.cache.upstream.peers.summaries(self.config.admin_token)
+                return 200, "application/json", _json(cluster_summary(self.summary(), others))
             if path == "/summary":
                 return 200, "application/json", _json(self.summary())
             if path == "/health":
@@ -285,6 +290,9 @@ class AdminServer:
                 for i, d in enumerate(self.cache.blobs.drives)
             ],
             "parents": self.cache.upstream.parent_health(),
+            "peers": self.cache.upstream.peers.health(),
+            "peerServedBytes": self.cache.upstream.peers.served_bytes,
+            "peerReceivedBytes": self.cache.upstream.peers.received_bytes,
             "flightJoins": stats.flight_joins,
             "openConnections": self._open_connections(),
         }
