@@ -227,8 +227,8 @@ async def test_cluster_summary_and_stats_add_up_the_nodes(origin: Origin, tmp_pa
         assert (doc["answered"], doc["unreachable"]) == (3, 0)
         assert sorted(n["nodeId"] for n in doc["nodes"]) == ["n0", "n1", "n2"]
         # what clients got, and what crossed the origin link once for all of them
-        assert doc["clientBytes"] == 3 * len(data)
-        assert doc["originBytes"] == len(data)
+        assert doc["clientBytes"] == 3 * len(data), doc
+        assert doc["originBytes"] == len(data), doc
         assert doc["peerBytes"] > 0 and doc["hitRatioBytes"] == round(2 / 3, 4)
 
         def stats() -> subprocess.CompletedProcess[str]:

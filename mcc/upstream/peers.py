@@ -27,8 +27,9 @@ Rules that keep the cluster free of loops and storms:
    request never waits on a discovery that is itself waiting on another peer.
 
 Health: each peer is asked ``GET /health`` (HTTP/1.0, as a load balancer does) every
-:data:`CHECK_INTERVAL` seconds while up; when a check or a request fails it is down
-and checked again after 0.5 s, 1 s, 2 s ... up to ``parent_backoff``. The checks run
+:data:`CHECK_INTERVAL` seconds while up; after :data:`FALL` failed checks in a row, or
+one failed request, it is down and checked again after 0.5 s, 1 s, 2 s ... up to
+``parent_backoff``. The checks run
 in one task in the cache's nursery (:meth:`Peers.run`).
 """
 
@@ -72,6 +73,9 @@ CHECK_INTERVAL = 1.0
 BACKOFF_FIRST = 0.5
 # A health check (connect, request, answer) must finish within this many seconds.
 CHECK_TIMEOUT = 2.0
+# Health checks failed in a row that take a peer out (HAProxy's "fall"): one slow answer
+# on a busy node must not move its blocks. A failed request takes it out at once.
+FALL = 2
 # Most bytes of a health answer read (a 204 head is about 200 bytes).
 _MAX_CHECK_ANSWER = 16 * 1024
 
@@ -238,9 +242,12 @@ class Peers:
                     self._notify()
                 peer.failures = 0
                 wait = CHECK_INTERVAL
+            elif peer.up and peer.failures + 1 < FALL:
+                peer.failures += 1
+                wait = BACKOFF_FIRST  # once more soon, before taking it out
             else:
                 if peer.up:
-                    log.warning("peer %s (%s) failed its health check", peer.url, peer.node)
+                    log.warning("peer %s (%s) failed its health checks", peer.url, peer.node)
                     peer.up = False
                     self._notify()
                 wait = min(self._backoff_cap, BACKOFF_FIRST * 2**peer.failures)
