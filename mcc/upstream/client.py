@@ -8,6 +8,10 @@ reached, times out before answering, or answers 5xx is marked down for
 ``parent_backoff`` seconds and the next route is tried. Requests whose body cannot
 be replayed only move on to the next route when nothing was sent.
 
+A block fetch goes first to the peer that owns the block, when ``peers`` are set
+(see :mod:`mcc.upstream.peers`); a peer that cannot be reached is marked down and the
+block's next owner is asked, and when no peer helps, the routes above are used.
+
 Connections are pooled per (host, port): a response read to its end on a keep-alive
 connection returns the connection to the pool; anything else closes it. A pooled
 connection the peer closed meanwhile fails before any response byte arrives; the
@@ -330,13 +334,15 @@ class Upstream:
 
     def _routes_for(self, url: str, block: int | None) -> Iterator[Route]:
         """The routes for a request: for a block fetch, the block's owner among the
-        peers first, then the next owner if that one fails (each tried once), then
-        :meth:`routes`. A request answering a peer never goes to a peer."""
+        peers first (the next owner when that one turns out dead, each tried once),
+        then :meth:`routes`. A request answering a peer never goes to a peer."""
         if block is not None and self.peers.active and peer_request() is None:
             tried: set[str] = set()
             while (peer := self.peers.owner(url, block, frozenset(tried))) is not None:
                 tried.add(peer.url)
                 yield Route(peer.url, peer.host, peer.port, proxy_form=True, is_peer=True)
+                if peer.up:  # alive but it could not help: the normal routes next
+                    break
         yield from self.routes(url)
 
     def _route_failed(self, route: Route) -> None:
