@@ -88,6 +88,12 @@ FLAGS: tuple[tuple[str, str, dict[str, Any], str], ...] = (
         "parent cache to fetch misses from, tried in order (repeatable)",
     ),
     (
+        "--peer",
+        "peers",
+        {"action": "append", "metavar": "URL"},
+        "another node of this cluster; blocks it owns are fetched from it (repeatable)",
+    ),
+    (
         "--upstream-proxy",
         "upstream_proxy",
         {"metavar": "HOST:PORT"},
@@ -502,6 +508,8 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     from .ops.client import AdminClient
 
     client = AdminClient(effective_config(args))
+    if args.peers:
+        return _print_cluster(client.call("GET", "/summary?cluster=1"))
     s = client.call("GET", "/summary")
     health = client.call("GET", "/health")
     rows = [
@@ -525,6 +533,41 @@ def _cmd_stats(args: argparse.Namespace) -> int:
         rows.append(("parents", "none configured (misses go to the origin)"))
     _print_table(rows)
     return 0
+
+
+def _print_cluster(c: dict[str, Any]) -> int:
+    """The table of ``mcc stats --peers``: one row per node, then the cluster's sums."""
+    rows = [("node", "served to clients", "from upstream", "to/from peers", "hit ratio")]
+    for n in c["nodes"]:
+        name = str(n["nodeId"] or n["url"])
+        if "error" in n:
+            rows.append((name, f"UNREACHABLE: {n['error']}", "", "", ""))
+            continue
+        peers = f"{human_size(n['peerServedBytes'])} / {human_size(n['peerReceivedBytes'])}"
+        rows.append(
+            (
+                name,
+                human_size(n["clientBytes"]),
+                human_size(n["originBytes"]),
+                peers,
+                _pct(n["hitRatioBytes"]),
+            )
+        )
+    rows.append(
+        (
+            f"cluster ({c['answered']} of {c['answered'] + c['unreachable']} nodes)",
+            human_size(c["clientBytes"]),
+            human_size(c["originBytes"]),
+            human_size(c["peerBytes"]),
+            _pct(c["hitRatioBytes"]),
+        )
+    )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        sys.stdout.write(
+            "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() + "\n"
+        )
+    return 0 if not c["unreachable"] else 1
 
 
 def _cmd_warm(args: argparse.Namespace) -> int:
@@ -625,6 +668,12 @@ def build_parser() -> argparse.ArgumentParser:
         "summary and health and print them as a table.",
     )
     _add_config_flags(stats)
+    stats.add_argument(
+        "--peers",
+        action="store_true",
+        help="the whole cluster: every peer's statistics and their sums (exit 1 if a "
+        "peer could not be asked)",
+    )
     stats.set_defaults(func=_cmd_stats)
     warm = sub.add_parser(
         "warm",

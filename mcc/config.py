@@ -141,6 +141,7 @@ class Config:
     canonical_hosts: Mapping[str, str] = attrs.field(factory=dict)
     origin: str | None = None
     parents: tuple[str, ...] = ()
+    peers: tuple[str, ...] = ()
     upstream_proxy: HostPort | None = None
     upstream_ca_file: Path | None = None
     origin_fallback: bool = True
@@ -355,6 +356,7 @@ def check_config(config: Config) -> list[str]:
     for key, urls in (
         ("origin", [config.origin] if config.origin else []),
         ("parents", config.parents),
+        ("peers", config.peers),
     ):
         for i, url in enumerate(urls):
             where = key if key == "origin" else f"{key}[{i}]"

@@ -63,6 +63,7 @@ async def run_node(cache_dir: Path, **overrides: Any) -> AsyncIterator[Node]:
         async with trio.open_nursery() as nursery:
             ports = await nursery.start(server.serve)
             admin_port = await nursery.start(admin.serve)
+            server.admin_port = admin_port
             try:
                 tls_port = server.tls_ports[0] if server.tls_ports else None
                 yield Node(server, admin, cache, ports[0], admin_port, tls_port)

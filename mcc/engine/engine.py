@@ -56,6 +56,7 @@ from ..upstream.client import (
     parse_url,
     quote_target,
 )
+from ..upstream.peers import peer_request
 from .blocks import ObjectMeta, block_bounds, block_count, blocks_for_range, make_version
 from .flight import Fetch, FileSlice, Flight, FlightKey, FlightTable, MemoryBudget
 from .freshness import age, freshness_lifetime, may_serve_stale
@@ -186,7 +187,9 @@ class _Unsatisfied(Exception):
 
 
 class _Discovery:
-    def __init__(self) -> None:
+    def __init__(self, slot: str, via_peer: bool) -> None:
+        self.slot = slot  # its key in the table of discoveries
+        self.via_peer = via_peer  # asks the peer owning its block (else parents, origin)
         self.done = trio.Event()
         self.meta: ObjectMeta | None = None
         self.error: Exception | None = None
@@ -435,11 +438,22 @@ class Cache:
         fresh = self.config.freshness
         rules = self.config.refresh_patterns
         if meta is not None and now < self._fresh_until(meta):
+            if self._discoveries:
+                await self._wait_peer_discovery(key)
             return Lookup(meta, "fresh")
         disc = self._discoveries.get(key)
+        slot = key
+        if disc is not None and disc.via_peer and peer_request() is not None:
+            # a request from a peer never waits on a discovery that went to a peer
+            # (two nodes could wait on each other): it discovers on its own
+            slot = f"peer {key}"
+            disc = self._discoveries.get(slot)
         if disc is None:
-            disc = _Discovery()
-            self._discoveries[key] = disc
+            via_peer = (
+                peer_request() is None and self.upstream.peers.owner(url, hint_block) is not None
+            )
+            disc = _Discovery(slot, via_peer)
+            self._discoveries[slot] = disc
             self._spawn(self._discover, url, key, hint_block, disc, tuple(via), meta, reader)
         try:
             found = await disc.wait()
@@ -450,7 +464,15 @@ class Cache:
                 self._count("stale_served")
                 return Lookup(meta, "stale")
             raise
+        await self._wait_peer_discovery(key, disc)
         return Lookup(found, disc.outcome)
+
+    async def _wait_peer_discovery(self, key: str, disc: _Discovery | None = None) -> None:
+        """Wait while a discovery for a peer (see :meth:`lookup`) is fetching its block
+        here: that block is in flight only once it is done, and must not be fetched twice."""
+        side = self._discoveries.get(f"peer {key}")
+        if side is not None and side is not disc:
+            await side.done.wait()
 
     def _fresh_until(self, meta: ObjectMeta) -> float:
         """When ``meta`` stops being fresh (memoised: parsing dates on every hit costs)."""
@@ -798,7 +820,7 @@ class Cache:
                 disc.error = UpstreamError(f"{url}: internal error in discovery", status_hint=500)
             raise
         finally:
-            self._discoveries.pop(key, None)
+            self._discoveries.pop(disc.slot, None)
             disc.done.set()
 
     async def _discover_once(
@@ -813,7 +835,9 @@ class Cache:
         reader: object | None,
     ) -> None:
         B = self.block_size
-        async with self._fetch_slots, self.upstream.request("GET", url, headers) as resp:
+        block = hint if disc.via_peer else None
+        request = self.upstream.request("GET", url, headers, block=block)
+        async with self._fetch_slots, request as resp:
             self._count("upstream_fetches")
             if resp.status == 304 and stale is not None:
                 meta = self._refreshed(stale, resp)
@@ -957,8 +981,10 @@ class Cache:
     def _start_fill(self, meta: ObjectMeta, first: int, reader: object | None) -> Fetch:
         """A fetch for the block at byte ``first`` (registered in the flight table)."""
         fetch = Fetch([])
-        if meta.size:
-            fetch.add(self._new_flight(meta, first // self.block_size, reader))
+        idx = first // self.block_size
+        # (a discovery for a peer may find the block in flight for another discovery)
+        if meta.size and self._flights.get(FlightKey(meta.key, meta.version, idx)) is None:
+            fetch.add(self._new_flight(meta, idx, reader))
         return fetch
 
     async def _run_fetch(self, meta: ObjectMeta, fetch: Fetch, via: tuple[str, ...]) -> None:
@@ -987,7 +1013,8 @@ class Cache:
             if validator:
                 headers.append(("if-range", validator))
             try:
-                async with self._fetch_slots, self.upstream.request("GET", url, headers) as resp:
+                request = self.upstream.request("GET", url, headers, block=todo[0].key.index)
+                async with self._fetch_slots, request as resp:
                     self._count("upstream_fetches")
                     self._check_block_response(meta, resp, start, end)
                     if resp.status == 206:
@@ -1288,6 +1315,7 @@ async def _opened(config: Config) -> AsyncIterator[Cache]:
         async with trio.open_nursery() as nursery:
             cache = Cache(config, nursery, index=index, blobs=blobs, upstream=upstream)
             nursery.start_soon(cache.run_maintenance)
+            nursery.start_soon(upstream.peers.run)
             try:
                 yield cache
             finally:

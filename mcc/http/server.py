@@ -46,6 +46,7 @@ from ..ops.accesslog import AccessRecord, configure_logging, write_access
 from ..ops.admin import AdminServer
 from ..ops.daemon import banner, reload
 from ..ops.metrics import Metrics
+from ..upstream.peers import NODE_HEADER, PEER_HEADER, answering_peer
 from .protocol import CLOSED, END_OF_BODY, NEED_DATA, Request, ServerProtocol
 from .ranges import UNSATISFIABLE, ByteRange, content_range, if_range_matches, parse_range
 from .routing import OwnNames, route_request
@@ -117,6 +118,7 @@ class Server:
         self.tls_ports: list[int] = []
         self.certificate: ServerCertificate | None = None
         self._tls_listeners: set[trio.SocketListener] = set()
+        self.admin_port: int | None = None  # named in /health answers, for cluster views
 
     def reconfigure(self, config: Config) -> None:
         """Use a reloaded config for new requests (listen and node_id stay as they were);
@@ -371,8 +373,13 @@ class Server:
             referer=req.header("referer") or "-",
             user_agent=req.header("user-agent") or "-",
         )
+        peer = req.header(PEER_HEADER)
         try:
-            keep = await self._dispatch(conn, req, rec)
+            if peer:  # a cluster peer asks: answer from here, never from another peer
+                with answering_peer(peer):
+                    keep = await self._dispatch(conn, req, rec)
+            else:
+                keep = await self._dispatch(conn, req, rec)
         except BadRequest as exc:
             log.info("%s: %s %s refused: %s", conn.peer, req.method, req.target[:200], exc)
             keep = await self._error(conn, rec, exc.status_hint, str(exc))
@@ -397,6 +404,8 @@ class Server:
             keep = await self._error(conn, rec, 500, "internal error")
         finally:
             rec.duration = time.monotonic() - started
+            if peer:
+                self.cache.upstream.peers.served_bytes += rec.bytes
             write_access(rec)
             self.metrics.record(rec.cache, rec.bytes, rec.duration, _host_of(rec.url), rec.url)
         return keep
@@ -424,7 +433,10 @@ class Server:
             )
         if req.method in ("GET", "HEAD") and req.target == "/health" and self._names_no_origin(req):
             rec.status, rec.cache = 204, "health"
-            await self._send_simple(conn, 204, [], b"")
+            ids = [(NODE_HEADER, self.config.node_id)]
+            if self.admin_port is not None:
+                ids.append(("x-mcc-admin-port", str(self.admin_port)))
+            await self._send_simple(conn, 204, ids, b"")
             return True
         route = route_request(
             req.target,
@@ -806,7 +818,7 @@ async def _main(config: Config, load: Callable[[], Config] | None = None) -> int
             admin = AdminServer(cache, server.metrics, lambda: server.open_connections)
             try:
                 ports = await nursery.start(server.serve)
-                admin_port = await nursery.start(admin.serve)
+                admin_port = server.admin_port = await nursery.start(admin.serve)
             except OSError as exc:
                 sys.stderr.write(f"mcc: {exc.strerror}\n")
                 nursery.cancel_scope.cancel()

@@ -3,7 +3,8 @@
 Endpoints:
 
 - ``GET /metrics``: Prometheus text exposition.
-- ``GET /summary``: JSON in the spirit of Connected Cache's summary report.
+- ``GET /summary``: JSON in the spirit of Connected Cache's summary report;
+  ``?cluster=1`` adds up every peer's summary too (see :mod:`mcc.ops.cluster`).
 - ``GET /health``: readiness JSON; 503 when a drive is not writable or the index fails.
 - ``POST /warm`` ``{"urls": [...]}``: pre-seed in the background; ``GET /warm/<id>``
   shows its progress in objects and bytes (rate, time left).
@@ -43,7 +44,7 @@ import time
 from collections.abc import Callable
 from importlib import resources
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import attrs
 import trio
@@ -55,6 +56,7 @@ from ..http.protocol import CLOSED, END_OF_BODY, NEED_DATA, Request, ServerProto
 from ..origins import split_host_port
 from ..store.verify import verify_cache
 from .client import ADMIN_HEADER
+from .cluster import cluster_summary
 from .metrics import (
     DURATION_BUCKETS,
     MAX_HOST_LABELS,
@@ -308,6 +310,9 @@ class AdminServer:
                     "text/plain; version=0.0.4; charset=utf-8",
                     self.render_metrics().encode(),
                 )
+            if path == "/summary" and parse_qs(urlsplit(req.target).query).get("cluster") == ["1"]:
+                others = await self.cache.upstream.peers.summaries(self.config.admin_token)
+                return 200, "application/json", _json(cluster_summary(self.summary(), others))
             if path == "/summary":
                 return 200, "application/json", _json(self.summary())
             if path == "/health":
@@ -504,6 +509,9 @@ class AdminServer:
                 for i, d in enumerate(self.cache.blobs.drives)
             ],
             "parents": self.cache.upstream.parent_health(),
+            "peers": self.cache.upstream.peers.health(),
+            "peerServedBytes": self.cache.upstream.peers.served_bytes,
+            "peerReceivedBytes": self.cache.upstream.peers.received_bytes,
             "flightJoins": stats.flight_joins,
             "openConnections": self._open_connections(),
         }

@@ -14,6 +14,10 @@ through ``upstream_proxy`` goes through a CONNECT tunnel, so the proxy never see
 in the clear and mcc still verifies the origin. A certificate that does not verify
 fails the route with 502: nothing is ever fetched unverified.
 
+A block fetch goes first to the peer that owns the block, when ``peers`` are set
+(see :mod:`mcc.upstream.peers`); a peer that cannot be reached is marked down and the
+block's next owner is asked, and when no peer helps, the routes above are used.
+
 Connections are pooled per (host, port, TLS name, tunnel): a response read to its end
 on a keep-alive connection returns the connection to the pool; anything else closes it. A pooled
 connection the peer closed meanwhile fails before any response byte arrives; the
@@ -22,6 +26,7 @@ request is then retried once on a fresh connection.
 
 from __future__ import annotations
 
+import logging
 import re
 import select
 import socket
@@ -39,9 +44,12 @@ import trio
 from ..config import Config
 from ..errors import Refused, UpstreamError
 from ..origins import is_internal_address, split_host_port
+from .peers import PEER_HEADER, Peers, peer_request
 from .tls import client_context, describe_tls_error, is_verify_error
 
 __all__ = ["Route", "Upstream", "UpstreamResponse", "parse_http_url", "parse_url", "quote_target"]
+
+log = logging.getLogger("mcc.upstream")
 
 # Bytes asked of the socket per receive: large enough that a 1 MiB block takes
 # a few dozen calls, small enough to bound the memory one connection holds.
@@ -52,6 +60,8 @@ _MAX_RESPONSE_HEAD = 64 * 1024
 # RFC 9110 s5.1 (field-name is a token) and s5.5 (no control character but HTAB in a value).
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# Peer answers passed on as they are; any other status moves on to the next route.
+_PEER_ANSWERS = frozenset({200, 206, 301, 302, 303, 304, 307, 308, 404, 410, 412, 416})
 
 _HOP_BY_HOP = frozenset(
     {
@@ -69,6 +79,11 @@ _HOP_BY_HOP = frozenset(
 
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _body_length(response: UpstreamResponse) -> int:
+    length = response.header("content-length")
+    return int(length) if length is not None and length.isdigit() else 0
 
 
 def parse_url(url: str) -> tuple[str, str, int, str]:
@@ -119,6 +134,7 @@ class Route:
     is_parent: bool = False
     tls_name: str | None = None
     tunnel: str | None = None
+    is_peer: bool = False
 
     @property
     def pool_key(self) -> tuple[str, int, str | None, str | None]:
@@ -386,6 +402,7 @@ class Upstream:
             self.tls_context()
         self._parents = [self._parent_route(u) for u in config.parents]
         self._down_until: dict[str, float] = {}
+        self.peers = Peers(config)
         self.via = f"1.1 {config.node_id}"
         self.requests = 0
         self.bytes_received = 0
@@ -447,13 +464,28 @@ class Upstream:
             routes = list(self._parents)
         return routes
 
+    def _routes_for(self, url: str, block: int | None) -> Iterator[Route]:
+        """The routes for a request: for a block fetch, the block's owner among the
+        peers first (the next owner when that one turns out dead, each tried once),
+        then :meth:`routes`. A request answering a peer never goes to a peer."""
+        if block is not None and self.peers.active and peer_request() is None:
+            tried: set[str] = set()
+            while (peer := self.peers.owner(url, block, frozenset(tried))) is not None:
+                tried.add(peer.url)
+                yield Route(peer.url, peer.host, peer.port, proxy_form=True, is_peer=True)
+                if peer.up:  # alive but it could not help: the normal routes next
+                    break
+        yield from self.routes(url)
+
     def _route_failed(self, route: Route) -> None:
         """Count a failed attempt on ``route`` (and skip it for a while if a parent)."""
         self.outcomes[(route.name, "error")] += 1
         self._mark_down(route)
 
     def _mark_down(self, route: Route) -> None:
-        if route.is_parent:
+        if route.is_peer:
+            self.peers.mark_down(route.name)
+        elif route.is_parent:
             self._down_until[route.name] = time.monotonic() + self._config.timeouts.parent_backoff
 
     async def _connect(self, route: Route) -> _Connection:
@@ -550,6 +582,8 @@ class Upstream:
         headers: Sequence[tuple[str, str]] = (),
         body: AsyncIterator[bytes] | None = None,
         body_length: int | None = None,
+        *,
+        block: int | None = None,
     ) -> AsyncIterator[UpstreamResponse]:
         """Send one request upstream, trying routes in order; yields the response.
 
@@ -559,6 +593,8 @@ class Upstream:
           headers: end-to-end request headers to send (Host, Via are added).
           body: the request body, streamed once (so only a connect failure moves on).
           body_length: its Content-Length, or None for chunked.
+          block: the index of the block asked for, when it is a block fetch: it goes to
+            the block's owner among the peers first (see :mod:`mcc.upstream.peers`).
 
         Raises:
           UpstreamError: no route answered.
@@ -578,13 +614,14 @@ class Upstream:
             base.append(("transfer-encoding", "chunked"))
         last_error: UpstreamError | None = None
         wire = _wire_headers([("host", authority), *base])
-        for route in self.routes(url):
+        for route in self._routes_for(url, block if body is None else None):
             request_target = f"{scheme}://{authority}{target}" if route.proxy_form else target
+            marks = _wire_headers([(PEER_HEADER, self._config.node_id)]) if route.is_peer else []
             try:
                 h11_request = h11.Request(
                     method=method.encode("ascii"),
                     target=request_target.encode("ascii"),
-                    headers=wire,
+                    headers=[*wire, *marks],
                 )
             except (h11.LocalProtocolError, UnicodeError) as exc:
                 raise UpstreamError(f"cannot send {method} {url[:200]!r}: {exc}") from None
@@ -635,9 +672,18 @@ class Upstream:
                     last_error = UpstreamError(f"{route.name}: answered {response.status}")
                     await self._release(conn, reusable=False)
                     break
+                if route.is_peer and response.status not in _PEER_ANSWERS:
+                    # the peer is alive but could not help (its upstream failed, it is
+                    # busy, configured differently): this request goes on without it
+                    log.info("peer %s answered %d: next route", route.name, response.status)
+                    last_error = UpstreamError(f"{route.name}: answered {response.status}")
+                    await self._release(conn, reusable=False)
+                    break
                 try:
                     yield response
                 finally:
+                    if route.is_peer and response.complete:
+                        self.peers.received_bytes += _body_length(response)
                     # after a HEAD, a body the origin sends anyway may still be on its
                     # way: such a connection is not reused (HEAD is rare upstream)
                     reuse = response.complete and method != "HEAD"
