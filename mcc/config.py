@@ -24,9 +24,9 @@ from cattrs.errors import (
     IterableValidationNote,
 )
 
-from .engine.freshness import RefreshRule
 from .errors import ConfigError
 from .origins import DEFAULT_ALLOW_ORIGINS, OriginPolicy, normalize_host, split_host_port
+from .policy import RefreshRule
 from .units import format_duration, format_size, parse_duration, parse_size
 
 __all__ = [

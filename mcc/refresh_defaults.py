@@ -21,7 +21,7 @@ immutable and revalidate only the indexes that name them:
 
 Rules are matched in order, the first match wins, and the operator's
 ``refresh_patterns`` are tried before all of these. Patterns are fnmatch patterns tried
-against the whole URL and against its path (see :class:`~mcc.engine.freshness.RefreshRule`).
+against the whole URL and against its path (see :class:`~mcc.policy.RefreshRule`).
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 import mcc
 from fixtures.origin import Origin
 from fixtures.raw_origin import RawOrigin, RawRequest, Reply, ranged, response
+from mcc.http.protocol import MAX_TARGET
 from tests.helpers import Node, get, raw_exchange, run_node
 
 DATA = os.urandom(100_000)
@@ -298,3 +299,42 @@ async def test_arbitrary_origin_heads_never_kill_the_node(
             await _healthy(node)
             assert node.cache.statistics().internal_errors == 0
         nursery.cancel_scope.cancel()
+
+
+async def test_a_url_over_the_limit_gets_414(origin: Origin, tmp_path: Path) -> None:
+    origin.put("/f", DATA)
+    async with run_node(tmp_path / "c", allow_origins=[origin.authority]) as node:
+        r = await get(node.port, origin.url("/f") + "?q=" + "x" * MAX_TARGET)
+        assert r.status == 414
+        assert origin.requests == []  # nothing forwarded
+        await _healthy(node)
+
+
+async def test_unique_long_urls_keep_the_index_within_max_size(
+    origin: Origin, tmp_path: Path
+) -> None:
+    """3,000 tiny objects under 6 KB URLs: the index's rows count against max_size,
+    and eviction drops records, not only blobs."""
+    origin.put("/q", b"0123456789")
+    max_size = 4 * 1024 * 1024
+    async with mcc.open_cache(
+        cache_dir=tmp_path,
+        allow_origins=[origin.authority],
+        block_size="64KiB",
+        drives=[{"path": str(tmp_path), "max_size": max_size}],
+    ) as cache:
+        for i in range(3000):
+            url = origin.url(f"/q?{i}-" + "x" * 6000)
+            chunks = [c async for c in cache.read(url)]
+            assert b"".join(chunks) == b"0123456789"
+            if i % 500 == 499:
+                await cache.wait_idle()
+                await cache.evict()
+                assert cache.store.used_bytes_on(0) <= max_size
+        await cache.wait_idle()
+        await cache.evict()
+        await trio.to_thread.run_sync(cache.index.checkpoint)
+        index_file = (tmp_path / "index.sqlite3").stat().st_size
+        assert index_file + cache.index.stored_bytes_on(0) <= max_size, index_file
+        assert cache.statistics().evictions > 0
+        assert len(cache.store.object_keys()) < 3000  # records went with their blobs

@@ -12,7 +12,7 @@ import trio
 
 from fixtures.origin import Fault, Origin
 from mcc.engine.blocks import ObjectMeta
-from mcc.engine.freshness import RefreshRule, freshness_lifetime, is_fresh, may_serve_stale
+from mcc.policy import RefreshRule, freshness_lifetime, is_fresh, may_serve_stale
 from tests.helpers import Node, get, run_node
 
 NOW = 1_800_000_000.0

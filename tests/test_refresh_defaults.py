@@ -14,7 +14,7 @@ import pytest
 
 from fixtures.origin import Origin
 from mcc.engine.blocks import ObjectMeta
-from mcc.engine.freshness import RefreshRule, freshness_lifetime, matching_rule
+from mcc.policy import RefreshRule, freshness_lifetime, matching_rule
 from tests.helpers import get, run_node
 
 NOW = 1_800_000_000.0

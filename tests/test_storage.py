@@ -176,8 +176,11 @@ def test_index_schema_1_is_migrated(tmp_path: Path) -> None:
     )
     db.close()
     index = Index(tmp_path / "index.sqlite3")
-    assert index.schema_version == SCHEMA_VERSION == 2
+    assert index.schema_version == SCHEMA_VERSION == 3
     assert index.get_blocks("http://h/x", 'e:"1"', 0, 0) == {0: "ab"}
+    # schema 3: the record gained its fetch URL and block size (0: the directory's)
+    record = index.get_object("http://h/x")
+    assert record is not None and record.fetch_url is None and record.block_size == 0
     assert index.stored_bytes_on(0) == 5
     names = {r[0] for r in index._db.execute("SELECT name FROM sqlite_master")}
     assert "blobs_by_drive_access" in names

@@ -6,49 +6,9 @@ All functions here are pure; ranges are inclusive at both ends, as in HTTP.
 
 from __future__ import annotations
 
-import attrs
+from ..store.records import ObjectMeta, make_version
 
 __all__ = ["ObjectMeta", "block_bounds", "block_count", "blocks_for_range", "make_version"]
-
-
-@attrs.frozen
-class ObjectMeta:
-    """What the cache knows about one version of one object.
-
-    Attributes:
-      key: the canonical origin URL (after canonical-host mapping); the cache key.
-      version: names this representation: ``e:<etag>`` (strong ETag), else
-        ``m:<last-modified>:<size>``, else ``s:<size>``.
-      size: length in bytes.
-      etag / last_modified / content_type: as upstream sent them.
-      headers: upstream headers replayed to clients (Cache-Control, Expires, ...).
-      fetched_at: when upstream last confirmed this version (Unix time).
-    """
-
-    key: str
-    version: str
-    size: int
-    etag: str | None = None
-    last_modified: str | None = None
-    content_type: str | None = None
-    headers: tuple[tuple[str, str], ...] = ()
-    fetched_at: float = 0.0
-
-    @property
-    def strong_etag(self) -> str | None:
-        """The ETag when it is strong (usable in If-Range), else None."""
-        if self.etag and not self.etag.startswith("W/"):
-            return self.etag
-        return None
-
-
-def make_version(etag: str | None, last_modified: str | None, size: int) -> str:
-    """The version name of a representation; see :class:`ObjectMeta`."""
-    if etag and not etag.startswith("W/"):
-        return f"e:{etag}"
-    if last_modified:
-        return f"m:{last_modified}:{size}"
-    return f"s:{size}"
 
 
 def block_count(size: int, block_size: int) -> int:

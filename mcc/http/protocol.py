@@ -33,6 +33,10 @@ __all__ = ["CLOSED", "END_OF_BODY", "NEED_DATA", "Request", "ServerProtocol"]
 # client (apt and Delivery Optimization send well under 2 KiB) and bounds memory.
 DEFAULT_MAX_HEAD = 16 * 1024
 
+# RFC 9110 s4.1 recommends at least 8,000 octets; nginx answers 414 past 8 KiB too. A
+# URL is a cache key, kept in memory and on disk: longer ones are refused, not stored.
+MAX_TARGET = 8 * 1024
+
 SERVER_NAME = "mcc"
 _SERVER_BYTES = SERVER_NAME.encode("ascii")
 
@@ -160,6 +164,11 @@ class ServerProtocol:
             raise BadRequest("repeated Content-Length: refused (smuggling)")
 
     def _request(self, event: h11.Request) -> Request:
+        if len(event.target) > MAX_TARGET:
+            raise BadRequest(
+                f"request target of {len(event.target)} bytes exceeds {MAX_TARGET}",
+                status_hint=414,
+            )
         headers = tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in event.headers)
         # h11 enforces the limit only on heads that arrive in pieces; a head that came
         # in one read is measured here (request line + "name: value\r\n" per header)

@@ -38,14 +38,14 @@ from typing import Any
 import trio
 
 from ..config import Config
-from ..engine.blocks import ObjectMeta, blocks_for_range
+from ..engine.blocks import ObjectMeta
 from ..engine.engine import Cache, FileSlice, open_cache
-from ..engine.freshness import age
 from ..errors import BadRequest, NotCacheable, UpstreamError, VersionChanged
 from ..ops.accesslog import AccessRecord, configure_logging, write_access
 from ..ops.admin import AdminServer
 from ..ops.daemon import banner, reload
 from ..ops.metrics import Metrics
+from ..policy import age
 from ..upstream.peers import NODE_HEADER, PEER_HEADER, answering_peer
 from .protocol import CLOSED, END_OF_BODY, NEED_DATA, Request, ServerProtocol
 from .ranges import UNSATISFIABLE, ByteRange, content_range, if_range_matches, parse_range
@@ -501,11 +501,10 @@ class Server:
 
     async def _answer_cached(self, conn: _Conn, req: Request, url: str, rec: AccessRecord) -> bool:
         cache = self.cache
-        B = cache.block_size
-        hint = _first_byte(req.header("range")) // B
+        first = _first_byte(req.header("range"))
         via = req.header_list("via")
         reader = object()  # this request, for telling its own fetches from joined ones
-        found = await cache.lookup(url, hint_block=hint, via=via, reader=reader)
+        found = await cache.lookup(url, first_byte=first, via=via, reader=reader)
         meta = found.meta
         ranges = parse_range(req.header("range"), meta.size, self.config.limits.max_ranges)
         if_range = req.header("if-range")
@@ -583,24 +582,12 @@ class Server:
         await self._send_span(conn, meta, spans[0], rec, via, reader)
         await self._send_all(conn, conn.proto.end())
         end = spans[0].end + 1
-        if end % self.cache.block_size and end != meta.size:
+        if end % meta.block_size and end != meta.size:
             push(conn.sock)  # a range ending inside a block must not wait in the kernel
         return True
 
     def _cache_status(self, meta: ObjectMeta, spans: Sequence[ByteRange]) -> str:
-        if not spans:
-            return "hit"
-        wanted = 0
-        stored = 0
-        for r in spans:
-            blocks = blocks_for_range(r.start, r.end, self.cache.block_size)
-            wanted += len(blocks)
-            stored += len(
-                self.cache.index.get_blocks(meta.key, meta.version, blocks.start, blocks.stop - 1)
-            )
-        if stored == wanted:
-            return "hit"
-        return "miss" if stored == 0 else "partial"
+        return self.cache.coverage(meta, [(r.start, r.end) for r in spans])
 
     def _cache_status_header(self, status: str, outcome: str) -> str:
         """RFC 9211 Cache-Status for a response built from the store."""
@@ -823,7 +810,7 @@ async def _main(config: Config, load: Callable[[], Config] | None = None) -> int
                 sys.stderr.write(f"mcc: {exc.strerror}\n")
                 nursery.cancel_scope.cancel()
                 return 1
-            stored = [cache.index.stored_bytes_on(i) for i in range(len(config.drives))]
+            stored = [cache.store.stored_bytes_on(i) for i in range(len(config.drives))]
             for line in banner(config, ports + server.tls_ports, admin_port, stored):
                 log.info("%s", line)
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:

@@ -30,11 +30,13 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..engine.blocks import ObjectMeta
+from .records import ObjectMeta
 
 __all__ = ["SCHEMA_VERSION", "Index"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+# Bytes a checkpointed WAL file keeps (it counts against the drive's max_size).
+_WAL_LIMIT = 4 * 1024 * 1024
 # Objects whose block maps are kept in memory (least recently used dropped first).
 _MAP_CACHE_OBJECTS = 4096
 
@@ -43,6 +45,11 @@ _MAP_CACHE_OBJECTS = 4096
 MIGRATIONS: dict[int, str] = {
     # 2: least-recently-used eviction walks blobs per drive by access time
     1: "CREATE INDEX IF NOT EXISTS blobs_by_drive_access ON blobs (drive, last_access);",
+    # 3: each object keeps the URL it is fetched from (after redirects) and the block
+    # size it was cut at; 0 means "the directory's block size before schema 3", which
+    # the store records in the settings (table meta) when it migrates
+    2: "ALTER TABLE objects ADD COLUMN fetch_url TEXT;"
+    "ALTER TABLE objects ADD COLUMN block_size INTEGER NOT NULL DEFAULT 0;",
 }
 
 _SCHEMA = """
@@ -118,6 +125,8 @@ class Index:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=OFF")
         self._db.execute("PRAGMA wal_autocheckpoint=0")  # see checkpoint()
+        # a checkpointed WAL is cut back to this size instead of keeping its peak
+        self._db.execute(f"PRAGMA journal_size_limit={_WAL_LIMIT}")
         self._db.executescript(_SCHEMA)  # idempotent; executescript commits by itself
         with self._tx():
             row = self._db.execute("SELECT value FROM meta WHERE name='schema'").fetchone()
@@ -126,6 +135,7 @@ class Index:
                 version = 1
             else:
                 version = int(row[0])
+        self.migrated_from = version
         if version > SCHEMA_VERSION:
             raise sqlite3.DatabaseError(
                 f"{path}: index schema {version} is newer than this mcc understands "
@@ -139,6 +149,30 @@ class Index:
                 version += 1
                 self._db.execute("UPDATE meta SET value=? WHERE name='schema'", (str(version),))
         self._load_usage()
+
+    def setting(self, name: str) -> str | None:
+        """A setting of this cache directory (kept with its data), or None."""
+        row = self._db.execute("SELECT value FROM meta WHERE name=?", (name,)).fetchone()
+        return None if row is None else str(row[0])
+
+    @_writes
+    def set_setting(self, name: str, value: str) -> None:
+        """Record a setting of this cache directory."""
+        with self._tx():
+            self._db.execute(
+                "INSERT INTO meta (name, value) VALUES (?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET value=excluded.value",
+                (name, value),
+            )
+
+    def file_bytes(self) -> int:
+        """The bytes the index's rows take: its database's pages in use (free pages
+        are reused, so this is what grows). Its WAL is not counted: it is cut back to
+        ``_WAL_LIMIT`` after each checkpoint, every few seconds."""
+        pages = self._db.execute("PRAGMA page_count").fetchone()[0]
+        free = self._db.execute("PRAGMA freelist_count").fetchone()[0]
+        size = self._db.execute("PRAGMA page_size").fetchone()[0]
+        return int((pages - free) * size)
 
     @property
     def schema_version(self) -> int:
@@ -160,7 +194,10 @@ class Index:
             self.flush_touches()
         except OSError:
             pass  # a full disk: only the LRU order is lost
-        self.checkpoint()
+        try:
+            self.checkpoint()
+        except sqlite3.OperationalError:
+            pass  # a full disk: the WAL stays, and is replayed at the next open
         self._db.close()
 
     def checkpoint(self) -> None:
@@ -179,14 +216,16 @@ class Index:
     def get_object(self, key: str) -> ObjectMeta | None:
         """The stored metadata for ``key``, or None."""
         row = self._db.execute(
-            "SELECT key, version, size, etag, last_modified, content_type, headers, fetched_at "
-            "FROM objects WHERE key=?",
+            "SELECT key, version, size, etag, last_modified, content_type, headers, fetched_at, "
+            "fetch_url, block_size FROM objects WHERE key=?",
             (key,),
         ).fetchone()
         if row is None:
             return None
         headers = tuple((str(k), str(v)) for k, v in json.loads(row[6]))
-        return ObjectMeta(row[0], row[1], row[2], row[3], row[4], row[5], headers, row[7])
+        return ObjectMeta(
+            row[0], row[1], row[2], row[3], row[4], row[5], headers, row[7], row[8], row[9]
+        )
 
     @_writes
     def put_object(self, meta: ObjectMeta) -> list[str]:
@@ -203,7 +242,9 @@ class Index:
             if old is not None and old[0] != meta.version:
                 freed = self._drop_blocks(meta.key)
             self._db.execute(
-                "INSERT OR REPLACE INTO objects VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO objects (key, version, size, etag, last_modified, "
+                "content_type, headers, fetched_at, fetch_url, block_size) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     meta.key,
                     meta.version,
@@ -213,6 +254,8 @@ class Index:
                     meta.content_type,
                     json.dumps(meta.headers),
                     meta.fetched_at,
+                    meta.fetch_url,
+                    meta.block_size,
                 ),
             )
             return freed
@@ -324,8 +367,12 @@ class Index:
             del self._maps[mk]
 
     @_writes
-    def drop_digest(self, digest: str) -> list[tuple[str, str, int]]:
-        """Forget every block naming ``digest`` (a corrupt or missing blob).
+    def drop_digest(
+        self, digest: str, *, empty_objects: bool = False
+    ) -> list[tuple[str, str, int]]:
+        """Forget every block naming ``digest`` (a corrupt, missing or evicted blob);
+        with ``empty_objects``, also the records of objects left with no block (eviction:
+        an index row costs disk too, and a record is cheap to learn again).
 
         Returns:
           The (key, version, idx) rows that were dropped.
@@ -340,7 +387,34 @@ class Index:
                 blocks = self._maps.get((key, version))
                 if blocks is not None:
                     blocks.pop(idx, None)
+            if empty_objects:
+                for key in {r[0] for r in rows}:
+                    if not self._db.execute(
+                        "SELECT 1 FROM blocks WHERE key=? LIMIT 1", (key,)
+                    ).fetchone():
+                        self._db.execute("DELETE FROM objects WHERE key=?", (key,))
+                        self._forget_maps(key)
             return [(r[0], r[1], r[2]) for r in rows]
+
+    @_writes
+    def drop_empty_objects(self, limit: int) -> int:
+        """Forget up to ``limit`` records of objects with no stored block, least recently
+        confirmed first (objects whose every fetch failed, or was never stored); returns
+        how many."""
+        with self._tx():
+            keys = [
+                r[0]
+                for r in self._db.execute(
+                    "SELECT key FROM objects WHERE NOT EXISTS "
+                    "(SELECT 1 FROM blocks WHERE blocks.key = objects.key) "
+                    "ORDER BY fetched_at LIMIT ?",
+                    (limit,),
+                )
+            ]
+            self._db.executemany("DELETE FROM objects WHERE key=?", [(k,) for k in keys])
+            for key in keys:
+                self._forget_maps(key)
+            return len(keys)
 
     def is_referenced(self, digest: str) -> bool:
         """True when some block names ``digest``."""

@@ -393,7 +393,7 @@ class Upstream:
 
     def __init__(self, config: Config) -> None:
         self._config = config
-        self._policy = config.origin_policy()
+        self.policy = config.origin_policy()
         self._idle: dict[tuple[str, int, str | None, str | None], list[_Connection]] = defaultdict(
             list
         )
@@ -413,7 +413,7 @@ class Upstream:
         pool size); requests under way finish as they started. A parent kept from
         the old list keeps its up/down state."""
         self._config = config
-        self._policy = config.origin_policy()
+        self.policy = config.origin_policy()
         self._parents = [self._parent_route(u) for u in config.parents]
         names = {r.name for r in self._parents}
         self._down_until = {k: v for k, v in self._down_until.items() if k in names}
@@ -533,7 +533,7 @@ class Upstream:
         except UnicodeError as exc:  # the idna codec refuses the name
             raise UpstreamError(f"{route.host!r} cannot be resolved: {exc}") from None
         addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
-        if not self._policy.allows_explicitly(route.host, route.port):
+        if not self.policy.allows_explicitly(route.host, route.port):
             internal = [a for a in addresses if is_internal_address(a)]
             addresses = [a for a in addresses if a not in internal]
             if not addresses:

@@ -1,6 +1,15 @@
-"""Freshness (RFC 9111 section 4.2): how long a stored response may be used unchecked.
+"""What a shared cache may do with a response (RFC 9111), as pure functions and tables.
 
-Pure functions over an object's stored headers. Lifetime, in order of precedence:
+Nothing here does I/O; the engine asks, the store keeps, the upstream fetches.
+
+**Storing** (section 3): :func:`refusal` says why a response must not be stored
+(status, ``no-store``, ``private``, ``Vary`` on anything but Accept-Encoding), and
+:data:`KEPT_HEADERS` which header fields are kept with it. A 304 updates the stored
+fields (section 4.3.4, :func:`refreshed`). :func:`version_change` says when an answer
+to a block fetch shows the object changed upstream.
+
+**Freshness** (section 4.2): how long a stored response may be used unchecked.
+Lifetime, in order of precedence:
 ``s-maxage``, ``max-age``, ``Expires`` minus ``Date``, then the heuristic of section
 4.2.2 (10 % of the time since ``Last-Modified``, capped). ``no-cache`` makes the
 lifetime zero (revalidate every time). A matching refresh rule from the config (as
@@ -19,19 +28,116 @@ from collections.abc import Sequence
 
 import attrs
 
-from .. import refresh_defaults
-from ..headers import parse_cache_control
-from .blocks import ObjectMeta
+from . import refresh_defaults
+from .headers import parse_cache_control
+from .store.records import ObjectMeta, make_version
 
 __all__ = [
     "DEFAULT_REFRESH_RULES",
+    "KEPT_HEADERS",
     "RefreshRule",
     "age",
     "freshness_lifetime",
     "is_fresh",
     "matching_rule",
     "may_serve_stale",
+    "record",
+    "refreshed",
+    "refusal",
+    "version_change",
 ]
+
+Headers = Sequence[tuple[str, str]]
+
+# Upstream header fields kept with an object and replayed to clients.
+KEPT_HEADERS = frozenset(
+    {
+        "cache-control",
+        "expires",
+        "content-disposition",
+        "content-language",
+        "content-encoding",
+        "x-content-type-options",
+        "date",  # with "age": inputs of the freshness computation, not replayed
+        "age",
+    }
+)
+# Statuses a cache stores here (RFC 9111 s3: only complete 200s and 206s of a range).
+STORABLE_STATUSES = frozenset({200, 206})
+# Vary on these request fields leaves every variant the same bytes for mcc, which
+# never asks upstream for an encoding.
+HARMLESS_VARY = frozenset({"accept-encoding"})
+# Statuses that answer a block fetch for a version that is no longer there.
+GONE_STATUSES = frozenset({404, 410, 412, 416})
+
+
+def _first(headers: Headers, name: str) -> str | None:
+    for k, v in headers:
+        if k == name:
+            return v
+    return None
+
+
+def refusal(status: int, headers: Headers) -> str | None:
+    """Why a response to a discovery must not be stored, or None when it may be."""
+    if status not in STORABLE_STATUSES:
+        return f"upstream answered {status}"
+    cc = parse_cache_control(_first(headers, "cache-control"))
+    if "no-store" in cc or "private" in cc:
+        return "upstream said no-store or private"
+    vary = {v.strip().lower() for v in (_first(headers, "vary") or "").split(",") if v.strip()}
+    if vary - HARMLESS_VARY:
+        return f"upstream varies on {', '.join(sorted(vary))}"
+    return None
+
+
+def record(
+    key: str, size: int, headers: Headers, *, now: float, fetch_url: str, block_size: int
+) -> ObjectMeta:
+    """The record of a storable response (see :func:`refusal`) for object ``key``."""
+    etag, lm = _first(headers, "etag"), _first(headers, "last-modified")
+    return ObjectMeta(
+        key=key,
+        version=make_version(etag, lm, size),
+        size=size,
+        etag=etag,
+        last_modified=lm,
+        content_type=_first(headers, "content-type"),
+        headers=tuple((k, v) for k, v in headers if k in KEPT_HEADERS),
+        fetched_at=now,
+        fetch_url=fetch_url,
+        block_size=block_size,
+    )
+
+
+def refreshed(stale: ObjectMeta, headers: Headers, now: float) -> ObjectMeta:
+    """``stale`` updated by a 304 (RFC 9111 s4.3.4): confirmed now, with the 304's
+    kept header fields replacing the stored ones of the same name."""
+    updated = {k for k, _ in headers if k in KEPT_HEADERS}
+    kept = tuple((k, v) for k, v in stale.headers if k not in updated)
+    kept += tuple((k, v) for k, v in headers if k in KEPT_HEADERS)
+    return attrs.evolve(stale, headers=kept, fetched_at=now)
+
+
+def version_change(meta: ObjectMeta, status: int, headers: Headers) -> str | None:
+    """Why an answer to a block fetch of ``meta`` shows another version, or None.
+
+    A changed validator, a 200 of another length, or a status saying the version is
+    gone (404, 410, 412, 416) all mean the stored blocks must not be mixed with new ones.
+    """
+    etag, lm = _first(headers, "etag"), _first(headers, "last-modified")
+    if meta.etag and etag and etag != meta.etag:
+        return f"validator changed from {meta.etag}"
+    if not meta.etag and meta.last_modified and lm and lm != meta.last_modified:
+        return f"validator changed from {meta.last_modified}"
+    if status == 200:
+        length = _first(headers, "content-length")
+        if length is not None and length.isdigit() and int(length) != meta.size:
+            return f"length changed from {meta.size} to {length}"
+    if status in GONE_STATUSES:
+        return f"upstream now answers {status}"
+    return None
+
 
 # RFC 9111 s4.2.2: a heuristic lifetime is a fraction of the time since Last-Modified.
 HEURISTIC_FRACTION = 0.1

@@ -1,0 +1,397 @@
+"""The store: everything mcc keeps on disk, behind one object.
+
+Theory of operation: a :class:`Store` holds the blob files (:mod:`mcc.store.blobs`)
+and the sqlite index (:mod:`mcc.store.index`) of one cache, and nothing outside
+``mcc/store/`` touches either. It speaks of objects (:class:`ObjectMeta` records) and
+blocks, never of SQL or paths.
+
+- **The cache directory carries its own settings**, as diskcache's Settings table
+  does: the index's ``meta`` table records the schema version and the block size
+  the directory was first filled at. Every object record carries the block size its
+  blocks were cut at, so a restart with another ``block_size`` keeps every stored
+  object readable at its own size (new objects take the new one). Records written
+  before schema 3 carry no size: they take the directory's recorded size.
+- **A block is committed in one step** (:meth:`Store.commit`): the block file is
+  hashed, installed under its digest (an existing file is trusted only after its
+  length and digest check) and indexed. The index row is written after the blob file
+  is in place, and a blob file is deleted only after its last row is gone, so a crash
+  leaves an orphan file at worst, never a row without its file.
+- **Eviction** (least recently used blobs first) keeps each drive under its
+  ``max_size`` high-water mark and above ``min_free``; the index's own files count
+  against the first drive, and a record left with no block goes with its last blob.
+- **Reads are checked** per ``verify_on_read``: a blob that fails its digest is
+  quarantined and its rows dropped, so the block is fetched again.
+- :meth:`Store.reconcile` makes index and files agree after an unclean stop.
+
+Everything here runs on the trio thread except what is marked as blocking I/O, which
+goes to worker threads (hashing, installing, deleting batches, checkpoints).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import attrs
+import trio
+
+from .blobs import BlobStore, BlockWriter, DriveInfo
+from .index import Index
+from .records import ObjectMeta
+
+__all__ = ["Store", "StoreCounters"]
+
+log = logging.getLogger("mcc.store")
+
+# Eviction starts above HIGH_WATER x max_size and stops at LOW_WATER x max_size.
+HIGH_WATER = 0.95
+LOW_WATER = 0.90
+# Blobs evicted per index query.
+_EVICT_BATCH = 256
+# How often access times are written and the index's WAL checkpointed (see index.py).
+_CHECKPOINT_SECONDS = 2.0
+# Seconds before the start that a blob file must be older than to count as an orphan:
+# file times are coarser than time.time() (a kernel tick).
+_RECONCILE_MARGIN = 2.0
+
+
+@attrs.define
+class StoreCounters:
+    """What the store counts since it was opened."""
+
+    blocks_stored: int = 0
+    store_failures: int = 0
+    corrupt_blocks: int = 0
+    evictions: int = 0
+
+
+class Store:
+    """The blob files and index of one cache.
+
+    Args:
+      drives: the cache drives (the index lives on the first).
+      block_size: the block size for new objects (and, in a new or pre-schema-3
+        directory, the size recorded as the directory's).
+      verify_on_read: ``always``, ``first`` (once per blob per start) or ``never``.
+
+    Raises:
+      OSError: a drive folder cannot be created.
+      sqlite3.DatabaseError: the index is not an mcc index, or from a newer mcc.
+    """
+
+    def __init__(
+        self, drives: Sequence[DriveInfo], *, block_size: int, verify_on_read: str = "first"
+    ) -> None:
+        self.blobs = BlobStore(drives)
+        swept = self.blobs.sweep_tmp()
+        if swept:
+            log.info("removed %d temp files left by an earlier crash", swept)
+        self.index = Index(Path(drives[0].root) / "index.sqlite3")
+        self.block_size = block_size
+        self.verify_on_read = verify_on_read
+        self.counters = StoreCounters()
+        recorded = self.index.setting("block_size")
+        if recorded is None:
+            self.index.set_setting("block_size", str(block_size))
+            recorded = str(block_size)
+        self.directory_block_size = int(recorded)
+        if self.directory_block_size != block_size:
+            log.info(
+                "cache directory %s was filled with %d-byte blocks; stored objects keep "
+                "their block size, new objects use %d",
+                drives[0].root,
+                self.directory_block_size,
+                block_size,
+            )
+        self._started = time.time()
+        self._verified: set[str] = set()
+        self._pinned: dict[str, int] = {}
+        self._evict_wanted = trio.Event()
+        self._reconciled = trio.Event()
+
+    async def wait_reconciled(self) -> None:
+        """Wait until the start-up :meth:`reconcile` has run."""
+        await self._reconciled.wait()
+
+    @property
+    def drives(self) -> tuple[DriveInfo, ...]:
+        return self.blobs.drives
+
+    def close(self) -> None:
+        """Close every file and the index."""
+        self.blobs.close()
+        self.index.close()
+
+    # -- objects -------------------------------------------------------------------
+
+    def get_object(self, key: str) -> ObjectMeta | None:
+        """The stored record of ``key`` (its block size filled in), or None."""
+        meta = self.index.get_object(key)
+        if meta is not None and not meta.block_size:
+            meta = attrs.evolve(meta, block_size=self.directory_block_size)
+        return meta
+
+    def put_object(self, meta: ObjectMeta) -> bool:
+        """File ``meta`` (another version of the key goes, with its blocks); False when
+        the index could not be written (a full disk: the object is served unstored)."""
+        try:
+            freed = self.index.put_object(meta)
+        except OSError as exc:
+            self.counters.store_failures += 1
+            log.warning("could not record %s in the index: %s", meta.key, exc)
+            return False
+        self._delete_now(freed)
+        return True
+
+    def forget_version(self, meta: ObjectMeta) -> None:
+        """Drop ``meta``'s version when it is still the stored one (it changed upstream)."""
+        current = self.index.get_object(meta.key)
+        if current is not None and current.version == meta.version:
+            self._delete_now(self.index.delete_object(meta.key))
+
+    async def forget_object(self, key: str) -> bool:
+        """Forget ``key`` and delete the blobs no other object shares; True if it was
+        stored."""
+        known = self.index.get_object(key) is not None
+        await self._delete(self.index.delete_object(key))
+        return known
+
+    def object_keys(self) -> list[str]:
+        """Every stored object's key."""
+        return self.index.object_keys()
+
+    # -- blocks --------------------------------------------------------------------
+
+    def block_map(self, meta: ObjectMeta, first: int, last: int) -> dict[int, str]:
+        """Digests of the stored blocks ``first..last`` of ``meta``'s version."""
+        return self.index.get_blocks(meta.key, meta.version, first, last)
+
+    def writer(self) -> BlockWriter:
+        """A new block file to fill.
+
+        Raises:
+          OSError: it cannot be created (a full or read-only drive).
+        """
+        return self.blobs.writer()
+
+    async def commit(self, meta: ObjectMeta, idx: int, source: BlockWriter | bytes) -> bool:
+        """Store block ``idx`` of ``meta``: hash, install and index as one step (the
+        blocking part in a worker thread). ``source`` is the filled block file, or the
+        bytes of a block its drive could not take.
+
+        Returns:
+          True when the block is stored; False when it could not be (counted, logged)
+          or its version is no longer current.
+        """
+        digest: str | None = None
+        try:
+            if isinstance(source, BlockWriter):
+                digest = await trio.to_thread.run_sync(source.commit)
+                length = source.length
+            else:
+                digest = await trio.to_thread.run_sync(self.blobs.put, source)
+                length = len(source)
+            drive = self.blobs.drive_index(digest)
+            freed = self.index.add_block(meta.key, meta.version, idx, digest, length, drive)
+        except OSError as exc:
+            self.counters.store_failures += 1
+            log.warning("could not store block %d of %s: %s", idx, meta.key, exc)
+            if digest is not None and not self.index.is_referenced(digest):
+                await self._delete([digest])
+            return False
+        if freed is None:  # the version is gone already
+            if not self.index.is_referenced(digest):
+                await self._delete([digest])
+            return False
+        self.counters.blocks_stored += 1
+        self._verified.add(digest)
+        self._maybe_evict(drive)
+        await self._delete(freed)
+        return True
+
+    async def open_block(self, digest: str) -> int | None:
+        """An fd of a stored blob, checked against its name per ``verify_on_read``;
+        None when it is missing or corrupt (its rows are dropped: fetch it again).
+        Hand the fd back with :meth:`release`."""
+        try:
+            fd = self.blobs.acquire(digest)
+        except FileNotFoundError:
+            # expected when eviction removed it after the caller looked it up
+            log.info("blob %s is missing from disk: refetching", digest)
+            self._drop(digest)
+            return None
+        mode = self.verify_on_read
+        if mode == "always" or (mode == "first" and digest not in self._verified):
+            ok = await trio.to_thread.run_sync(self.blobs.verify, digest, fd)
+            if not ok:
+                self.blobs.release(digest, fd)
+                self.counters.corrupt_blocks += 1
+                log.warning("blob %s does not match its digest: quarantined, refetching", digest)
+                self.quarantine(digest)
+                return None
+            self._verified.add(digest)
+        return fd
+
+    def release(self, digest: str, fd: int) -> None:
+        """Hand back an fd from :meth:`open_block`."""
+        self.blobs.release(digest, fd)
+
+    def quarantine(self, digest: str) -> None:
+        """Stop serving a blob found corrupt: moved aside, its rows dropped."""
+        self.blobs.quarantine(digest)
+        self._drop(digest)
+
+    @contextmanager
+    def pin(self, digest: str) -> Iterator[None]:
+        """Keep eviction away from ``digest`` while it is being sent."""
+        self._pinned[digest] = self._pinned.get(digest, 0) + 1
+        try:
+            yield
+        finally:
+            self._pinned[digest] -= 1
+            if not self._pinned[digest]:
+                del self._pinned[digest]
+
+    def touch(self, digests: set[str]) -> None:
+        """Record a read of these blobs (for least-recently-used eviction)."""
+        try:
+            self.index.touch(digests)
+        except OSError as exc:  # only the LRU order suffers
+            log.debug("could not record access times: %s", exc)
+
+    def stored_bytes_on(self, drive: int) -> int:
+        """Bytes of blobs on drive number ``drive``."""
+        return self.index.stored_bytes_on(drive)
+
+    def used_bytes_on(self, drive: int) -> int:
+        """What counts against drive ``drive``'s ``max_size``: its blobs, and on the
+        first drive the index's own files."""
+        used = self.index.stored_bytes_on(drive)
+        if drive == 0:
+            used += self.index.file_bytes()
+        return used
+
+    def _drop(self, digest: str) -> None:
+        self._verified.discard(digest)
+        try:
+            self.index.drop_digest(digest)
+        except OSError as exc:  # disk full: the row stays; reads refetch around it
+            log.warning("could not drop blob %s from the index: %s", digest, exc)
+
+    # -- upkeep --------------------------------------------------------------------
+
+    async def run_maintenance(self) -> None:
+        """Background upkeep for the store's whole life: first :meth:`reconcile`, then
+        eviction whenever a drive passes its high-water mark, access times and WAL
+        checkpoints every 2 s."""
+        await self.reconcile()
+        self._reconciled.set()
+        next_checkpoint = trio.current_time() + _CHECKPOINT_SECONDS
+        while True:
+            with trio.move_on_at(next_checkpoint):
+                await self._evict_wanted.wait()
+            self._evict_wanted = trio.Event()
+            await self.evict()
+            if trio.current_time() >= next_checkpoint:
+                try:
+                    self.index.flush_touches()
+                except OSError as exc:
+                    log.debug("could not record access times: %s", exc)
+                await trio.to_thread.run_sync(self.index.checkpoint)
+                self._maybe_evict(0)  # the index grows too
+                next_checkpoint = trio.current_time() + _CHECKPOINT_SECONDS
+
+    async def reconcile(self) -> tuple[int, int]:
+        """Make the index and the blob files agree after a crash: drop index rows whose
+        blob is missing, delete blob files no row names (older than this start, so a
+        blob being written now is never taken for an orphan).
+
+        Returns:
+          (rows dropped, orphan files deleted).
+        """
+        indexed = self.index.all_digests()  # before the walk: later rows are not judged
+        files = await trio.to_thread.run_sync(lambda: dict(self.blobs.iter_blob_files()))
+        dropped = 0
+        for digest in indexed:
+            if digest not in files and not self.blobs.exists(digest):
+                self.index.drop_digest(digest)
+                dropped += 1
+        before = self._started - _RECONCILE_MARGIN
+        orphans = [d for d, mtime in files.items() if d not in indexed and mtime < before]
+        orphans = [d for d in orphans if not self.index.is_referenced(d)]
+        await self._delete(orphans)
+        if dropped or orphans:
+            log.info(
+                "reconciled the cache: %d index rows without blob dropped, %d orphan blobs deleted",
+                dropped,
+                len(orphans),
+            )
+        return dropped, len(orphans)
+
+    async def evict(self) -> int:
+        """Bring every drive above its high-water mark (or below its min_free) down to
+        the low-water mark, least recently used blobs first; returns blobs evicted.
+        Blobs being sent are skipped (deleting an open file would not disturb its
+        reader anyway). Records left without blocks go too, and when blobs alone
+        cannot make room (an index grown by many small objects), records without
+        blocks are dropped oldest first."""
+        evicted = 0
+        for i, drive in enumerate(self.blobs.drives):
+            used = self.used_bytes_on(i)
+            free = await trio.to_thread.run_sync(self.blobs.free_space, drive)
+            target = used
+            if used > drive.max_size * HIGH_WATER:
+                target = int(drive.max_size * LOW_WATER)
+            if free < drive.min_free:
+                # free the deficit plus a tenth of the floor, so it does not flap
+                target = min(target, used - (drive.min_free - free) - drive.min_free // 10)
+            while used > target:
+                batch = [
+                    (d, size)
+                    for d, size in self.index.lru_digests(i, _EVICT_BATCH + len(self._pinned))
+                    if d not in self._pinned
+                ][:_EVICT_BATCH]
+                if not batch:
+                    if i == 0 and self.index.drop_empty_objects(_EVICT_BATCH):
+                        used = self.used_bytes_on(i)
+                        continue
+                    break
+                for digest, size in batch:
+                    self.index.drop_digest(digest, empty_objects=True)
+                    used -= size
+                    evicted += 1
+                    if used <= target:
+                        batch = batch[: batch.index((digest, size)) + 1]
+                        break
+                await self._delete([d for d, _ in batch])
+        if evicted:
+            self.counters.evictions += evicted
+            log.info("evicted %d blobs to stay under max_size/min_free", evicted)
+        return evicted
+
+    def _maybe_evict(self, drive: int) -> None:
+        """Wake the eviction task when ``drive`` passed its high-water mark."""
+        d = self.blobs.drives[drive]
+        if self.used_bytes_on(drive) > d.max_size * HIGH_WATER:
+            self._evict_wanted.set()
+
+    def _forget_blob(self, digest: str) -> None:
+        # on the trio thread, which owns the fd cache
+        self.blobs.forget_fd(digest)
+        self._verified.discard(digest)
+
+    def _delete_now(self, digests: list[str]) -> None:
+        """Delete blobs on this thread (a few unlinks: a changed object)."""
+        for d in digests:
+            self._forget_blob(d)
+            self.blobs.delete(d)
+
+    async def _delete(self, digests: list[str]) -> None:
+        """Delete blobs in a worker thread (eviction and other batches)."""
+        for d in digests:
+            self._forget_blob(d)
+        if digests:
+            await trio.to_thread.run_sync(lambda: [self.blobs.delete(d) for d in digests])
