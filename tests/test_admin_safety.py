@@ -367,7 +367,7 @@ async def test_an_exception_in_a_warm_job_fails_the_job_not_the_node(
             await trio.sleep(0.02)
             job = json.loads((await admin_call(node, f"/warm/{job['id']}")).body)
     assert job["failed"] == 1 and "internal error (RuntimeError)" in job["errors"][0]
-    assert node.server.metrics.internal_errors["warm"] == 1
+    assert node.server.metrics.internal_errors.warm == 1
     await _still_serving(node, origin)
 
 

@@ -57,15 +57,8 @@ from ..origins import split_host_port
 from ..store.verify import verify_cache
 from .client import ADMIN_HEADER
 from .cluster import cluster_summary
-from .metrics import (
-    DURATION_BUCKETS,
-    MAX_HOST_LABELS,
-    OTHER,
-    WINDOW_SECONDS,
-    Metrics,
-    exposition,
-    fold_tail,
-)
+from .collector import CONTENT_TYPE, node_registry, render
+from .metrics import WINDOW_SECONDS, Metrics
 from .purge import PurgeTarget
 
 __all__ = ["AdminServer"]
@@ -139,6 +132,8 @@ class AdminServer:
         self.cache = cache
         self.metrics = metrics
         self._open_connections = open_connections
+        # this node's collector in a registry of its own (not prometheus_client's global)
+        self.registry = node_registry(cache, metrics, open_connections)
         self.jobs: dict[str, WarmJob] = {}
         self._running_jobs = 0
         self._nursery: trio.Nursery | None = None
@@ -221,7 +216,10 @@ class AdminServer:
 
     def _internal_error(self, where: str, what: str) -> None:
         """Count and log the exception being handled (call inside ``except``)."""
-        self.metrics.count_internal_error(where)
+        if where == "warm":
+            self.metrics.internal_errors.warm += 1
+        else:
+            self.metrics.internal_errors.admin += 1
         log.error("%s failed with an internal error", what, exc_info=True)
 
     # -- who may ask ---------------------------------------------------------------
@@ -305,11 +303,7 @@ class AdminServer:
             raise BadRequest(f"{req.method} is not supported here", status_hint=405)
         if req.method in _SAFE_METHODS:
             if path == "/metrics":
-                return (
-                    200,
-                    "text/plain; version=0.0.4; charset=utf-8",
-                    self.render_metrics().encode(),
-                )
+                return 200, CONTENT_TYPE, self.render_metrics().encode()
             if path == "/summary" and parse_qs(urlsplit(req.target).query).get("cluster") == ["1"]:
                 others = await self.cache.upstream.peers.summaries(self.config.admin_token)
                 return 200, "application/json", _json(cluster_summary(self.summary(), others))
@@ -480,10 +474,10 @@ class AdminServer:
         """Hit/miss volume for the last 15 s and since start, and per-host volume."""
         m = self.metrics
         recent = m.window(WINDOW_SECONDS)
-        total_hit = m.bytes_by_source["cache"]
-        total_miss = m.bytes_by_source["upstream"]
-        hit_req = m.requests["hit"]
-        miss_req = sum(m.requests[k] for k in ("miss", "partial", "pass"))
+        total_hit = m.served.cache
+        total_miss = m.served.upstream
+        hit_req = m.requests.hit
+        miss_req = m.requests.not_hit
         stats = self.cache.statistics()
         return {
             "nodeId": self.config.node_id,
@@ -517,124 +511,8 @@ class AdminServer:
         }
 
     def render_metrics(self) -> str:
-        """The Prometheus exposition of every counter."""
-        m = self.metrics
-        stats = self.cache.statistics()
-        up = self.cache.upstream
-        cum = 0
-        hist: list[tuple[dict[str, str], float]] = []
-        for bound, n in zip((*DURATION_BUCKETS, float("inf")), m.buckets, strict=True):
-            cum += n
-            hist.append(({"le": "+Inf" if bound == float("inf") else repr(bound)}, cum))
-        drives = self.cache.blobs.drives
-        # one series per upstream name: an allowlist *.suffix admits any number of them
-        upstream_rows = [
-            ({"upstream": u, "outcome": o}, float(n)) for (u, o), n in sorted(up.outcomes.items())
-        ]
-        families: list[tuple[str, str, str, list[tuple[dict[str, str], float]]]] = [
-            (
-                "mcc_requests_total",
-                "counter",
-                "Responses by cache outcome.",
-                [
-                    ({"cache": k}, m.requests[k])
-                    for k in ("hit", "miss", "partial", "pass", "error")
-                ],
-            ),
-            (
-                "mcc_served_bytes_total",
-                "counter",
-                "Body bytes sent to clients by source.",
-                [({"source": k}, m.bytes_by_source[k]) for k in ("cache", "upstream")],
-            ),
-            (
-                "mcc_host_bytes_total",
-                "counter",
-                f"Body bytes sent to clients per content host ({OTHER}: hosts off the "
-                f"allowlist or past the first {MAX_HOST_LABELS}).",
-                [({"host": h}, n) for h, n in sorted(m.bytes_by_host.items())],
-            ),
-            (
-                "mcc_upstream_requests_total",
-                "counter",
-                "Upstream requests by upstream and outcome.",
-                fold_tail(upstream_rows, "upstream"),
-            ),
-            (
-                "mcc_upstream_bytes_total",
-                "counter",
-                "Body bytes received from upstream.",
-                [({}, up.bytes_received)],
-            ),
-            (
-                "mcc_flight_joins_total",
-                "counter",
-                "Requests that joined a fetch already in flight.",
-                [({}, stats.flight_joins)],
-            ),
-            (
-                "mcc_store_bytes",
-                "gauge",
-                "Bytes stored per cache drive.",
-                [
-                    ({"drive": str(d.root)}, self.cache.index.stored_bytes_on(i))
-                    for i, d in enumerate(drives)
-                ],
-            ),
-            (
-                "mcc_store_capacity_bytes",
-                "gauge",
-                "max_size per cache drive.",
-                [({"drive": str(d.root)}, d.max_size) for d in drives],
-            ),
-            (
-                "mcc_evictions_total",
-                "counter",
-                "Blocks evicted to keep drives under max_size.",
-                [({}, stats.evictions)],
-            ),
-            (
-                "mcc_corrupt_blocks_total",
-                "counter",
-                "Blobs that failed verification.",
-                [({}, stats.corrupt_blocks)],
-            ),
-            (
-                "mcc_store_failures_total",
-                "counter",
-                "Blocks that could not be written (ENOSPC...).",
-                [({}, stats.store_failures)],
-            ),
-            (
-                "mcc_open_connections",
-                "gauge",
-                "Client connections open now.",
-                [({}, self._open_connections())],
-            ),
-            (
-                "mcc_internal_errors_total",
-                "counter",
-                "Unexpected exceptions contained (answered 500, logged with a traceback).",
-                [
-                    ({"where": w}, n)
-                    for w, n in sorted(_summed(self.cache.internal_errors, m.internal_errors))
-                ],
-            ),
-            (
-                "mcc_parent_up",
-                "gauge",
-                "1 when a parent cache is considered up.",
-                [({"parent": p}, 1 if ok else 0) for p, ok in up.parent_health().items()],
-            ),
-        ]
-        text = exposition(families)
-        text += "# HELP mcc_request_duration_seconds Time to answer a request.\n"
-        text += "# TYPE mcc_request_duration_seconds histogram\n"
-        for labels, value in hist:
-            text += f'mcc_request_duration_seconds_bucket{{le="{labels["le"]}"}} {int(value)}\n'
-        text += f"mcc_request_duration_seconds_sum {m.duration_sum!r}\n"
-        text += f"mcc_request_duration_seconds_count {m.duration_count}\n"
-        return text
+        """The Prometheus exposition of every counter (prometheus_client's text format)."""
+        return render(self.registry)
 
 
 def _ratios(hit_bytes: int, miss_bytes: int, hit_req: int, miss_req: int) -> dict[str, Any]:
@@ -687,16 +565,6 @@ def _depth_exceeds(doc: Any, limit: int) -> bool:
         children = node.values() if isinstance(node, dict) else node
         stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
     return False
-
-
-def _summed(*counts: dict[str, int]) -> list[tuple[str, int]]:
-    """Per-boundary counts of contained errors (engine and http from the cache, admin
-    and warm from the admin's metrics), every boundary listed even at zero."""
-    total = dict.fromkeys(("admin", "engine", "http", "warm"), 0)
-    for c in counts:
-        for where, n in c.items():
-            total[where] = total.get(where, 0) + n
-    return list(total.items())
 
 
 def _check_url(value: object, field: str) -> str:
