@@ -16,9 +16,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fixtures.origin import Origin
 from mcc.errors import McError
-from mcc.ops.admin import _MAX_RUNNING_JOBS
 from mcc.ops.client import ADMIN_HEADER
 from mcc.ops.metrics import _MAX_TRACKED_URLS, MAX_HOST_LABELS, OTHER, Metrics, fold_tail
+from mcc.ops.warm import MAX_RUNNING_JOBS
 from mcc.origins import OriginPolicy, is_internal_address
 from tests.helpers import Node, Response, admin_call, get, raw_exchange, run_node
 
@@ -367,7 +367,7 @@ async def test_an_exception_in_a_warm_job_fails_the_job_not_the_node(
             await trio.sleep(0.02)
             job = json.loads((await admin_call(node, f"/warm/{job['id']}")).body)
     assert job["failed"] == 1 and "internal error (RuntimeError)" in job["errors"][0]
-    assert node.server.metrics.internal_errors["warm"] == 1
+    assert node.server.metrics.internal_errors.warm == 1
     await _still_serving(node, origin)
 
 
@@ -382,7 +382,7 @@ async def test_running_warm_jobs_are_capped(
 
     monkeypatch.setattr(node.cache, "warm", stuck)
     doc = {"urls": [origin.url("/f.bin")]}
-    for _ in range(_MAX_RUNNING_JOBS):
+    for _ in range(MAX_RUNNING_JOBS):
         assert (await admin_call(node, "/warm", doc)).status == 202
     r = await admin_call(node, "/warm", doc)
     assert r.status == 503 and "running already" in json.loads(r.body)["error"]

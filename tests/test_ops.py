@@ -63,6 +63,7 @@ async def test_counters_follow_a_scripted_sequence(node: Node, origin: Origin) -
     assert _m(m, "mcc_requests_total", cache="hit") == 1
     assert _m(m, "mcc_requests_total", cache="pass") == 1
     assert _m(m, "mcc_requests_total", cache="error") == 1
+    assert _m(m, "mcc_requests_total", cache="aborted") == 0
     assert _m(m, "mcc_flight_joins_total") == 1
     assert _m(m, "mcc_served_bytes_total", source="cache") == 100
     assert _m(m, "mcc_served_bytes_total", source="upstream") == 100 + 10 + 10 + len(b"echo:x")

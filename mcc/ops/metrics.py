@@ -1,15 +1,25 @@
-"""Counters for monitoring, and their Prometheus text exposition (format 0.0.4).
+"""Counters for monitoring: what the HTTP server answered, kept as typed records.
 
 The server records each response here; the engine, the store and the upstream
-client keep their own counters, which :func:`render` reads at scrape time.
+client keep their own counters. :mod:`mcc.ops.collector` reads all of them at scrape
+time and hands them to prometheus_client for the text exposition.
+
+Each counter is an attribute of an attrs record (``m.requests.hit``,
+``m.served.cache``), never a string key, so that a misspelt name is a type error
+rather than a series that silently stays empty. The one place strings come in is the
+server's cache status word, turned into an :class:`Outcome` by a table.
 """
 
 from __future__ import annotations
 
 import bisect
+import enum
 import time
 from collections import defaultdict, deque
 from collections.abc import Iterable
+from typing import assert_never
+
+import attrs
 
 from ..origins import OriginPolicy, split_host_port
 
@@ -18,9 +28,14 @@ __all__ = [
     "MAX_HOST_LABELS",
     "OTHER",
     "WINDOW_SECONDS",
+    "DurationHistogram",
     "Metrics",
-    "exposition",
+    "OpsErrors",
+    "Outcome",
+    "RequestCounts",
+    "ServedBytes",
     "fold_tail",
+    "outcome_of",
 ]
 
 # Request duration histogram bounds in seconds: from a fast hit to a slow cold miss.
@@ -47,6 +62,126 @@ _MAX_URL_KEY = 1024
 _MAX_LABEL_CACHE = 4096
 
 
+class Outcome(enum.Enum):
+    """What a response was, as ``mcc_requests_total{cache=...}`` counts it (the value
+    is the label)."""
+
+    HIT = "hit"  # every byte from the store
+    MISS = "miss"  # fetched upstream (and stored)
+    PARTIAL = "partial"  # some blocks stored, the rest fetched
+    PASS = "pass"  # forwarded unstored (unsafe methods, no-store, Authorization...)
+    ERROR = "error"  # answered with an error status, or anything not listed here
+    ABORTED = "aborted"  # the client left, or a response broke off, before the end
+
+
+# The server's cache status word -> the outcome it counts as. Words not in the table
+# ("health" and "purge" answers of the main listener, "" for a request refused before
+# routing) count as ERROR, as they always have.
+_OUTCOME_OF_STATUS: dict[str, Outcome] = {o.value: o for o in Outcome}
+
+
+def outcome_of(cache_status: str) -> Outcome:
+    """The :class:`Outcome` a server cache status word (``AccessRecord.cache``) counts as."""
+    return _OUTCOME_OF_STATUS.get(cache_status, Outcome.ERROR)
+
+
+@attrs.define
+class RequestCounts:
+    """Responses by :class:`Outcome` (``pass_``: ``pass`` is a keyword)."""
+
+    hit: int = 0
+    miss: int = 0
+    partial: int = 0
+    pass_: int = 0
+    error: int = 0
+    aborted: int = 0
+
+    def add(self, outcome: Outcome) -> None:
+        """Count one response."""
+        match outcome:
+            case Outcome.HIT:
+                self.hit += 1
+            case Outcome.MISS:
+                self.miss += 1
+            case Outcome.PARTIAL:
+                self.partial += 1
+            case Outcome.PASS:
+                self.pass_ += 1
+            case Outcome.ERROR:
+                self.error += 1
+            case Outcome.ABORTED:
+                self.aborted += 1
+            case _:
+                assert_never(outcome)
+
+    @property
+    def not_hit(self) -> int:
+        """Responses that went upstream: misses, partial hits and passes (the
+        summary's ``missRequests``)."""
+        return self.miss + self.partial + self.pass_
+
+    def by_outcome(self) -> list[tuple[Outcome, int]]:
+        """Every outcome with its count, in :class:`Outcome` order."""
+        return [
+            (Outcome.HIT, self.hit),
+            (Outcome.MISS, self.miss),
+            (Outcome.PARTIAL, self.partial),
+            (Outcome.PASS, self.pass_),
+            (Outcome.ERROR, self.error),
+            (Outcome.ABORTED, self.aborted),
+        ]
+
+
+@attrs.define
+class ServedBytes:
+    """Body bytes sent to clients, by where they came from."""
+
+    cache: int = 0  # hits
+    upstream: int = 0  # everything else (misses, partial hits, passes, errors)
+
+    @property
+    def total(self) -> int:
+        """Every body byte sent to clients."""
+        return self.cache + self.upstream
+
+
+@attrs.define
+class OpsErrors:
+    """Unexpected exceptions the admin listener contained, by where they happened
+    (the engine and the HTTP server count theirs in ``Cache.internal_errors``)."""
+
+    admin: int = 0  # a handler or the admin connection
+    warm: int = 0  # a warm job
+
+
+@attrs.define
+class DurationHistogram:
+    """Time to answer a request, in :data:`DURATION_BUCKETS` (plus one for +Inf)."""
+
+    buckets: list[int] = attrs.field(factory=lambda: [0] * (len(DURATION_BUCKETS) + 1))
+    sum: float = 0.0
+    count: int = 0
+
+    def observe(self, seconds: float) -> None:
+        """Count one request that took ``seconds``."""
+        self.buckets[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
+        self.sum += seconds
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """(``le`` label, requests at most that long) for each bound, +Inf last."""
+        out: list[tuple[str, int]] = []
+        total = 0
+        for bound, n in zip((*DURATION_BUCKETS, None), self.buckets, strict=True):
+            total += n
+            out.append(("+Inf" if bound is None else repr(bound), total))
+        return out
+
+
+# Outcomes the summary counts as misses (they cost an upstream request).
+_WENT_UPSTREAM = frozenset((Outcome.MISS, Outcome.PARTIAL, Outcome.PASS))
+
+
 class _Second:
     __slots__ = ("hit_bytes", "hit_requests", "miss_bytes", "miss_requests", "t")
 
@@ -69,45 +204,48 @@ class Metrics:
     def __init__(self, policy: OriginPolicy | None = None) -> None:
         self.started = time.time()
         self._policy = policy
-        self.requests: dict[str, int] = defaultdict(int)
-        self.bytes_by_source: dict[str, int] = defaultdict(int)
+        self.requests = RequestCounts()
+        self.served = ServedBytes()
+        self.durations = DurationHistogram()
+        self.internal_errors = OpsErrors()
+        # keyed by label values (hosts, URLs): bounded, see _host_label and _count_url
         self.bytes_by_host: dict[str, int] = defaultdict(int)
         self.bytes_by_url: dict[str, int] = defaultdict(int)
-        # unexpected exceptions contained, by where they happened ("admin", "warm"...)
-        self.internal_errors: dict[str, int] = defaultdict(int)
         self._labels: dict[str, str | None] = {}
-        self.buckets = [0] * (len(DURATION_BUCKETS) + 1)
-        self.duration_sum = 0.0
-        self.duration_count = 0
         self._history: deque[_Second] = deque(maxlen=HISTORY_SECONDS)
 
     def record(
         self, cache_status: str, nbytes: int, duration: float, host: str | None, url: str
     ) -> None:
-        """Count one response."""
-        kind = _kind(cache_status)
-        self.requests[kind] += 1
-        source = "cache" if kind == "hit" else "upstream"
-        self.bytes_by_source[source] += nbytes
+        """Count one response.
+
+        Args:
+          cache_status: the server's word for it (``AccessRecord.cache``), see
+            :func:`outcome_of`.
+          nbytes: body bytes sent.
+          duration: seconds from the request head to the last byte.
+          host: the content host (``host[:port]``) the request named, if any.
+          url: the object's URL (for the top objects table).
+        """
+        outcome = outcome_of(cache_status)
+        self.requests.add(outcome)
+        if outcome is Outcome.HIT:
+            self.served.cache += nbytes
+        else:
+            self.served.upstream += nbytes
         if host:
             label = self._host_label(host)
             self.bytes_by_host[label or OTHER] += nbytes
             if label is not None:  # an allowed host: the object may be a top one
                 self._count_url(url, nbytes)
-        self.buckets[bisect.bisect_left(DURATION_BUCKETS, duration)] += 1
-        self.duration_sum += duration
-        self.duration_count += 1
+        self.durations.observe(duration)
         sec = self._second(int(time.time()))
-        if kind == "hit":
+        if outcome is Outcome.HIT:
             sec.hit_bytes += nbytes
             sec.hit_requests += 1
-        elif kind in ("miss", "partial", "pass"):
+        elif outcome in _WENT_UPSTREAM:
             sec.miss_bytes += nbytes
             sec.miss_requests += 1
-
-    def count_internal_error(self, where: str) -> None:
-        """Count one unexpected exception that was contained (``where``: a fixed name)."""
-        self.internal_errors[where] += 1
 
     def _host_label(self, authority: str) -> str | None:
         """The label ``authority`` (a URL's ``host[:port]``) is counted under: the
@@ -170,12 +308,6 @@ class Metrics:
         ]
 
 
-def _kind(cache_status: str) -> str:
-    if cache_status in ("hit", "miss", "partial", "pass"):
-        return cache_status
-    return "error"
-
-
 def fold_tail(
     samples: Iterable[tuple[dict[str, str], float]], label: str, cap: int = MAX_HOST_LABELS
 ) -> list[tuple[dict[str, str], float]]:
@@ -207,31 +339,3 @@ def fold_tail(
             folded[tuple({**labels, label: OTHER}.items())] += value
     out += [(dict(key), value) for key, value in folded.items()]
     return out
-
-
-def exposition(families: Iterable[tuple[str, str, str, list[tuple[dict[str, str], float]]]]) -> str:
-    """Prometheus text format from (name, type, help, [(labels, value)]) families."""
-    lines: list[str] = []
-    for name, kind, text, samples in families:
-        lines.append(f"# HELP {name} {text}")
-        lines.append(f"# TYPE {name} {kind}")
-        for labels, value in samples:
-            lines.append(f"{name}{_labels(labels)} {_number(value)}")
-    return "\n".join(lines) + "\n"
-
-
-def _labels(labels: dict[str, str]) -> str:
-    if not labels:
-        return ""
-    inner = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
-    return "{" + inner + "}"
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _number(v: float) -> str:
-    if isinstance(v, int) or float(v).is_integer():
-        return str(int(v))
-    return repr(float(v))

@@ -1,0 +1,76 @@
+"""The admin API's write actions besides warming: ``POST /purge`` and ``POST /verify``."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import trio
+
+from ..engine.engine import Cache
+from ..errors import BadRequest
+from ..store.verify import verify_cache
+from .guards import check_pattern, check_url
+from .purge import PurgeTarget
+
+__all__ = ["purge", "verify"]
+
+
+async def purge(cache: Cache, doc: dict[str, Any]) -> dict[str, Any]:
+    """Purge one URL (``url``), every object under a URL prefix (``prefix``), or
+    every object whose host matches a pattern (``pattern``: host, host:port or
+    *.suffix); see :mod:`mcc.ops.purge`.
+
+    Args:
+      cache: the engine.
+      doc: the request's JSON body.
+
+    Returns:
+      ``{"purged": [the object keys removed]}``.
+
+    Raises:
+      BadRequest: 400 for a malformed target.
+    """
+    url, prefix, pattern = doc.get("url"), doc.get("prefix"), doc.get("pattern")
+    if url is not None:
+        url = check_url(url, "url")
+        removed = [cache.resolve(url)] if await cache.purge(url) else []
+        return {"purged": removed}
+    if prefix is not None:
+        text = check_url(prefix, "prefix")
+    elif pattern is not None:
+        text = check_pattern(pattern)
+    else:
+        raise BadRequest(
+            'purge needs {"url": "http://..."}, {"prefix": "http://..."} or '
+            '{"pattern": "host, host:port or *.suffix"}'
+        )
+    try:
+        target = PurgeTarget.parse(text, cache.policy.canonical)
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+    removed = []
+    for key in cache.index.object_keys():
+        if target.matches(key):
+            await cache.purge(key)
+            removed.append(key)
+    return {"purged": removed}
+
+
+async def verify(cache: Cache) -> dict[str, Any]:
+    """Check every blob of the running cache against its digest (no repair).
+
+    Returns:
+      the ``mcc verify`` table as JSON: rows, and the clean, corrupt and missing counts.
+    """
+    drives = list(cache.blobs.drives)
+    index_path = drives[0].root / "index.sqlite3"
+    report = await trio.to_thread.run_sync(
+        functools.partial(verify_cache, drives, index_path, lock=False)
+    )
+    return {
+        "rows": report.rows(),
+        "clean": report.clean,
+        "corrupt": report.corrupt,
+        "missing": report.missing,
+    }

@@ -1,0 +1,112 @@
+"""The read-only reports of the admin API: ``GET /summary`` and ``GET /health``.
+
+The summary follows Connected Cache's summary report: hit and miss volume for the last
+15 s and since start, per content host and per object, with the drives, parents and
+peers. ``?cluster=1`` adds every peer's summary up (see :mod:`mcc.ops.cluster`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..engine.engine import Cache
+from .metrics import WINDOW_SECONDS, Metrics
+
+__all__ = ["health", "summary"]
+
+# Rows of the summary's tables: content hosts, top objects.
+_SUMMARY_HOSTS = 50
+_SUMMARY_OBJECTS = 20
+# Seconds of per-second throughput in the summary (the status page's chart).
+_SUMMARY_THROUGHPUT = 300
+
+
+def summary(cache: Cache, metrics: Metrics, open_connections: Callable[[], int]) -> dict[str, Any]:
+    """Hit/miss volume for the last 15 s and since start, and per-host volume.
+
+    Args:
+      cache: the engine.
+      metrics: the HTTP server's response counters.
+      open_connections: a function returning the number of client connections.
+
+    Returns:
+      the ``GET /summary`` document.
+    """
+    m = metrics
+    recent = m.window(WINDOW_SECONDS)
+    stats = cache.statistics()
+    upstream = cache.upstream
+    return {
+        "nodeId": cache.config.node_id,
+        "uptimeSeconds": round(time.time() - m.started, 1),
+        "last15s": _ratios(
+            recent["hitBytes"],
+            recent["missBytes"],
+            recent["hitRequests"],
+            recent["missRequests"],
+        ),
+        "sinceStart": _ratios(
+            m.served.cache, m.served.upstream, m.requests.hit, m.requests.not_hit
+        ),
+        "egressBytes": m.served.total,
+        "upstreamBytes": upstream.bytes_received,
+        "hosts": _top(m.bytes_by_host, _SUMMARY_HOSTS),
+        "topObjects": _top(m.bytes_by_url, _SUMMARY_OBJECTS),
+        "throughput": m.history(_SUMMARY_THROUGHPUT),
+        "drives": [
+            {"path": str(d.root), "bytes": cache.index.stored_bytes_on(i), "capacity": d.max_size}
+            for i, d in enumerate(cache.blobs.drives)
+        ],
+        "parents": upstream.parent_health(),
+        "peers": upstream.peers.health(),
+        "peerServedBytes": upstream.peers.served_bytes,
+        "peerReceivedBytes": upstream.peers.received_bytes,
+        "flightJoins": stats.flight_joins,
+        "openConnections": open_connections(),
+    }
+
+
+def health(cache: Cache) -> dict[str, Any]:
+    """Readiness: every drive writable, the index answering; parents listed.
+
+    Returns:
+      the ``GET /health`` document; ``ready`` is false when a drive cannot be
+      written or the index fails.
+    """
+    drives = []
+    for d in cache.blobs.drives:
+        ok = True
+        probe = d.root / "tmp" / f".health.{os.getpid()}"
+        try:
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError:
+            ok = False
+        drives.append({"path": str(d.root), "writable": ok})
+    try:
+        cache.index.stored_bytes()
+        index_ok = True
+    except Exception:
+        index_ok = False
+    parents = cache.upstream.parent_health()
+    ready = index_ok and all(d["writable"] for d in drives)
+    return {"ready": ready, "drives": drives, "index": index_ok, "parents": parents}
+
+
+def _top(counts: dict[str, int], n: int) -> dict[str, int]:
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1])[:n])
+
+
+def _ratios(hit_bytes: int, miss_bytes: int, hit_req: int, miss_req: int) -> dict[str, Any]:
+    total_b, total_r = hit_bytes + miss_bytes, hit_req + miss_req
+    return {
+        "hitBytes": hit_bytes,
+        "missBytes": miss_bytes,
+        "hitRequests": hit_req,
+        "missRequests": miss_req,
+        "hitRatioBytes": round(hit_bytes / total_b, 4) if total_b else None,
+        "hitRatioRequests": round(hit_req / total_r, 4) if total_r else None,
+    }
