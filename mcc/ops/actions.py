@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any
-
-import trio
 
 from ..engine.engine import Cache
 from ..errors import BadRequest
-from ..store.verify import verify_cache
 from .guards import check_pattern, check_url
 from .purge import PurgeTarget
 
@@ -50,7 +46,7 @@ async def purge(cache: Cache, doc: dict[str, Any]) -> dict[str, Any]:
     except ValueError as exc:
         raise BadRequest(str(exc)) from None
     removed = []
-    for key in cache.index.object_keys():
+    for key in cache.store.object_keys():
         if target.matches(key):
             await cache.purge(key)
             removed.append(key)
@@ -63,11 +59,7 @@ async def verify(cache: Cache) -> dict[str, Any]:
     Returns:
       the ``mcc verify`` table as JSON: rows, and the clean, corrupt and missing counts.
     """
-    drives = list(cache.blobs.drives)
-    index_path = drives[0].root / "index.sqlite3"
-    report = await trio.to_thread.run_sync(
-        functools.partial(verify_cache, drives, index_path, lock=False)
-    )
+    report = await cache.store.verify()
     return {
         "rows": report.rows(),
         "clean": report.clean,

@@ -58,7 +58,7 @@ class NodeCollector(Collector):
         cache = self._cache
         stats = cache.statistics()
         up = cache.upstream
-        drives = cache.blobs.drives
+        drives = cache.store.drives
 
         requests = CounterMetricFamily(
             "mcc_requests_total", "Responses by cache outcome.", labels=["cache"]
@@ -113,7 +113,7 @@ class NodeCollector(Collector):
             "mcc_store_capacity_bytes", "max_size per cache drive.", labels=["drive"]
         )
         for i, d in enumerate(drives):
-            stored.add_metric([str(d.root)], cache.index.stored_bytes_on(i))
+            stored.add_metric([str(d.root)], cache.store.stored_bytes_on(i))
             capacity.add_metric([str(d.root)], d.max_size)
         yield stored
         yield capacity

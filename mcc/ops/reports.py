@@ -7,7 +7,6 @@ peers. ``?cluster=1`` adds every peer's summary up (see :mod:`mcc.ops.cluster`).
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -57,8 +56,8 @@ def summary(cache: Cache, metrics: Metrics, open_connections: Callable[[], int])
         "topObjects": _top(m.bytes_by_url, _SUMMARY_OBJECTS),
         "throughput": m.history(_SUMMARY_THROUGHPUT),
         "drives": [
-            {"path": str(d.root), "bytes": cache.index.stored_bytes_on(i), "capacity": d.max_size}
-            for i, d in enumerate(cache.blobs.drives)
+            {"path": str(d.root), "bytes": cache.store.stored_bytes_on(i), "capacity": d.max_size}
+            for i, d in enumerate(cache.store.drives)
         ],
         "parents": upstream.parent_health(),
         "peers": upstream.peers.health(),
@@ -76,21 +75,8 @@ def health(cache: Cache) -> dict[str, Any]:
       the ``GET /health`` document; ``ready`` is false when a drive cannot be
       written or the index fails.
     """
-    drives = []
-    for d in cache.blobs.drives:
-        ok = True
-        probe = d.root / "tmp" / f".health.{os.getpid()}"
-        try:
-            probe.write_bytes(b"ok")
-            probe.unlink()
-        except OSError:
-            ok = False
-        drives.append({"path": str(d.root), "writable": ok})
-    try:
-        cache.index.stored_bytes()
-        index_ok = True
-    except Exception:
-        index_ok = False
+    probes, index_ok = cache.store.health()
+    drives = [{"path": str(path), "writable": ok} for path, ok in probes]
     parents = cache.upstream.parent_health()
     ready = index_ok and all(d["writable"] for d in drives)
     return {"ready": ready, "drives": drives, "index": index_ok, "parents": parents}

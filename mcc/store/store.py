@@ -29,7 +29,9 @@ goes to worker threads (hashing, installing, deleting batches, checkpoints).
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -41,6 +43,7 @@ import trio
 from .blobs import BlobStore, BlockWriter, DriveInfo
 from .index import Index
 from .records import ObjectMeta
+from .verify import VerifyReport, verify_cache
 
 __all__ = ["Store", "StoreCounters"]
 
@@ -273,6 +276,39 @@ class Store:
         if drive == 0:
             used += self.index.file_bytes()
         return used
+
+    def stored_bytes(self) -> int:
+        """Bytes of blobs on every drive."""
+        return self.index.stored_bytes()
+
+    def health(self) -> tuple[list[tuple[Path, bool]], bool]:
+        """Whether each drive takes a write (a probe file in its temp folder), and
+        whether the index answers."""
+        drives = []
+        for d in self.blobs.drives:
+            ok = True
+            probe = d.root / "tmp" / f".health.{os.getpid()}"
+            try:
+                probe.write_bytes(b"ok")
+                probe.unlink()
+            except OSError:
+                ok = False
+            drives.append((d.root, ok))
+        try:
+            self.index.stored_bytes()
+            self.index.setting("block_size")
+            index_ok = True
+        except Exception:
+            index_ok = False
+        return drives, index_ok
+
+    async def verify(self) -> VerifyReport:
+        """Check every blob against its digest while serving (no repair: blobs being
+        written or evicted meanwhile may show up as orphans or missing)."""
+        drives = list(self.blobs.drives)
+        return await trio.to_thread.run_sync(
+            functools.partial(verify_cache, drives, self.index.path, lock=False)
+        )
 
     def _drop(self, digest: str) -> None:
         self._verified.discard(digest)
