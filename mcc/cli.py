@@ -372,7 +372,7 @@ def effective_config(args: argparse.Namespace) -> Config:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     config = effective_config(args)
-    from .http.server import run_server
+    from .http.run import run_server
 
     # SIGHUP reads the config again the same way: the same file, the same flags on top
     return run_server(config, lambda: effective_config(args))

@@ -147,6 +147,7 @@ class Store:
             log.warning("could not record %s in the index: %s", meta.key, exc)
             return False
         self._delete_now(freed)
+        self._maybe_evict(0)  # records take room on the first drive
         return True
 
     def forget_version(self, meta: ObjectMeta) -> None:
@@ -321,24 +322,27 @@ class Store:
 
     async def run_maintenance(self) -> None:
         """Background upkeep for the store's whole life: first :meth:`reconcile`, then
-        eviction whenever a drive passes its high-water mark, access times and WAL
+        eviction whenever a drive passes its high-water mark, and (in a task of its
+        own, so a slow checkpoint never holds eviction back) access times and WAL
         checkpoints every 2 s."""
         await self.reconcile()
         self._reconciled.set()
-        next_checkpoint = trio.current_time() + _CHECKPOINT_SECONDS
-        while True:
-            with trio.move_on_at(next_checkpoint):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._checkpoints)
+            while True:
                 await self._evict_wanted.wait()
-            self._evict_wanted = trio.Event()
-            await self.evict()
-            if trio.current_time() >= next_checkpoint:
-                try:
-                    self.index.flush_touches()
-                except OSError as exc:
-                    log.debug("could not record access times: %s", exc)
-                await trio.to_thread.run_sync(self.index.checkpoint)
-                self._maybe_evict(0)  # the index grows too
-                next_checkpoint = trio.current_time() + _CHECKPOINT_SECONDS
+                self._evict_wanted = trio.Event()
+                await self.evict()
+
+    async def _checkpoints(self) -> None:
+        while True:
+            await trio.sleep(_CHECKPOINT_SECONDS)
+            try:
+                self.index.flush_touches()
+            except OSError as exc:
+                log.debug("could not record access times: %s", exc)
+            await trio.to_thread.run_sync(self.index.checkpoint)
+            self._maybe_evict(0)  # the index grows too
 
     async def reconcile(self) -> tuple[int, int]:
         """Make the index and the blob files agree after a crash: drop index rows whose

@@ -1,0 +1,449 @@
+"""Response writers: stored blocks with sendfile, blocks in flight as they arrive,
+multipart ranges, pass-through to upstream, PURGE, and errors.
+
+Theory of operation: :class:`Responses` answers one routed request on one
+connection (:class:`Conn`); the connection loop (:mod:`mcc.http.server`) reads heads
+and calls it. A response whose head went out can only end honestly: complete, or
+with the connection cut (:class:`ClientGone`). Every write is bounded by the send
+timeout per 256 KiB piece, so a client slower than that floor is dropped. Byte
+arithmetic over blocks stays in the engine: this module asks it which spans are
+stored (:meth:`~mcc.engine.engine.Cache.coverage`) and reads segments.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import ipaddress
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import aclosing
+
+import trio
+
+from ..config import Config
+from ..engine.engine import Cache, FileSlice
+from ..errors import BadRequest
+from ..ops.accesslog import AccessRecord
+from ..policy import age
+from ..store.records import ObjectMeta
+from .protocol import END_OF_BODY, NEED_DATA, Request, ServerProtocol
+from .ranges import UNSATISFIABLE, ByteRange, content_range, if_range_matches, parse_range
+from .routing import OwnNames, route_request
+from .sendfile import SendfileBody, push, send_bytes, sendfile
+from .tls import file_pieces
+
+__all__ = [
+    "SAFE_METHODS",
+    "ClientGone",
+    "ClientStream",
+    "Conn",
+    "Responses",
+    "linger",
+    "send_final",
+    "send_quiet",
+    "socket_stream",
+]
+
+log = logging.getLogger("mcc.http")
+
+RECEIVE_SIZE = 64 * 1024
+# After an error response: how long, and how many bytes, to keep reading before close
+# (nginx's lingering_close does the same, with 5 s).
+_LINGER_SECONDS = 2.0
+_LINGER_BYTES = 1024 * 1024
+# Bytes per send for in-memory chunks; a response is written in pieces this size so
+# the send timeout bounds the time any one piece may take (slow-reader floor).
+_SEND_PIECE = 256 * 1024
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+_REQUEST_HEADERS_FORWARDED_EXCLUDE = frozenset(
+    {"host", "connection", "keep-alive", "te", "upgrade", "proxy-connection", "proxy-authorization"}
+)
+
+
+class ClientGone(Exception):
+    """The client stopped reading or closed; the connection is finished."""
+
+
+ClientStream = trio.SocketStream | trio.SSLStream[trio.SocketStream]
+
+
+class Conn:
+    """Per-connection state shared by the request loop and the drain logic."""
+
+    def __init__(self, stream: ClientStream, peer: str, max_head: int) -> None:
+        self.stream = stream
+        self.tls = isinstance(stream, trio.SSLStream)
+        self.sock = socket_stream(stream).socket
+        self.peer = peer
+        self.proto = ServerProtocol(max_head)
+        self.idle_scope: trio.CancelScope | None = None
+        self.linger = False  # an error response went out: close gently
+
+
+class Responses:
+    """Writes the responses of one server (see the module).
+
+    Args:
+      config: the node's configuration (replaced on reload).
+      cache: the engine.
+    """
+
+    config: Config
+    cache: Cache
+    own: OwnNames
+
+    def __init__(self) -> None:
+        self._misses: dict[str, int] = {}  # client address -> misses being answered
+
+    async def _read_body(self, conn: Conn) -> AsyncIterator[bytes]:
+        proto = conn.proto
+        while True:
+            event = proto.next_event()
+            if event is END_OF_BODY:
+                return
+            if isinstance(event, bytes):
+                yield event
+                continue
+            if event is NEED_DATA:
+                with trio.fail_after(self.config.timeouts.read):
+                    data = await conn.stream.receive_some(RECEIVE_SIZE)
+                proto.receive_data(data)
+                continue
+            raise BadRequest("request body ended early")
+
+    # -- one request ---------------------------------------------------------------
+
+    async def _answer_cached(self, conn: Conn, req: Request, url: str, rec: AccessRecord) -> bool:
+        cache = self.cache
+        first = _first_byte(req.header("range"))
+        via = req.header_list("via")
+        reader = object()  # this request, for telling its own fetches from joined ones
+        found = await cache.lookup(url, first_byte=first, via=via, reader=reader)
+        meta = found.meta
+        ranges = parse_range(req.header("range"), meta.size, self.config.limits.max_ranges)
+        if_range = req.header("if-range")
+        if (
+            ranges is not None
+            and if_range is not None
+            and not if_range_matches(if_range, meta.etag, meta.last_modified)
+        ):
+            ranges = None
+        headers = self._object_headers(meta)
+        if ranges is UNSATISFIABLE:
+            rec.status, rec.cache = 416, "hit"
+            headers.append(("content-range", f"bytes */{meta.size}"))
+            await self._send_simple(conn, 416, headers, b"")
+            return True
+        if not isinstance(ranges, list):
+            ranges = []
+        spans = ranges or ([ByteRange(0, meta.size - 1)] if meta.size else [])
+        rec.cache = self._cache_status(meta, spans)
+        headers.append(("cache-status", self._cache_status_header(rec.cache, found.outcome)))
+        slot = self._miss_slot(conn.peer) if rec.cache != "hit" else contextlib.nullcontext()
+        with slot:
+            return await self._send_cached(
+                conn, req, meta, ranges, spans, headers, rec, via, reader
+            )
+
+    @contextlib.contextmanager
+    def _miss_slot(self, peer: str) -> Iterator[None]:
+        """Count one miss being answered for ``peer``'s address, within the cap.
+
+        Raises:
+          BadRequest: 503 when that address already has ``max_misses_per_client``.
+        """
+        client = peer.rsplit(":", 1)[0]
+        if self._misses.get(client, 0) >= self.config.limits.max_misses_per_client:
+            raise BadRequest(
+                f"too many concurrent misses from {client}; retry shortly", status_hint=503
+            )
+        self._misses[client] = self._misses.get(client, 0) + 1
+        try:
+            yield
+        finally:
+            self._misses[client] -= 1
+            if not self._misses[client]:
+                del self._misses[client]
+
+    async def _send_cached(
+        self,
+        conn: Conn,
+        req: Request,
+        meta: ObjectMeta,
+        ranges: list[ByteRange],
+        spans: list[ByteRange],
+        headers: list[tuple[str, str]],
+        rec: AccessRecord,
+        via: Sequence[str],
+        reader: object,
+    ) -> bool:
+        head_only = req.method == "HEAD"
+        if len(ranges) > 1:
+            return await self._send_multipart(
+                conn, meta, ranges, headers, head_only, rec, via, reader
+            )
+        status = 206 if ranges else 200
+        if ranges:
+            headers.append(("content-range", content_range(ranges[0], meta.size)))
+        length = sum(r.length for r in spans)
+        headers.append(("content-length", str(length)))
+        rec.status = status
+        head = conn.proto.response_head(status, headers)
+        if head_only or not length:
+            await self._send_all(conn, head + conn.proto.end())
+            return True
+        await self._send_head(conn, head)
+        await self._send_span(conn, meta, spans[0], rec, via, reader)
+        await self._send_all(conn, conn.proto.end())
+        end = spans[0].end + 1
+        if end % meta.block_size and end != meta.size:
+            push(conn.sock)  # a range ending inside a block must not wait in the kernel
+        return True
+
+    def _cache_status(self, meta: ObjectMeta, spans: Sequence[ByteRange]) -> str:
+        return self.cache.coverage(meta, [(r.start, r.end) for r in spans])
+
+    def _cache_status_header(self, status: str, outcome: str) -> str:
+        """RFC 9211 Cache-Status for a response built from the store."""
+        node = self.config.node_id
+        if outcome == "stale":
+            return f"{node}; hit; detail=stale-if-error"
+        if outcome == "revalidated":
+            return f"{node}; fwd=stale; fwd-status=304" + ("" if status == "hit" else "; stored")
+        if status == "hit":
+            return f"{node}; hit"
+        return f"{node}; fwd={status}; stored"
+
+    def _object_headers(self, meta: ObjectMeta) -> list[tuple[str, str]]:
+        headers = [("accept-ranges", "bytes")]
+        if meta.content_type:
+            headers.append(("content-type", meta.content_type))
+        if meta.etag:
+            headers.append(("etag", meta.etag))
+        if meta.last_modified:
+            headers.append(("last-modified", meta.last_modified))
+        headers += [(k, v) for k, v in meta.headers if k not in ("date", "age")]
+        headers.append(("age", str(int(age(meta, time.time())))))
+        return headers
+
+    async def _send_span(
+        self,
+        conn: Conn,
+        meta: ObjectMeta,
+        span: ByteRange,
+        rec: AccessRecord,
+        via: Sequence[str],
+        reader: object,
+    ) -> None:
+        segs = self.cache.segments(meta, span.start, span.end, via, reader)
+        async with aclosing(segs) as segments:
+            async for seg in segments:
+                if isinstance(seg, FileSlice) and not conn.tls:
+                    body = SendfileBody(seg.fd, seg.offset, seg.length)
+                    for piece in conn.proto.body(body):
+                        if piece is body:
+                            with trio.fail_after(self._send_limit(seg.length)):
+                                rec.bytes += await sendfile(conn.sock, body)
+                        else:
+                            await self._send_all(conn, piece)
+                else:  # bytes in memory, or a stored block read for TLS (no sendfile)
+                    pieces = (
+                        file_pieces(seg.fd, seg.offset, seg.length, _SEND_PIECE)
+                        if isinstance(seg, FileSlice)
+                        else (seg[i : i + _SEND_PIECE] for i in range(0, len(seg), _SEND_PIECE))
+                    )
+                    for piece in pieces:
+                        for framed in conn.proto.body(piece):
+                            await self._send_all(conn, framed)
+                        rec.bytes += len(piece)
+
+    def _send_limit(self, nbytes: int) -> float:
+        # send timeout per 256 KiB piece: a client slower than that floor is dropped
+        return self.config.timeouts.send * max(1, nbytes / _SEND_PIECE)
+
+    async def _send_multipart(
+        self,
+        conn: Conn,
+        meta: ObjectMeta,
+        ranges: list[ByteRange],
+        headers: list[tuple[str, str]],
+        head_only: bool,
+        rec: AccessRecord,
+        via: Sequence[str],
+        reader: object,
+    ) -> bool:
+        boundary = os.urandom(12).hex()
+        ctype = meta.content_type or "application/octet-stream"
+        part_heads = [
+            (
+                f"\r\n--{boundary}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Range: {content_range(r, meta.size)}\r\n\r\n"
+            ).encode("latin-1")
+            for r in ranges
+        ]
+        tail = f"\r\n--{boundary}--\r\n".encode("latin-1")
+        length = sum(len(h) for h in part_heads) + sum(r.length for r in ranges) + len(tail)
+        headers = [(k, v) for k, v in headers if k != "content-type"]
+        headers += [
+            ("content-type", f"multipart/byteranges; boundary={boundary}"),
+            ("content-length", str(length)),
+        ]
+        rec.status = 206
+        head = conn.proto.response_head(206, headers)
+        if head_only:
+            await self._send_all(conn, head + conn.proto.end())
+            return True
+        await self._send_head(conn, head)
+        for part_head, r in zip(part_heads, ranges, strict=True):
+            for framed in conn.proto.body(part_head):
+                await self._send_all(conn, framed)
+            await self._send_span(conn, meta, r, rec, via, reader)
+        for framed in conn.proto.body(tail):
+            await self._send_all(conn, framed)
+        await self._send_all(conn, conn.proto.end())
+        return True
+
+    async def _forward(self, conn: Conn, req: Request, url: str, rec: AccessRecord) -> bool:
+        """Pass the request upstream unstored, streaming bodies both ways."""
+        rec.cache = "pass"
+        headers = [(k, v) for k, v in req.headers if k not in _REQUEST_HEADERS_FORWARDED_EXCLUDE]
+        length = req.header("content-length")
+        body = self._read_body(conn) if req.has_body else None
+        async with self.cache.upstream.request(
+            req.method,
+            url,
+            headers,
+            body=body,
+            body_length=int(length) if length and length.isdigit() else None,
+        ) as resp:
+            if not req.has_body:
+                async for _ in self._read_body(conn):
+                    pass
+            out = [(k, v) for k, v in resp.headers if k not in ("content-length", "date", "server")]
+            resp_len = resp.header("content-length")
+            # HEAD answers carry the length of the body they omit; 204/304 carry none
+            if resp_len is not None and (req.method == "HEAD" or resp.status not in (204, 304)):
+                out.append(("content-length", resp_len))
+            out.append(("cache-status", f"{self.config.node_id}; fwd=uri-miss"))
+            rec.status = resp.status
+            if req.method not in SAFE_METHODS and resp.status < 400:
+                await self.cache.purge(url)  # RFC 9111 s4.4: unsafe methods invalidate
+            await self._send_all(conn, conn.proto.response_head(resp.status, out))
+            async for chunk in resp.iter_body():
+                for framed in conn.proto.body(chunk):
+                    await self._send_all(conn, framed)
+                rec.bytes += len(chunk)
+            await self._send_all(conn, conn.proto.end())
+        return True
+
+    async def _send_simple(
+        self, conn: Conn, status: int, headers: list[tuple[str, str]], body: bytes
+    ) -> None:
+        data = conn.proto.response_head(status, [*headers, ("content-length", str(len(body)))])
+        if body:
+            data += b"".join(conn.proto.body(body))
+        data += conn.proto.end()
+        await self._send_all(conn, data)
+
+    async def _send_head(self, conn: Conn, head: bytes) -> None:
+        """A response head with a body to follow: MSG_MORE on plain sockets."""
+        if conn.tls:
+            await self._send_all(conn, head)
+        else:
+            await send_bytes(conn.sock, head, more=True)
+
+    async def _send_all(self, conn: Conn, data: bytes) -> None:
+        if data:
+            with trio.fail_after(self._send_limit(len(data))):
+                await conn.stream.send_all(data)
+
+    async def _error(self, conn: Conn, rec: AccessRecord, status: int, message: str) -> bool:
+        data = conn.proto.error_response(status, message)
+        if data is None:  # a response was under way: the only honest signal is to close
+            rec.cache = "aborted"
+            raise ClientGone()
+        rec.status = status
+        rec.cache = rec.cache or "error"
+        await send_final(conn.stream, data)
+        conn.linger = True
+        return False
+
+    async def _purge(self, conn: Conn, req: Request, rec: AccessRecord) -> bool:
+        """PURGE, as Squid and Varnish answer it: drop the URL from the cache (200, or
+        404 when it was not stored). Allowed from loopback or with the admin token;
+        never forwarded upstream."""
+        rec.cache = "purge"
+        if not self._may_purge(conn.peer, req):
+            raise BadRequest(
+                "PURGE is allowed from loopback or with the admin token", status_hint=403
+            )
+        route = route_request(req.target, req.header("host"), self.own, self.config.origin)
+        rec.url = route.url
+        purged = await self.cache.purge(route.url)  # 403 for a host not allowed
+        rec.status = 200 if purged else 404
+        text = f"purged {route.url}\n" if purged else f"not stored: {route.url}\n"
+        await self._send_simple(conn, rec.status, [("content-type", "text/plain")], text.encode())
+        return True
+
+    def _may_purge(self, peer: str, req: Request) -> bool:
+        token = self.config.admin_token
+        given = req.header("authorization") or ""
+        if token and hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            return True
+        try:
+            address = ipaddress.ip_address(peer.rsplit(":", 1)[0].strip("[]"))
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return address.is_loopback
+
+
+def socket_stream(stream: ClientStream) -> trio.SocketStream:
+    """The TCP stream under ``stream`` (itself, or what TLS runs over)."""
+    return stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+
+
+def _first_byte(range_header: str | None) -> int:
+    """The first byte a Range header asks for (for discovery's block hint); 0 if unsure."""
+    if not range_header or "=" not in range_header:
+        return 0
+    first = range_header.split("=", 1)[1].split(",")[0].strip()
+    start = first.split("-")[0].strip()
+    return int(start) if start.isdigit() and len(start) < 19 else 0
+
+
+async def send_final(stream: ClientStream, data: bytes) -> None:
+    """Send a last response on a connection about to close; a client gone is fine."""
+    try:
+        with trio.move_on_after(_LINGER_SECONDS):
+            await stream.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
+
+
+async def send_quiet(stream: ClientStream, data: bytes) -> None:
+    """Send a final response and close gently (see :func:`_linger`)."""
+    await send_final(stream, data)
+    await linger(stream)
+
+
+async def linger(stream: ClientStream) -> None:
+    """Close gently: stop sending, and read (and drop) what the client still sends for
+    a moment, so that unread request bytes do not make the kernel reset the connection
+    before the client has read the last response."""
+    try:
+        with trio.move_on_after(_LINGER_SECONDS):
+            if isinstance(stream, trio.SocketStream):  # TLS has no half-close
+                await stream.send_eof()
+            drained = 0
+            while drained < _LINGER_BYTES:
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    break
+                drained += len(chunk)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
