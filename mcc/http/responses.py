@@ -317,7 +317,7 @@ class Responses:
             url,
             headers,
             body=body,
-            body_length=int(length) if length and length.isdigit() else None,
+            content_length=int(length) if length and length.isdigit() else None,
         ) as resp:
             if not req.has_body:
                 async for _ in self._read_body(conn):

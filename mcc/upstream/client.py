@@ -27,361 +27,47 @@ request is then retried once on a fresh connection.
 from __future__ import annotations
 
 import logging
-import re
-import select
 import socket
 import ssl
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
-from urllib.parse import quote, urlsplit
+from contextlib import asynccontextmanager
 
-import attrs
 import h11
 import trio
 
 from ..config import Config
 from ..errors import Refused, UpstreamError
-from ..origins import is_internal_address, split_host_port
+from ..origins import is_internal_address
+from .connection import (
+    HOP_BY_HOP,
+    Connection,
+    Route,
+    UpstreamResponse,
+    body_length,
+    map_errors,
+    quiet,
+    wire_headers,
+)
 from .peers import PEER_HEADER, Peers, peer_request
-from .tls import client_context, describe_tls_error, is_verify_error
+from .tls import client_context
+from .urls import DEFAULT_PORTS, parse_http_url, parse_url, quote_target
 
-__all__ = ["Route", "Upstream", "UpstreamResponse", "parse_http_url", "parse_url", "quote_target"]
+__all__ = [
+    "DEFAULT_PORTS",
+    "Route",
+    "Upstream",
+    "UpstreamResponse",
+    "parse_http_url",
+    "parse_url",
+    "quote_target",
+]
 
 log = logging.getLogger("mcc.upstream")
 
-# Bytes asked of the socket per receive: large enough that a 1 MiB block takes
-# a few dozen calls, small enough to bound the memory one connection holds.
-_RECEIVE_SIZE = 256 * 1024
-# RFC 9110 s5.4 leaves the limit to us; h11's default (16 KiB) refuses larger heads.
-_MAX_RESPONSE_HEAD = 64 * 1024
-
-# RFC 9110 s5.1 (field-name is a token) and s5.5 (no control character but HTAB in a value).
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 # Peer answers passed on as they are; any other status moves on to the next route.
 _PEER_ANSWERS = frozenset({200, 206, 301, 302, 303, 304, 307, 308, 404, 410, 412, 416})
-
-_HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
-
-
-DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
-def _body_length(response: UpstreamResponse) -> int:
-    length = response.header("content-length")
-    return int(length) if length is not None and length.isdigit() else 0
-
-
-def parse_url(url: str) -> tuple[str, str, int, str]:
-    """Split ``http[s]://host[:port]/path?q`` into (scheme, host, port, path-and-query).
-
-    Raises:
-      ValueError: naming the URL when it is not an http:// or https:// URL.
-    """
-    parts = urlsplit(url)
-    if parts.scheme not in DEFAULT_PORTS or not parts.netloc:
-        raise ValueError(f"{url!r} is not an http:// or https:// URL")
-    host, port = split_host_port(parts.netloc, DEFAULT_PORTS[parts.scheme])
-    target = parts.path or "/"
-    if parts.query:
-        target += "?" + parts.query
-    return parts.scheme, host, port, target
-
-
-def parse_http_url(url: str) -> tuple[str, int, str]:
-    """Split ``http[s]://host[:port]/path?q`` into (host, port, path-and-query).
-
-    Raises:
-      ValueError: naming the URL when it is not an http:// or https:// URL.
-    """
-    _, host, port, target = parse_url(url)
-    return host, port, target
-
-
-def quote_target(url: str) -> str:
-    """``url`` with every byte a request-target may not carry percent-encoded (spaces,
-    controls, non-ASCII as UTF-8), as browsers do with a Location they follow; what is
-    already encoded stays as it is."""
-    return quote(url, safe="/?#[]@!$&'()*+,;=%:~")
-
-
-@attrs.frozen
-class Route:
-    """One way upstream: where to connect and whether to use proxy (absolute) form.
-
-    ``tls_name`` is the name TLS verifies (and sends as SNI), None for plain TCP;
-    ``tunnel`` is the ``host:port`` to CONNECT to through the proxy at host:port first.
-    """
-
-    name: str
-    host: str
-    port: int
-    proxy_form: bool
-    is_parent: bool = False
-    tls_name: str | None = None
-    tunnel: str | None = None
-    is_peer: bool = False
-
-    @property
-    def pool_key(self) -> tuple[str, int, str | None, str | None]:
-        return (self.host, self.port, self.tls_name, self.tunnel)
-
-
-class _Connection:
-    def __init__(
-        self,
-        stream: trio.SocketStream | trio.SSLStream[trio.SocketStream],
-        key: tuple[str, int, str | None, str | None],
-    ) -> None:
-        self.stream = stream
-        self.key = key
-        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_RESPONSE_HEAD)
-        self.reused = False
-        self.reusable_fresh = False  # a body read past h11 ended cleanly
-
-    async def send(self, event: h11.Event) -> None:
-        data = self.h11.send(event)
-        if data:
-            await self.stream.send_all(data)
-
-    async def next_event(self, read_timeout: float) -> h11.Event:
-        while True:
-            event = self.h11.next_event()
-            if event is h11.NEED_DATA:
-                with trio.fail_after(read_timeout):
-                    data = await self.stream.receive_some(_RECEIVE_SIZE)
-                self.h11.receive_data(bytes(data))  # no copy for a plain socket's bytes
-                continue
-            assert not isinstance(event, type)  # PAUSED cannot happen: one request per cycle
-            return event
-
-
-class UpstreamResponse:
-    """A response head from upstream plus its body, read with :meth:`receive`.
-
-    Attributes:
-      status: the status code.
-      headers: (lower-case name, value) pairs, hop-by-hop headers removed.
-      route: the route that answered.
-    """
-
-    def __init__(
-        self,
-        conn: _Connection,
-        response: h11.Response,
-        route: Route,
-        timeout: float,
-        counters: Upstream | None = None,
-        method: str = "GET",
-    ) -> None:
-        self._conn = conn
-        self._counters = counters
-        self.route = route
-        self.status = response.status_code
-        self.reason = response.reason.decode("latin-1")
-        self.headers = [
-            (k.decode("latin-1"), v.decode("latin-1"))
-            for k, v in response.headers
-            if k.decode("latin-1") not in _HOP_BY_HOP
-        ]
-        self._timeout = timeout
-        self.complete = False
-        # Bodies framed by Content-Length are read straight from the socket, past h11:
-        # h11 would copy each piece twice more (its receive buffer, then the event).
-        # h11 is replaced by a fresh connection object once the body is complete.
-        self._direct_remaining: int | None = None
-        names = {k.lower() for k, _ in response.headers}
-        length: int | None = None
-        for k, v in response.headers:
-            if k.lower() == b"content-length":
-                length = int(v)
-        if (
-            method != "HEAD"
-            and self.status not in (204, 304)
-            and b"transfer-encoding" not in names
-            and length is not None
-        ):
-            self._direct_remaining = length
-            self._pending = conn.h11.trailing_data[0]
-
-    def header(self, name: str) -> str | None:
-        """The first value of header ``name`` (lower case), or None."""
-        for k, v in self.headers:
-            if k == name:
-                return v
-        return None
-
-    async def receive(self) -> bytes:
-        """The next piece of the body; ``b""`` at its end.
-
-        Raises:
-          UpstreamError: the connection broke, timed out, or the framing was wrong
-            (e.g. fewer bytes than Content-Length).
-        """
-        if self.complete:
-            return b""
-        if self._direct_remaining is not None:
-            return await self._receive_direct()
-        with _map_errors(self.route, "reading the body"):
-            event = await self._conn.next_event(self._timeout)
-        if isinstance(event, h11.Data):
-            if self._counters is not None:
-                self._counters.bytes_received += len(event.data)
-            return bytes(event.data)
-        if isinstance(event, h11.EndOfMessage):
-            self.complete = True
-            return b""
-        raise UpstreamError(f"{self.route.name}: unexpected {type(event).__name__} in body")
-
-    @property
-    def can_receive_into(self) -> bool:
-        """True when :meth:`receive_into` may be used (a Content-Length body)."""
-        return self._direct_remaining is not None
-
-    async def receive_into(self, buf: memoryview) -> int:
-        """Receive body bytes straight into ``buf``; returns how many (0 at the end).
-
-        Raises:
-          UpstreamError: as :meth:`receive`.
-        """
-        remaining = self._direct_remaining
-        if self.complete or remaining is None:
-            return 0
-        if remaining == 0:
-            self._finish_direct(b"")
-            return 0
-        want = min(len(buf), remaining)
-        if self._pending:
-            n = min(want, len(self._pending))
-            buf[:n] = self._pending[:n]
-            self._pending = self._pending[n:]
-        else:
-            stream = self._conn.stream
-            with _map_errors(self.route, "reading the body"), trio.fail_after(self._timeout):
-                if isinstance(stream, trio.SocketStream):
-                    n = await stream.socket.recv_into(buf[:want])
-                else:  # TLS: the socket holds ciphertext; read through the SSL stream
-                    data = await stream.receive_some(want)
-                    n = len(data)
-                    buf[:n] = data
-            if not n:
-                raise UpstreamError(
-                    f"{self.route.name}: connection closed {remaining} bytes before the "
-                    "end of the body"
-                )
-        remaining -= n
-        self._direct_remaining = remaining
-        if self._counters is not None:
-            self._counters.bytes_received += n
-        if remaining == 0:
-            self._finish_direct(self._pending)
-        return n
-
-    async def _receive_direct(self) -> bytes:
-        remaining = self._direct_remaining
-        assert remaining is not None
-        if remaining == 0:
-            self._finish_direct(b"")
-            return b""
-        if self._pending:
-            data, self._pending = self._pending[:remaining], self._pending[remaining:]
-        else:
-            with _map_errors(self.route, "reading the body"), trio.fail_after(self._timeout):
-                data = bytes(await self._conn.stream.receive_some(min(remaining, _RECEIVE_SIZE)))
-            if not data:
-                raise UpstreamError(
-                    f"{self.route.name}: connection closed {remaining} bytes before the "
-                    "end of the body"
-                )
-        remaining -= len(data)
-        self._direct_remaining = remaining
-        if self._counters is not None:
-            self._counters.bytes_received += len(data)
-        if remaining == 0:
-            self._finish_direct(self._pending)
-        return data
-
-    def _finish_direct(self, leftover: bytes) -> None:
-        self.complete = True
-        self._direct_remaining = None
-        # reusable only when nothing followed the body (we never pipeline upstream)
-        self._conn.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_RESPONSE_HEAD)
-        self._conn.reusable_fresh = not leftover
-
-    async def iter_body(self) -> AsyncIterator[bytes]:
-        """Every remaining piece of the body."""
-        while chunk := await self.receive():
-            yield chunk
-
-
-def _quiet(stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]) -> bool:
-    """True when nothing is waiting to be read on an idle upstream connection: no
-    bytes (which would be read as the answer to the next request: a response
-    desync) and no end of stream (the peer closed it while it sat in the pool).
-
-    Over TLS, readable bytes may be the server's session tickets, which are no
-    desync: there only a close (or an error) counts, and bytes after a response
-    body are caught by the framing (h11's trailing data) instead."""
-    events = select.POLLRDHUP | select.POLLERR | select.POLLHUP
-    if isinstance(stream, trio.SocketStream):
-        sock = stream.socket
-        events |= select.POLLIN
-    else:
-        sock = stream.transport_stream.socket
-    try:
-        poller = select.poll()
-        poller.register(sock.fileno(), events)
-        return not poller.poll(0)
-    except (OSError, ValueError):  # closed meanwhile
-        return False
-
-
-def _wire_headers(headers: Sequence[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
-    """Header fields as the bytes to send: values travel as the latin-1 bytes they
-    arrived as (RFC 9110 s5.5 obs-text); a field that cannot be sent (a name that is
-    not a token, a control character in the value, a character past U+00FF) is dropped
-    rather than allowed to fail the request."""
-    out: list[tuple[bytes, bytes]] = []
-    for name, value in headers:
-        try:
-            k, v = name.encode("ascii"), value.encode("latin-1")
-        except UnicodeError:
-            continue
-        if not _TOKEN.fullmatch(k) or _BAD_VALUE.search(v):
-            continue
-        out.append((k, v.strip(b" \t")))
-    return out
-
-
-@contextmanager
-def _map_errors(route: Route, doing: str) -> Iterator[None]:
-    try:
-        yield
-    except trio.TooSlowError:
-        raise UpstreamError(f"{route.name}: timed out {doing}", status_hint=504) from None
-    except h11.ProtocolError as exc:
-        raise UpstreamError(f"{route.name}: broken HTTP while {doing}: {exc}") from None
-    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-        tls = describe_tls_error(exc)
-        if tls is not None:
-            # an untrusted certificate will be presented again: Refused is not retried
-            kind = Refused if is_verify_error(exc) else UpstreamError
-            raise kind(f"{route.name}: {tls} while {doing}; not fetched", status_hint=502) from None
-        raise UpstreamError(f"{route.name}: connection failed while {doing}: {exc}") from None
 
 
 class Upstream:
@@ -394,7 +80,7 @@ class Upstream:
     def __init__(self, config: Config) -> None:
         self._config = config
         self.policy = config.origin_policy()
-        self._idle: dict[tuple[str, int, str | None, str | None], list[_Connection]] = defaultdict(
+        self._idle: dict[tuple[str, int, str | None, str | None], list[Connection]] = defaultdict(
             list
         )
         self._tls: ssl.SSLContext | None = None  # made on first use (reads the CA store)
@@ -488,7 +174,7 @@ class Upstream:
         elif route.is_parent:
             self._down_until[route.name] = time.monotonic() + self._config.timeouts.parent_backoff
 
-    async def _connect(self, route: Route) -> _Connection:
+    async def _connect(self, route: Route) -> Connection:
         key = route.pool_key
         idle = self._idle[key]
         while idle:
@@ -496,18 +182,18 @@ class Upstream:
             if (
                 conn.h11.our_state is h11.IDLE
                 and conn.h11.their_state is h11.IDLE
-                and _quiet(conn.stream)
+                and quiet(conn.stream)
             ):
                 conn.reused = True
                 return conn
             await conn.stream.aclose()
-        with _map_errors(route, "connecting"), trio.fail_after(self._config.timeouts.connect):
+        with map_errors(route, "connecting"), trio.fail_after(self._config.timeouts.connect):
             if route.is_parent or route.proxy_form or route.tunnel:
                 stream = await trio.open_tcp_stream(route.host, route.port)
             else:
                 stream = await self._connect_origin(route)
             if route.tls_name is None:
-                return _Connection(stream, key)
+                return Connection(stream, key)
             try:
                 if route.tunnel:
                     await _open_tunnel(stream, route.tunnel, self.via)
@@ -522,7 +208,7 @@ class Upstream:
                 with trio.CancelScope(shield=True):
                     await stream.aclose()
                 raise
-        return _Connection(tls, key)
+        return Connection(tls, key)
 
     async def _connect_origin(self, route: Route) -> trio.SocketStream:
         """Resolve, refuse internal addresses unless the host is allowlisted by name
@@ -551,11 +237,11 @@ class Upstream:
         assert last is not None
         raise last
 
-    async def _release(self, conn: _Connection, reusable: bool) -> None:
+    async def _release(self, conn: Connection, reusable: bool) -> None:
         done = conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE
         if done and conn.h11.trailing_data[0]:
             reusable = False  # bytes nobody asked for (we never pipeline upstream)
-        if reusable and (done or conn.reusable_fresh) and _quiet(conn.stream):
+        if reusable and (done or conn.reusable_fresh) and quiet(conn.stream):
             if done:
                 conn.h11.start_next_cycle()
             conn.reusable_fresh = False
@@ -581,7 +267,7 @@ class Upstream:
         url: str,
         headers: Sequence[tuple[str, str]] = (),
         body: AsyncIterator[bytes] | None = None,
-        body_length: int | None = None,
+        content_length: int | None = None,
         *,
         block: int | None = None,
     ) -> AsyncIterator[UpstreamResponse]:
@@ -592,7 +278,7 @@ class Upstream:
           url: the absolute origin URL (``http[s]://host[:port]/path?query``).
           headers: end-to-end request headers to send (Host, Via are added).
           body: the request body, streamed once (so only a connect failure moves on).
-          body_length: its Content-Length, or None for chunked.
+          content_length: its Content-Length, or None for chunked.
           block: the index of the block asked for, when it is a block fetch: it goes to
             the block's owner among the peers first (see :mod:`mcc.upstream.peers`).
 
@@ -604,19 +290,19 @@ class Upstream:
         authority = host if default else f"{host}:{port}"
         if ":" in host:
             authority = f"[{host}]" if default else f"[{host}]:{port}"
-        base = [(k, v) for k, v in headers if k.lower() not in _HOP_BY_HOP | {"host", "via"}]
+        base = [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP | {"host", "via"}]
         via = [v for k, v in headers if k.lower() == "via"]
         base.append(("via", ", ".join([*via, self.via])))
-        if body is not None and body_length is not None:
+        if body is not None and content_length is not None:
             base = [(k, v) for k, v in base if k.lower() != "content-length"]
-            base.append(("content-length", str(body_length)))
+            base.append(("content-length", str(content_length)))
         elif body is not None:
             base.append(("transfer-encoding", "chunked"))
         last_error: UpstreamError | None = None
-        wire = _wire_headers([("host", authority), *base])
+        wire = wire_headers([("host", authority), *base])
         for route in self._routes_for(url, block if body is None else None):
             request_target = f"{scheme}://{authority}{target}" if route.proxy_form else target
-            marks = _wire_headers([(PEER_HEADER, self._config.node_id)]) if route.is_peer else []
+            marks = wire_headers([(PEER_HEADER, self._config.node_id)]) if route.is_peer else []
             try:
                 h11_request = h11.Request(
                     method=method.encode("ascii"),
@@ -634,14 +320,14 @@ class Upstream:
                     break
                 sent_body = False
                 try:
-                    with _map_errors(route, "sending the request"):
+                    with map_errors(route, "sending the request"):
                         await conn.send(h11_request)
                         if body is not None:
                             sent_body = True
                             async for chunk in body:
                                 await conn.send(h11.Data(data=chunk))
                         await conn.send(h11.EndOfMessage())
-                    with _map_errors(route, "waiting for the response"):
+                    with map_errors(route, "waiting for the response"):
                         event = await conn.next_event(self._config.timeouts.read)
                         while isinstance(event, h11.InformationalResponse):
                             event = await conn.next_event(self._config.timeouts.read)
@@ -683,7 +369,7 @@ class Upstream:
                     yield response
                 finally:
                     if route.is_peer and response.complete:
-                        self.peers.received_bytes += _body_length(response)
+                        self.peers.received_bytes += body_length(response)
                     # after a HEAD, a body the origin sends anyway may still be on its
                     # way: such a connection is not reused (HEAD is rare upstream)
                     reuse = response.complete and method != "HEAD"
