@@ -20,6 +20,7 @@ import math
 import os
 import secrets
 import shutil
+import stat
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -63,8 +64,9 @@ class BlobStore:
             raise ValueError("drives: at least one drive is needed")
         self.drives = tuple(drives)
         for d in self.drives:
+            d.root.mkdir(parents=True, exist_ok=True)
             for sub in ("blobs", "tmp", "quarantine"):
-                (d.root / sub).mkdir(parents=True, exist_ok=True)
+                _real_dir(d.root / sub)
         self._made_dirs: set[Path] = set()
         self._roots = [str(d.root) for d in self.drives]
         # Open blob fds kept for reuse (sendfile takes an explicit offset, so one fd
@@ -124,7 +126,8 @@ class BlobStore:
         planted or torn file is replaced, never trusted by name)."""
         final = self.path(digest)
         if final.parent not in self._made_dirs:
-            final.parent.mkdir(parents=True, exist_ok=True)
+            _real_dir(final.parent.parent)
+            _real_dir(final.parent)
             self._made_dirs.add(final.parent)
         if self._holds(final, digest, length):
             tmp.unlink()
@@ -155,8 +158,9 @@ class BlobStore:
 
         Raises:
           FileNotFoundError: the blob is not there.
+          OSError: ``ELOOP`` when a symlink was planted in its place (never followed).
         """
-        return os.open(self._path_str(digest), os.O_RDONLY | os.O_CLOEXEC)
+        return os.open(self._path_str(digest), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
 
     def acquire(self, digest: str) -> int:
         """An fd of the blob, shared and cached; hand it back with :meth:`release`.
@@ -205,15 +209,16 @@ class BlobStore:
         self._fds.clear()
 
     def exists(self, digest: str) -> bool:
-        """True when the blob file is present."""
-        return self.path(digest).exists()
+        """True when the blob file is present (a plain file, not a planted link)."""
+        return self.size_of(digest) is not None
 
     def size_of(self, digest: str) -> int | None:
-        """The blob file's length, or None when it is missing."""
+        """The blob file's length, or None when it is missing (or not a plain file)."""
         try:
-            return self.path(digest).stat().st_size
+            st = os.lstat(self._path_str(digest))
         except FileNotFoundError:
             return None
+        return st.st_size if stat.S_ISREG(st.st_mode) else None
 
     def verify(self, digest: str, fd: int | None = None) -> bool:
         """Re-hash the blob (through ``fd`` when given: the file it names may have been
@@ -226,12 +231,13 @@ class BlobStore:
                 offset += len(chunk)
             return bool(h.hexdigest() == digest)
         try:
-            with open(self.path(digest), "rb") as f:
-                while chunk := f.read(_READ_CHUNK):
-                    h.update(chunk)
-        except FileNotFoundError:
+            own = os.open(self._path_str(digest), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:  # missing, or a symlink planted in its place
             return False
-        return bool(h.hexdigest() == digest)
+        try:
+            return self.verify(digest, own)
+        finally:
+            os.close(own)
 
     def quarantine(self, digest: str) -> None:
         """Move a corrupt blob aside (kept for inspection, never served)."""
@@ -271,7 +277,7 @@ class BlobStore:
         for d in self.drives:
             for p in (d.root / "blobs").glob("*/*/*"):
                 try:
-                    yield p.name, p.stat().st_mtime
+                    yield p.name, p.lstat().st_mtime
                 except FileNotFoundError:
                     continue
 
@@ -346,6 +352,20 @@ class BlockWriter:
                 self.path.unlink()
             except OSError:
                 pass
+
+
+def _real_dir(path: Path) -> None:
+    """Make ``path`` a directory of its own: a symlink or file planted in its place
+    (which would carry writes out of the cache) is removed first."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if stat.S_ISDIR(st.st_mode):
+            return
+        path.unlink()  # a symlink (to anywhere) or a file: not ours to write through
+    path.mkdir(exist_ok=True)
 
 
 def _exclusive_temp(folder: Path) -> tuple[Path, int]:

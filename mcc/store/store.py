@@ -29,6 +29,7 @@ goes to worker threads (hashing, installing, deleting batches, checkpoints).
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -226,6 +227,14 @@ class Store:
             # expected when eviction removed it after the caller looked it up
             log.info("blob %s is missing from disk: refetching", digest)
             self._drop(digest)
+            return None
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            # something planted a symlink where the blob was: never read through it
+            self.counters.corrupt_blocks += 1
+            log.warning("blob %s is a symlink on disk: quarantined, refetching", digest)
+            self.quarantine(digest)
             return None
         mode = self.verify_on_read
         if mode == "always" or (mode == "first" and digest not in self._verified):
