@@ -109,7 +109,8 @@ FLAGS: tuple[tuple[str, str, dict[str, Any], str], ...] = (
         "--node-id",
         "node_id",
         {"metavar": "NAME"},
-        "this node's name, used in Via and Cache-Status (default: the host name)",
+        "this node's name, used in Via and Cache-Status"
+        " (default: host name and listen port, host:8080)",
     ),
     (
         "--log-level",

@@ -120,8 +120,12 @@ class Limits:
     max_buffer_memory: int = 256 * 1024 * 1024  # RAM fills may hold (receive buffers, ...)
 
 
-def _default_node_id() -> str:
-    return socket.gethostname().split(".")[0] or "mcc"
+def _default_node_id(config: Config) -> str:
+    """The host name plus the first listen port (``host:8080``): unique per instance,
+    so two nodes on one host (a parent and its child) do not take each other's Via
+    token for a forwarding loop."""
+    host = socket.gethostname().split(".")[0] or "mcc"
+    return f"{host}:{config.listen[0].port}" if config.listen else host
 
 
 @attrs.frozen
@@ -145,7 +149,7 @@ class Config:
     upstream_proxy: HostPort | None = None
     upstream_ca_file: Path | None = None
     origin_fallback: bool = True
-    node_id: str = attrs.field(factory=_default_node_id)
+    node_id: str = attrs.field(default=attrs.Factory(_default_node_id, takes_self=True))
     log_level: LogLevel = "info"
     log_format: LogFormat = "text"
     access_log: str = "-"
@@ -363,9 +367,10 @@ def check_config(config: Config) -> list[str]:
             problem = _check_http_url(url)
             if problem:
                 problems.append(f"{where}: {url!r} {problem}")
-    if not config.node_id or not all(c.isalnum() or c in "-_." for c in config.node_id):
+    if not config.node_id or not all(c.isalnum() or c in "-_.:" for c in config.node_id):
         problems.append(
-            f"node_id: {config.node_id!r} must be letters, digits, '-', '_' or '.' (a Via token)"
+            f"node_id: {config.node_id!r} must be letters, digits, '-', '_', '.' or ':'"
+            " (a Via token)"
         )
     for name in attrs.fields_dict(Timeouts):
         value = getattr(config.timeouts, name)
