@@ -27,7 +27,7 @@ from ..config import Config
 from ..engine.engine import Cache, FileSlice
 from ..errors import BadRequest
 from ..ops.accesslog import AccessRecord
-from ..policy import age
+from ..policy import age, end_to_end, replayed_fields
 from ..store.records import ObjectMeta
 from .protocol import END_OF_BODY, NEED_DATA, Request, ServerProtocol
 from .ranges import UNSATISFIABLE, ByteRange, content_range, if_range_matches, parse_range
@@ -218,6 +218,7 @@ class Responses:
         return f"{node}; fwd={status}; stored"
 
     def _object_headers(self, meta: ObjectMeta) -> list[tuple[str, str]]:
+        """The stored fields replayed (the origin's Date kept), and Age (RFC 9111 s4.2.3)."""
         headers = [("accept-ranges", "bytes")]
         if meta.content_type:
             headers.append(("content-type", meta.content_type))
@@ -225,7 +226,7 @@ class Responses:
             headers.append(("etag", meta.etag))
         if meta.last_modified:
             headers.append(("last-modified", meta.last_modified))
-        headers += [(k, v) for k, v in meta.headers if k not in ("date", "age")]
+        headers += replayed_fields(meta)
         headers.append(("age", str(int(age(meta, time.time())))))
         return headers
 
@@ -322,7 +323,7 @@ class Responses:
             if not req.has_body:
                 async for _ in self._read_body(conn):
                     pass
-            out = [(k, v) for k, v in resp.headers if k not in ("content-length", "date", "server")]
+            out = [(k, v) for k, v in end_to_end(resp.headers) if k != "content-length"]
             resp_len = resp.header("content-length")
             # HEAD answers carry the length of the body they omit; 204/304 carry none
             if resp_len is not None and (req.method == "HEAD" or resp.status not in (204, 304)):

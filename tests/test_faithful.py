@@ -1,0 +1,228 @@
+"""Faithful responses: the header fields an origin sends are stored and replayed
+(RFC 9111 s3.1, s3.2, s4.2.3), with table-driven tests of :mod:`mcc.policy` and
+round trips through a node."""
+
+from __future__ import annotations
+
+import email.utils
+import os
+import time
+from pathlib import Path
+
+import pytest
+import trio
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fixtures.raw_origin import RawOrigin, RawRequest, Reply, ranged, response
+from mcc.headers import parse_cache_control
+from mcc.policy import record, refreshed, refusal, stored_fields
+from tests.helpers import Response, get, run_node
+
+DATA = os.urandom(100_000)
+NOW = 1_800_000_000.0
+
+
+def _values(r: Response, name: str) -> list[str]:
+    return [v for k, v in r.headers if k == name]
+
+
+# -- policy tables ---------------------------------------------------------------
+
+STORED_FIELDS = [
+    # (response fields, names stored) -- "age" (the record's own) always ends the list
+    ([("x-custom", "abc"), ("link", "</x>; rel=preload")], ["x-custom", "link"]),
+    # hop-by-hop (RFC 9110 s7.6.1), and what Connection names
+    (
+        [
+            ("connection", "x-secret, close"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-authenticate", "Basic"),
+            ("proxy-authentication-info", "a=b"),
+            ("te", "trailers"),
+            ("trailer", "x-t"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "h2c"),
+            ("x-kept", "yes"),
+        ],
+        ["x-kept"],
+    ),
+    # what the cache writes itself per response
+    (
+        [
+            ("content-length", "5"),
+            ("content-range", "bytes 0-4/5"),
+            ("age", "7"),
+            ("cache-status", "up; hit"),
+            ("accept-ranges", "bytes"),
+        ],
+        [],
+    ),
+    # no-cache="f" and private="f" keep those fields out, quoted commas and all
+    (
+        [
+            ("cache-control", 'max-age=60, no-cache="set-cookie, x-a", private="X-B"'),
+            ("set-cookie", "s=1"),
+            ("x-a", "1"),
+            ("x-b", "2"),
+            ("x-c", "3"),
+        ],
+        ["cache-control", "x-c"],
+    ),
+    # obs-text and repeated fields kept as they came, in order
+    ([("x-note", "caf\xe9"), ("link", "<a>"), ("link", "<b>")], ["x-note", "link", "link"]),
+]
+
+
+@pytest.mark.parametrize(("fields", "names"), STORED_FIELDS)
+def test_stored_fields(fields: list[tuple[str, str]], names: list[str]) -> None:
+    stored = stored_fields(fields, NOW)
+    assert [k for k, _ in stored] == [*names, "age"]
+    for k, v in stored[:-1]:
+        assert (k, v) in fields  # values byte for byte
+
+
+AGES = [
+    # (Age, Date seconds before receipt, corrected initial age)
+    (None, None, 0),
+    ("30", None, 30),
+    (None, 100, 100),  # apparent age from Date
+    ("30", 100, 100),
+    ("500", 100, 500),
+    ("junk", None, 0),
+    (None, -50, 0),  # a Date in the future is no age
+]
+
+
+@pytest.mark.parametrize(("age_value", "date_before", "expected"), AGES)
+def test_corrected_initial_age(
+    age_value: str | None, date_before: int | None, expected: int
+) -> None:
+    fields = []
+    if age_value is not None:
+        fields.append(("age", age_value))
+    if date_before is not None:
+        fields.append(("date", email.utils.formatdate(NOW - date_before, usegmt=True)))
+    assert dict(stored_fields(fields, NOW))["age"] == str(expected)
+
+
+REFUSALS = [
+    (200, [("cache-control", "private")], True),
+    (200, [("cache-control", 'private="set-cookie"')], False),
+    (200, [("cache-control", "no-store")], True),
+    (200, [("cache-control", 'no-cache="x-a"')], False),
+    (404, [], True),
+]
+
+
+@pytest.mark.parametrize(("status", "fields", "refused"), REFUSALS)
+def test_refusal(status: int, fields: list[tuple[str, str]], refused: bool) -> None:
+    assert (refusal(status, fields) is not None) is refused
+
+
+def test_refreshed_replaces_fields_by_name_and_keeps_the_version() -> None:
+    first = [("etag", '"v1"'), ("x-a", "1"), ("link", "<a>"), ("link", "<b>"), ("x-keep", "k")]
+    meta = record("http://h/x", 10, first, now=NOW, fetch_url="http://h/x", block_size=4)
+    update = [("etag", '"v2"'), ("x-a", "2"), ("link", "<c>"), ("x-new", "n"), ("age", "3")]
+    after = refreshed(meta, update, NOW + 60)
+    assert after.etag == '"v1"' and after.version == meta.version
+    assert after.fetched_at == NOW + 60
+    fields = [(k, v) for k, v in after.headers]
+    assert ("x-keep", "k") in fields and ("x-a", "2") in fields and ("x-new", "n") in fields
+    assert [v for k, v in fields if k == "link"] == ["<c>"]
+    assert ("x-a", "1") not in fields and [v for k, v in fields if k == "age"] == ["3"]
+
+
+@given(st.text())
+def test_cache_control_parses_any_text(value: str) -> None:
+    directives = parse_cache_control(value)
+    assert all(name == name.lower() and name.strip() == name for name in directives)
+    if '"' not in value:  # without quotes, members are the plain comma list
+        names = {p.strip().partition("=")[0].strip().lower() for p in value.split(",")}
+        assert set(directives) == names - {""}
+
+
+# -- through a node ----------------------------------------------------------------
+
+
+async def test_fields_round_trip_on_miss_hit_and_head(tmp_path: Path) -> None:
+    """Regression: only a fixed list of fields came through; X-Custom, Link and the
+    origin's Date were dropped on misses and hits alike."""
+    date = email.utils.formatdate(time.time() - 100, usegmt=True)
+    extra = [
+        (b"etag", b'"v1"'),
+        (b"cache-control", b"max-age=3600"),
+        (b"x-custom", b"abc"),
+        (b"link", b"</x>; rel=preload"),
+        (b"x-note", b"caf\xe9"),
+        (b"date", date.encode()),
+        (b"server", b"origin/1"),
+    ]
+
+    def respond(req: RawRequest) -> Reply:
+        return Reply([ranged(req, DATA, extra)])
+
+    async with trio.open_nursery() as nursery:
+        origin = RawOrigin(respond)
+        await nursery.start(origin.serve)
+        async with run_node(tmp_path / "c", allow_origins=[origin.authority]) as node:
+            url = origin.url("/f")
+            miss = await get(node.port, url)
+            await node.cache.wait_idle()
+            hit = await get(node.port, url)
+            head = await get(node.port, url, method="HEAD")
+            assert miss.body == DATA and hit.body == DATA and head.body == b""
+            assert "hit" in (hit.header("cache-status") or "")
+            for r in (miss, hit, head):
+                assert r.header("x-custom") == "abc", r.headers
+                assert r.header("link") == "</x>; rel=preload"
+                assert r.header("x-note") == "caf\xe9"  # obs-text, byte for byte
+                assert _values(r, "date") == [date]  # the origin's, not a second one
+                assert _values(r, "server") == ["origin/1"]
+                assert len(_values(r, "etag")) == 1 and len(_values(r, "accept-ranges")) == 1
+                assert len(_values(r, "age")) == 1
+                assert int(r.header("age") or 0) >= 100  # RFC 9111 s4.2.3 apparent age
+                assert r.header("content-length") == str(len(DATA))
+        nursery.cancel_scope.cancel()
+
+
+async def test_hop_by_hop_fields_are_dropped_including_those_connection_names(
+    tmp_path: Path,
+) -> None:
+    hop = [
+        (b"connection", b"x-secret"),
+        (b"x-secret", b"1"),
+        (b"keep-alive", b"timeout=5"),
+        (b"proxy-authentication-info", b"a=b"),
+        (b"trailer", b"x-t"),
+        (b"upgrade", b"h2c"),
+        (b"x-kept", b"yes"),
+        (b"cache-control", b"max-age=3600"),
+    ]
+
+    def respond(req: RawRequest) -> Reply:
+        if req.method == "POST":
+            return Reply([response(b"200 OK", hop, b"done")])
+        return Reply([ranged(req, DATA, hop)])
+
+    async with trio.open_nursery() as nursery:
+        origin = RawOrigin(respond)
+        await nursery.start(origin.serve)
+        async with run_node(tmp_path / "c", allow_origins=[origin.authority]) as node:
+            url = origin.url("/f")
+            miss = await get(node.port, url)
+            await node.cache.wait_idle()
+            hit = await get(node.port, url)
+            passed = await get(node.port, url, method="POST", body=b"x")
+            for r in (miss, hit, passed):
+                names = {k for k, _ in r.headers}
+                assert r.header("x-kept") == "yes", r.headers
+                assert not names & {
+                    "x-secret",
+                    "keep-alive",
+                    "proxy-authentication-info",
+                    "trailer",
+                    "upgrade",
+                }, names
+        nursery.cancel_scope.cancel()
