@@ -226,3 +226,65 @@ async def test_hop_by_hop_fields_are_dropped_including_those_connection_names(
                     "upgrade",
                 }, names
         nursery.cancel_scope.cancel()
+
+
+async def test_a_304_updates_the_stored_fields(tmp_path: Path) -> None:
+    """Regression: a 304 carrying X-Updated left the client with no X-Updated at all."""
+    answers = iter([b"2", b"3"])
+
+    def respond(req: RawRequest) -> Reply:
+        if req.headers.get("if-none-match") == b'"v1"':
+            fields = [(b"etag", b'"v1"'), (b"x-updated", next(answers, b"9"))]
+            return Reply([response(b"304 Not Modified", fields, length=False)])
+        fields = [
+            (b"etag", b'"v1"'),
+            (b"cache-control", b"max-age=0"),
+            (b"x-updated", b"1"),
+            (b"x-keep", b"k"),
+        ]
+        return Reply([ranged(req, DATA, fields)])
+
+    async with trio.open_nursery() as nursery:
+        origin = RawOrigin(respond)
+        await nursery.start(origin.serve)
+        async with run_node(tmp_path / "c", allow_origins=[origin.authority]) as node:
+            url = origin.url("/f")
+            seen = []
+            for _ in range(3):
+                r = await get(node.port, url)
+                await node.cache.wait_idle()
+                assert r.body == DATA and r.header("x-keep") == "k", r.headers
+                seen.append(_values(r, "x-updated"))
+            assert seen == [["1"], ["2"], ["3"]]
+            stored = node.cache.store.get_object(node.cache.resolve(url))
+            assert stored is not None and ("x-updated", "3") in stored.headers
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_same_version_206_on_revalidation_updates_the_stored_fields(
+    tmp_path: Path,
+) -> None:
+    """An origin ignoring If-None-Match resends the same version: its fields update
+    the stored ones (RFC 9111 s3.2); fields it does not send stay."""
+    count = iter(range(1, 100))
+
+    def respond(req: RawRequest) -> Reply:
+        n = str(next(count)).encode()
+        fields = [(b"etag", b'"v1"'), (b"cache-control", b"max-age=0"), (b"x-updated", n)]
+        if n == b"1":
+            fields.append((b"x-first", b"only"))
+        return Reply([ranged(req, DATA, fields)])
+
+    async with trio.open_nursery() as nursery:
+        origin = RawOrigin(respond)
+        await nursery.start(origin.serve)
+        async with run_node(tmp_path / "c", allow_origins=[origin.authority]) as node:
+            url = origin.url("/f")
+            first = await get(node.port, url)
+            await node.cache.wait_idle()
+            second = await get(node.port, url)
+            assert first.body == second.body == DATA
+            assert first.header("x-updated") == "1"
+            assert _values(second, "x-updated") == [str(len(origin.requests))]
+            assert second.header("x-first") == "only"
+        nursery.cancel_scope.cancel()

@@ -20,6 +20,7 @@ import logging
 import time
 from collections.abc import Sequence
 
+import attrs
 import trio
 
 from .. import policy
@@ -53,6 +54,7 @@ class Discovery:
         self.meta: ObjectMeta | None = None
         self.error: Exception | None = None
         self.outcome = "miss"  # or "revalidated" (304) or "changed" (a new version)
+        self.upstream_status = 0  # the status of upstream's answer (304, 200, 206...)
 
     async def wait(self) -> ObjectMeta:
         await self.done.wait()
@@ -186,8 +188,10 @@ class Discovering(Filling):
         )
         async with self._fetch_slots, fetch_cm as got:
             self.counters.upstream_fetches += 1
+            disc.upstream_status = got.status
+            now = time.time()
             if got.status == 304 and stale is not None:
-                meta = policy.refreshed(stale, got.headers, time.time())
+                meta = policy.refreshed(stale, got.headers, now)
                 self._adopt(meta)
                 disc.meta, disc.outcome = meta, "revalidated"
                 disc.done.set()
@@ -199,7 +203,10 @@ class Discovering(Filling):
                 raise UpstreamError(f"{url}: upstream answered {got.status} to revalidation")
             meta = self._record(key, got, B)
             if stale is not None and meta.version == stale.version:
-                disc.outcome = "revalidated"  # upstream resent the same version
+                # upstream resent the same version: its fields update the stored ones
+                # (RFC 9111 s3.2), the blocks stay
+                meta = attrs.evolve(policy.refreshed(stale, got.headers, now), fetch_url=got.url)
+                disc.outcome = "revalidated"
             elif stale is not None:
                 disc.outcome = "changed"
             self._adopt(meta)
