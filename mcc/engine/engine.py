@@ -74,6 +74,7 @@ class Lookup:
 
     meta: ObjectMeta
     outcome: str
+    upstream_status: int = 0  # the status of upstream's answer, when it was asked
 
 
 @attrs.frozen
@@ -229,7 +230,7 @@ class Cache(Discovering):
                 return Lookup(meta, "stale")
             raise
         await self._wait_peer_discovery(key, disc)
-        return Lookup(found, disc.outcome)
+        return Lookup(found, disc.outcome, disc.upstream_status)
 
     def _fresh_until(self, meta: ObjectMeta) -> float:
         """When ``meta`` stops being fresh (memoised: parsing dates on every hit costs)."""
