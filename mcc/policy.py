@@ -30,6 +30,7 @@ from __future__ import annotations
 import email.utils
 import fnmatch
 import math
+import urllib.parse
 from collections.abc import Sequence
 
 import attrs
@@ -47,6 +48,7 @@ __all__ = [
     "corrected_initial_age",
     "end_to_end",
     "freshness_lifetime",
+    "invalidated",
     "is_fresh",
     "matching_rule",
     "may_serve_stale",
@@ -190,6 +192,45 @@ def refreshed(stale: ObjectMeta, headers: Headers, now: float) -> ObjectMeta:
     updated = {k for k, _ in fresh}
     kept = tuple((k, v) for k, v in stale.headers if k not in updated)
     return attrs.evolve(stale, headers=(*kept, *fresh), fetched_at=now)
+
+
+# RFC 9110 s9.2.1: methods that do not change the resource; the others invalidate.
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+# Fields of an unsafe method's answer naming other URLs it changed (RFC 9111 s4.4).
+_INVALIDATING_FIELDS = ("location", "content-location")
+
+
+def invalidated(method: str, url: str, status: int, headers: Headers) -> list[str]:
+    """The URLs a response to ``method url`` makes stale (RFC 9111 s4.4): for an
+    unsafe method answered with a non-error status, the target and the URLs in
+    Location and Content-Location that have the target's origin (scheme, host, port),
+    relative references resolved against the target. A value that does not parse is
+    skipped."""
+    if method in SAFE_METHODS or not 200 <= status < 400:
+        return []
+    out = [url]
+    origin = _origin_of(url)
+    for name in _INVALIDATING_FIELDS:
+        for value in (v for k, v in headers if k == name):
+            try:
+                target = urllib.parse.urljoin(url, value.strip()).split("#", 1)[0]
+            except ValueError:
+                continue
+            if origin is not None and _origin_of(target) == origin and target not in out:
+                out.append(target)
+    return out
+
+
+def _origin_of(url: str) -> tuple[str, str, int] | None:
+    try:
+        parts = urllib.parse.urlsplit(url)
+        scheme = parts.scheme.lower()
+        port = parts.port or {"http": 80, "https": 443}.get(scheme)
+    except ValueError:
+        return None
+    if port is None or not parts.hostname:
+        return None
+    return scheme, parts.hostname.lower(), port
 
 
 def version_change(meta: ObjectMeta, status: int, headers: Headers) -> str | None:

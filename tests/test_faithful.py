@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from fixtures.raw_origin import RawOrigin, RawRequest, Reply, ranged, response
 from mcc.headers import parse_cache_control
-from mcc.policy import record, refreshed, refusal, stored_fields
+from mcc.policy import invalidated, record, refreshed, refusal, stored_fields
 from tests.helpers import Response, get, run_node
 
 DATA = os.urandom(100_000)
@@ -287,4 +287,61 @@ async def test_a_same_version_206_on_revalidation_updates_the_stored_fields(
             assert first.header("x-updated") == "1"
             assert _values(second, "x-updated") == [str(len(origin.requests))]
             assert second.header("x-first") == "only"
+        nursery.cancel_scope.cancel()
+
+
+INVALIDATIONS = [
+    # (method, status, fields, URLs invalidated besides the target)
+    ("POST", 201, [("location", "/new"), ("content-location", "http://h/c?x")], ["/new", "/c?x"]),
+    ("PUT", 204, [("location", "http://other/new"), ("location", "https://h/new")], []),
+    ("DELETE", 200, [("content-location", "../up")], ["/up"]),
+    ("POST", 500, [("location", "/new")], None),  # an error invalidates nothing
+    ("GET", 200, [("location", "/new")], None),  # a safe method neither
+    ("POST", 302, [("location", "http://[bad/")], []),
+]
+
+
+@pytest.mark.parametrize(("method", "status", "fields", "urls"), INVALIDATIONS)
+def test_invalidated_urls(
+    method: str, status: int, fields: list[tuple[str, str]], urls: list[str] | None
+) -> None:
+    got = invalidated(method, "http://h/a/b", status, fields)
+    if urls is None:
+        assert got == []
+    else:
+        assert got == ["http://h/a/b", *(f"http://h{u}" for u in urls)]
+
+
+async def test_an_unsafe_method_invalidates_location_and_content_location(
+    tmp_path: Path,
+) -> None:
+    def respond(req: RawRequest) -> Reply:
+        if req.method == "POST":
+            fields = [
+                (b"location", b"/other"),
+                (b"content-location", f"http://{req.headers['host'].decode()}/third".encode()),
+            ]
+            return Reply([response(b"201 Created", fields, b"made")])
+        return Reply([ranged(req, DATA, [(b"cache-control", b"max-age=3600")])])
+
+    async with trio.open_nursery() as nursery:
+        origin = RawOrigin(respond)
+        await nursery.start(origin.serve)
+        async with run_node(tmp_path / "c", allow_origins=[origin.authority]) as node:
+            paths = ("/other", "/third", "/untouched")
+            for path in paths:
+                await get(node.port, origin.url(path))
+                await node.cache.wait_idle()
+            for path in paths:
+                assert (await get(node.port, origin.url(path))).header(
+                    "cache-status"
+                ) == "node; hit"
+            r = await get(node.port, origin.url("/form"), method="POST", body=b"x")
+            assert r.status == 201
+            after = {p: (await get(node.port, origin.url(p))).header("cache-status") for p in paths}
+            assert after == {
+                "/other": "node; fwd=miss; stored",
+                "/third": "node; fwd=miss; stored",
+                "/untouched": "node; hit",
+            }
         nursery.cancel_scope.cancel()

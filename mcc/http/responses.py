@@ -28,7 +28,7 @@ from ..engine.engine import Cache, FileSlice
 from ..errors import BadRequest
 from ..ops.accesslog import AccessRecord
 from ..ops.outcome import Outcome, cache_status, served_outcome
-from ..policy import age, end_to_end, replayed_fields
+from ..policy import age, end_to_end, invalidated, replayed_fields
 from ..store.records import ObjectMeta
 from .protocol import END_OF_BODY, NEED_DATA, Request, ServerProtocol
 from .ranges import UNSATISFIABLE, ByteRange, content_range, if_range_matches, parse_range
@@ -326,8 +326,9 @@ class Responses:
                 out.append(("content-length", resp_len))
             rec.status = rec.fwd_status = resp.status
             self._add_cache_status(out, rec)
-            if req.method not in SAFE_METHODS and resp.status < 400:
-                await self.cache.purge(url)  # RFC 9111 s4.4: unsafe methods invalidate
+            for stale in invalidated(req.method, url, resp.status, resp.headers):
+                with contextlib.suppress(BadRequest):  # a Location that is no URL of ours
+                    await self.cache.purge(stale)  # RFC 9111 s4.4: unsafe methods invalidate
             await self._send_all(conn, conn.proto.response_head(resp.status, out))
             async for chunk in resp.iter_body():
                 for framed in conn.proto.body(chunk):
