@@ -212,6 +212,12 @@ FLAGS: tuple[tuple[str, str, dict[str, Any], str], ...] = (
         "RAM all fills together may hold (receive buffers; blocks a full drive cannot take)",
     ),
     (
+        "--max-variants",
+        "limits.max_variants",
+        {"metavar": "N", "type": int},
+        "variants stored per URL when responses vary (Vary); more are forwarded unstored",
+    ),
+    (
         "--max-ranges",
         "limits.max_ranges",
         {"type": int, "metavar": "N"},

@@ -118,6 +118,7 @@ class Limits:
     max_upstream_fetches: int = 256  # upstream requests in flight at once; more wait
     max_misses_per_client: int = 64  # concurrent misses one client address may cause
     max_buffer_memory: int = 256 * 1024 * 1024  # RAM fills may hold (receive buffers, ...)
+    max_variants: int = 8  # variants stored per URL (RFC 9111 s4.1, Vary); more are forwarded
 
 
 def _default_node_id(config: Config) -> str:
@@ -392,6 +393,7 @@ def check_config(config: Config) -> list[str]:
         ("max_upstream_fetches", 1),
         ("max_misses_per_client", 1),
         ("max_buffer_memory", 4 * 1024 * 1024),
+        ("max_variants", 0),
     ):
         if getattr(lim, name) < low:
             problems.append(f"limits.{name}: {getattr(lim, name)} is less than {low}")

@@ -3,10 +3,12 @@
 Nothing here does I/O; the engine asks, the store keeps, the upstream fetches.
 
 **Storing** (section 3): :func:`refusal` says why a response must not be stored
-(status, ``no-store``, unqualified ``private``, ``Vary`` on anything but
-Accept-Encoding). :func:`stored_fields` says which header fields are kept with it
-(section 3.1): every end-to-end field (:func:`end_to_end` drops the hop-by-hop ones of
-RFC 9110 section 7.6.1 and those Connection names), except the ones the cache writes
+(status, ``no-store``, unqualified ``private``, ``Vary: *``). A response that
+varies on request fields is stored as one of its object's variants, under a secondary
+key (:func:`variant_key`) made from the request fields it varies on.
+:func:`stored_fields` says which header fields are kept with it (section 3.1): every
+end-to-end field (:func:`end_to_end` drops the hop-by-hop ones of RFC 9110 section
+7.6.1 and those Connection names), except the ones the cache writes
 itself per response (:data:`SELF_WRITTEN`) and those named by ``no-cache="..."`` or
 ``private="..."``. The record keeps the *corrected initial age* (section 4.2.3) under
 ``age``; it is an input of the Age sent on hits, never replayed as is. A 304 (or a
@@ -52,11 +54,16 @@ __all__ = [
     "is_fresh",
     "matching_rule",
     "may_serve_stale",
+    "object_key",
     "record",
     "refreshed",
     "refusal",
     "replayed_fields",
+    "selecting_fields",
     "stored_fields",
+    "variant_key",
+    "variant_names",
+    "vary_names",
     "version_change",
 ]
 
@@ -159,10 +166,61 @@ def refusal(status: int, headers: Headers) -> str | None:
     # a qualified private="field" only keeps that field out (see stored_fields)
     if "no-store" in cc or ("private" in cc and cc["private"] is None):
         return "upstream said no-store or private"
-    vary = {v.strip().lower() for v in (_first(headers, "vary") or "").split(",") if v.strip()}
-    if vary - HARMLESS_VARY:
-        return f"upstream varies on {', '.join(sorted(vary))}"
+    if vary_names(headers) is None:
+        return "upstream varies on *"  # RFC 9111 s4.1: never matches a later request
     return None
+
+
+# The mark between an object's key and the request fields that select one of its
+# variants (RFC 9111 s4.1): ``http://h/x#vary;accept-language=de``. A fragment never
+# reaches upstream, so no URL asked for can name a variant key.
+_VARIANT_MARK = "#vary;"
+
+
+def vary_names(headers: Headers) -> tuple[str, ...] | None:
+    """The request fields a response varies on (sorted, lower case, those in
+    :data:`HARMLESS_VARY` left out), or None for ``Vary: *``."""
+    names = _field_names(_joined(headers, "vary"))
+    if "*" in names:
+        return None
+    return tuple(sorted(names - HARMLESS_VARY))
+
+
+def variant_key(key: str, names: Sequence[str], request: Headers) -> str:
+    """The secondary key of the variant of ``key`` that a request with fields
+    ``request`` selects, when the response varies on ``names`` (RFC 9111 s4.1: values
+    compared after joining repeated fields; an absent field is its own value)."""
+    parts = []
+    for name in names:
+        value = _joined(request, name)
+        shown = "" if value is None else "=" + urllib.parse.quote(" ".join(value.split()), safe="")
+        parts.append(name + shown)
+    return key.split(_VARIANT_MARK, 1)[0] + _VARIANT_MARK + ";".join(parts)
+
+
+def selecting_fields(key: str) -> list[tuple[str, str]]:
+    """The request fields a variant key was made from (sent upstream with every
+    request for that variant's bytes); none for a plain key."""
+    _, mark, rest = key.partition(_VARIANT_MARK)
+    if not mark:
+        return []
+    out = []
+    for part in rest.split(";"):
+        name, sep, value = part.partition("=")
+        if name and sep:
+            out.append((name, urllib.parse.unquote(value)))
+    return out
+
+
+def object_key(key: str) -> str:
+    """The key of the object a (variant) key belongs to."""
+    return key.split(_VARIANT_MARK, 1)[0]
+
+
+def variant_names(key: str) -> tuple[str, ...]:
+    """The field names a variant key selects on (empty for a plain key)."""
+    _, mark, rest = key.partition(_VARIANT_MARK)
+    return tuple(p.partition("=")[0] for p in rest.split(";") if p) if mark else ()
 
 
 def record(
@@ -268,6 +326,7 @@ class RefreshRule:
     immutable: bool = False
 
     def matches(self, url: str) -> bool:
+        url = url.split(_VARIANT_MARK, 1)[0]  # a variant follows its object's rule
         path = url.split("://", 1)[-1].partition("/")[2].split("?")[0]
         return fnmatch.fnmatchcase(url, self.match) or fnmatch.fnmatchcase("/" + path, self.match)
 

@@ -345,3 +345,70 @@ async def test_an_unsafe_method_invalidates_location_and_content_location(
                 "/untouched": "node; hit",
             }
         nursery.cancel_scope.cancel()
+
+
+def _by_language(req: RawRequest) -> Reply:
+    lang = req.headers.get("accept-language", b"en")
+    body = lang * 30_000
+    fields = [
+        (b"vary", b"Accept-Language"),
+        (b"etag", b'"' + lang + b'"'),
+        (b"cache-control", b"max-age=3600"),
+        (b"content-language", lang),
+    ]
+    return Reply([ranged(req, body, fields)])
+
+
+async def test_two_accept_language_values_are_two_variants_each_a_hit(tmp_path: Path) -> None:
+    """Regression: a response with Vary on anything but Accept-Encoding was never stored."""
+    async with trio.open_nursery() as nursery:
+        origin = RawOrigin(_by_language)
+        await nursery.start(origin.serve)
+        async with run_node(tmp_path / "c", allow_origins=[origin.authority]) as node:
+            url = origin.url("/page")
+            for lang in ("de", "fr"):
+                r = await get(node.port, url, [("accept-language", lang)])
+                assert r.body == lang.encode() * 30_000 and r.header("content-language") == lang
+                await node.cache.wait_idle()
+            asked = len(origin.requests)
+            for lang in ("fr", "de"):
+                r = await get(node.port, url, [("accept-language", lang)])
+                assert r.body == lang.encode() * 30_000, lang
+                assert r.header("cache-status") == "node; hit" and r.header("vary")
+            assert len(origin.requests) == asked  # both variants came from the store
+            # every upstream request for a variant's bytes carried its selecting field
+            assert all(q.headers.get("accept-language") for q in origin.requests[1:])
+            keys = [k for k in node.cache.store.object_keys() if "#vary;" in k]
+            assert len(keys) == 2
+            # PURGE of the URL drops every variant
+            assert await node.cache.purge(url)
+            assert not [k for k in node.cache.store.object_keys() if k.startswith(url)]
+        nursery.cancel_scope.cancel()
+
+
+async def test_variants_beyond_the_limit_and_vary_star_are_forwarded(tmp_path: Path) -> None:
+    def respond(req: RawRequest) -> Reply:
+        if req.target == "/star":
+            fields = [(b"vary", b"*"), (b"cache-control", b"max-age=3600")]
+            return Reply([ranged(req, b"star" * 100, fields)])
+        return _by_language(req)
+
+    async with trio.open_nursery() as nursery:
+        origin = RawOrigin(respond)
+        await nursery.start(origin.serve)
+        async with run_node(
+            tmp_path / "c", allow_origins=[origin.authority], limits={"max_variants": 1}
+        ) as node:
+            url = origin.url("/page")
+            statuses = []
+            for lang in ("de", "fr", "fr"):
+                r = await get(node.port, url, [("accept-language", lang)])
+                assert r.body == lang.encode() * 30_000
+                statuses.append(r.header("cache-status"))
+                await node.cache.wait_idle()
+            assert statuses[0] == "node; fwd=miss; stored"
+            assert statuses[1:] == ["node; fwd=uri-miss"] * 2  # over the limit: forwarded
+            for _ in range(2):
+                r = await get(node.port, origin.url("/star"))
+                assert r.body == b"star" * 100 and r.header("cache-status") == "node; fwd=uri-miss"
+        nursery.cancel_scope.cancel()

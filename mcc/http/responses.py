@@ -122,7 +122,9 @@ class Responses:
         first = _first_byte(req.header("range"))
         via = req.header_list("via")
         reader = object()  # this request, for telling its own fetches from joined ones
-        found = await cache.lookup(url, first_byte=first, via=via, reader=reader)
+        found = await cache.lookup(
+            url, first_byte=first, via=via, reader=reader, request=req.headers
+        )
         meta = found.meta
         ranges = parse_range(req.header("range"), meta.size, self.config.limits.max_ranges)
         if_range = req.header("if-range")
