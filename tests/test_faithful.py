@@ -16,7 +16,17 @@ from hypothesis import strategies as st
 
 from fixtures.raw_origin import RawOrigin, RawRequest, Reply, ranged, response
 from mcc.headers import parse_cache_control
-from mcc.policy import invalidated, record, refreshed, refusal, stored_fields
+from mcc.policy import (
+    invalidated,
+    object_key,
+    record,
+    refreshed,
+    refusal,
+    selecting_fields,
+    stored_fields,
+    variant_key,
+    variant_names,
+)
 from tests.helpers import Response, get, run_node
 
 DATA = os.urandom(100_000)
@@ -412,3 +422,37 @@ async def test_variants_beyond_the_limit_and_vary_star_are_forwarded(tmp_path: P
                 r = await get(node.port, origin.url("/star"))
                 assert r.body == b"star" * 100 and r.header("cache-status") == "node; fwd=uri-miss"
         nursery.cancel_scope.cancel()
+
+
+_latin1 = st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF), max_size=40)
+_names = st.sampled_from(["accept-language", "user-agent", "x-a", "cookie"])
+
+
+@given(st.lists(_names, unique=True, min_size=1), st.lists(st.tuples(_names, _latin1)))
+def test_a_variant_key_gives_back_the_fields_it_was_made_from(
+    names: list[str], request: list[tuple[str, str]]
+) -> None:
+    names.sort()
+    key = variant_key("http://h/x?q=1", names, request)
+    assert object_key(key) == "http://h/x?q=1"
+    assert variant_names(key) == tuple(names)
+    sent = dict(selecting_fields(key))
+    for name in names:
+        values = [v for k, v in request if k == name]
+        if values:
+            assert sent[name] == " ".join(", ".join(values).split())
+        else:
+            assert name not in sent
+    # made again from its own key (a variant asked anew): the same key
+    assert variant_key(key, names, request) == key
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["connection", "cache-control", "x-a", "age", "date"]), _latin1)
+    )
+)
+def test_stored_fields_takes_any_fields(fields: list[tuple[str, str]]) -> None:
+    stored = stored_fields(fields, NOW)
+    assert stored[-1][0] == "age" and stored[-1][1].isdigit()
+    assert not {k for k, _ in stored[:-1]} & {"connection", "age"}
