@@ -183,3 +183,11 @@ def test_plain_values_structure_back_to_the_same_config() -> None:
     for c in (load_config(), load_config(EXAMPLE)):
         assert structure_config(config_as_raw(c)) == c
         assert structure_config(config_as_raw(c, human=True)) == c
+
+
+@given(st.integers(min_value=0, max_value=10**9))
+def test_durations_in_ms_read_back_exactly(ms: int) -> None:
+    # regression: "59ms" was read as 59 * 0.001 = 0.059000000000000004, so a config
+    # written by `mcc config show` did not read back to the same timeouts
+    assert parse_duration(f"{ms}ms") == ms / 1000
+    assert parse_duration(format_duration(ms / 1000)) == ms / 1000

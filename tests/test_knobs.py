@@ -10,10 +10,22 @@ from typing import Any
 
 import attrs
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mcc.cli import build_parser
 from mcc.cli.flags import effective_config
-from mcc.config import Config, Entry, config_as_raw, entries, load_config
+from mcc.config import (
+    Config,
+    Entry,
+    config_as_raw,
+    config_to_toml,
+    entries,
+    load_config,
+    structure_config,
+    with_overrides,
+)
+from mcc.config.check import _LIMIT_FLOORS
 from mcc.config.knobs import knob
 from mcc.config.reference import BEGIN, END, readme_table, rewrite
 from mcc.units import format_duration, format_size
@@ -136,3 +148,37 @@ def test_every_flag_sets_its_key(tmp_path: Path) -> None:
     shown = config_as_raw(effective_config(args))
     unchanged = [e.key for e in ENTRIES if _raw_at(shown, e) == _raw_at(defaults, e)]
     assert unchanged == []
+
+
+def _knob_values() -> st.SearchStrategy[dict[str, Any]]:
+    """Overrides of every duration, limit and choice, as a file would set them."""
+    floors = dict(_LIMIT_FLOORS)
+    tables: dict[str, dict[str, st.SearchStrategy[Any]]] = {}
+    top: dict[str, st.SearchStrategy[Any]] = {}
+    for e in ENTRIES:
+        if e.array:
+            continue
+        if e.knob.unit == "duration":
+            strategy: st.SearchStrategy[Any] = st.integers(1, 10**8).map(lambda ms: ms / 1000)
+        elif e.table == "limits":
+            low = floors[e.name]
+            strategy = st.integers(low, low + 2**40)
+        elif e.choices:
+            strategy = st.sampled_from(e.choices)
+        else:
+            continue
+        if e.table is None:
+            top[e.key] = strategy
+        else:
+            tables.setdefault(e.table, {})[e.name] = strategy
+    return st.fixed_dictionaries(
+        {**top, **{t: st.fixed_dictionaries({}, optional=kv) for t, kv in tables.items()}}
+    )
+
+
+@settings(max_examples=200)
+@given(_knob_values())
+def test_what_config_show_writes_reads_back_the_same(raw: dict[str, Any]) -> None:
+    config = load_config(overrides=raw)
+    assert structure_config(tomllib.loads(config_to_toml(config))) == config
+    assert with_overrides(Config(), raw) == config
