@@ -4,6 +4,7 @@ and the effective config: defaults, then ``--config``, then flags."""
 from __future__ import annotations
 
 import argparse
+import functools
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,6 @@ from ..errors import ConfigError
 __all__ = ["add_config_flags", "effective_config", "flag_overrides"]
 
 _DEST = "cfg:"  # argparse dest of a knob's flag: "cfg:" + its dotted key
-_UNIT_METAVARS = {"size": "SIZE", "duration": "DURATION"}
 _REPEATABLE = ("append", "pairs", "rules", "drive_dirs")
 _NO_DEFAULT = ("unset", "[]", "{}", '""')  # said in --help as nothing
 
@@ -38,17 +38,23 @@ def _flag_options(entry: Entry) -> dict[str, Any]:
     if entry.choices:
         options["choices"] = list(entry.choices)
     else:
-        options["metavar"] = knob.metavar or _UNIT_METAVARS.get(knob.unit or "", "VALUE")
+        options["metavar"] = entry.metavar
     if entry.type is int and knob.unit is None:
         options["type"] = int
     return options
 
 
+@functools.cache
+def _all_flag_options() -> tuple[tuple[str, dict[str, Any]], ...]:
+    # made once: every subcommand takes the same flags
+    return tuple((e.knob.flag, _flag_options(e)) for e in entries(Config))
+
+
 def add_config_flags(p: argparse.ArgumentParser) -> None:
     """``--config`` and one flag per knob."""
     p.add_argument("--config", "-c", type=Path, metavar="FILE", help="TOML config file")
-    for entry in entries(Config):
-        p.add_argument(entry.knob.flag, **_flag_options(entry))
+    for flag, options in _all_flag_options():
+        p.add_argument(flag, **options)
 
 
 def flag_overrides(args: argparse.Namespace) -> dict[str, Any]:

@@ -13,6 +13,7 @@ are read and written (:mod:`mcc.config.convert`), and the README's reference tab
 
 from __future__ import annotations
 
+import functools
 import json
 import typing
 from collections.abc import Iterator, Mapping
@@ -38,6 +39,8 @@ Unit = Literal["size", "duration"]
 #   rules       repeatable ``PATTERN=SPEC``, refresh rules (``--refresh-pattern``)
 #   drive_dirs  repeatable; one drive per folder, replacing the configured drives
 #   each_drive  sets this key of every drive (``--max-size``)
+_UNIT_METAVARS = {"size": "SIZE", "duration": "DURATION"}
+
 FlagKind = Literal["value", "append", "off", "pairs", "rules", "drive_dirs", "each_drive"]
 
 
@@ -101,6 +104,13 @@ class Entry:
     array: bool = False  # the key is in each table of an array of tables
 
     @property
+    def metavar(self) -> str | None:
+        """The flag's placeholder (``SIZE``, ``HOST:PORT``), None for a switch or a choice."""
+        if self.knob.kind == "off" or self.choices:
+            return None
+        return self.knob.metavar or _UNIT_METAVARS.get(self.knob.unit or "", "VALUE")
+
+    @property
     def choices(self) -> tuple[str, ...]:
         """The words the key takes when its type is a Literal, else ()."""
         if typing.get_origin(self.type) is Literal:
@@ -122,12 +132,21 @@ class Entry:
         return self.path[0] if len(self.path) > 1 else None
 
 
-def entries(config_cls: type) -> Iterator[Entry]:
+def entries(config_cls: type) -> tuple[Entry, ...]:
     """Every key of ``config_cls`` with its knob, in declaration order.
 
     Raises:
       TypeError: a field is neither a knob nor a section (it would have no flag).
     """
+    return _entries(config_cls)
+
+
+@functools.cache
+def _entries(config_cls: type) -> tuple[Entry, ...]:
+    return tuple(_walk(config_cls))
+
+
+def _walk(config_cls: type) -> Iterator[Entry]:
     hints = typing.get_type_hints(config_cls)
     for field in attrs.fields(config_cls):
         if SECTION in field.metadata:

@@ -36,11 +36,9 @@ def _key(entry: Entry) -> str:
 
 def _flag(entry: Entry) -> str:
     knob = entry.knob
-    if knob.kind == "off" or entry.choices:
+    if entry.metavar is None:
         return f"`{knob.flag}`"
-    metavar = knob.metavar or {"size": "SIZE", "duration": "DURATION"}.get(knob.unit or "")
-    shown = f"`{knob.flag} {metavar}`" if metavar else f"`{knob.flag}`"
-    return shown + _FLAG_NOTES.get(knob.kind, "")
+    return f"`{knob.flag} {entry.metavar}`" + _FLAG_NOTES.get(knob.kind, "")
 
 
 def _default(entry: Entry) -> str:
