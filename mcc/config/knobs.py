@@ -169,7 +169,8 @@ def _knob_of(field: attrs.Attribute[Any]) -> Knob:
 def _default(field: attrs.Attribute[Any]) -> Any:
     default: Any = field.default
     if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
-        return default.factory()
+        # a default made from the other fields has no value of its own: say it in default_doc
+        return attrs.NOTHING if default.takes_self else default.factory()
     return default
 
 
