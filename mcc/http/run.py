@@ -12,6 +12,7 @@ import trio
 
 from ..config import Config
 from ..engine.engine import open_cache
+from ..memory import release_freed_memory
 from ..ops.accesslog import configure_logging
 from ..ops.admin import AdminServer
 from ..ops.daemon import banner, reload
@@ -82,6 +83,7 @@ def run_server(config: Config, load: Callable[[], Config] | None = None) -> int:
     """
     configure_logging(config)
     _raise_fd_limit()
+    release_freed_memory()
     try:
         return trio.run(_main, config, load)
     except OSError as exc:
