@@ -11,7 +11,7 @@ from collections.abc import Callable
 import trio
 
 from ..config import Config
-from ..engine.engine import open_cache
+from ..engine.opening import open_cache
 from ..memory import periodic_trim
 from ..ops.accesslog import configure_logging
 from ..ops.admin import AdminServer
