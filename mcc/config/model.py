@@ -208,10 +208,23 @@ class Limits:
         "blocks kept in memory when their drive cannot take them; fills wait for it, a "
         "block that finds none fails",
     )
+    max_variants: int = knob(
+        8,
+        flag="--max-variants",
+        metavar="N",
+        help="variants stored per URL when responses vary (Vary); more are forwarded unstored",
+        doc="variants stored per URL when responses vary on request fields (`Vary`, RFC "
+        "9111 section 4.1); requests for more variants are forwarded unstored; `0` stores "
+        "no varying response",
+    )
 
 
-def _default_node_id() -> str:
-    return socket.gethostname().split(".")[0] or "mcc"
+def _default_node_id(config: Config) -> str:
+    """The host name plus the first listen port (``host:8080``): unique per instance,
+    so two nodes on one host (a parent and its child) do not take each other's Via
+    token for a forwarding loop."""
+    host = socket.gethostname().split(".")[0] or "mcc"
+    return f"{host}:{config.listen[0].port}" if config.listen else host
 
 
 @attrs.frozen
@@ -337,11 +350,13 @@ class Config:
         doc="go to the origin when every parent is down",
     )
     node_id: str = knob(
+        attrs.Factory(_default_node_id, takes_self=True),
         flag="--node-id",
         metavar="NAME",
-        factory=_default_node_id,
         help="this node's name, used in Via and Cache-Status",
-        default_doc="host name",
+        default_doc="host name and first listen port (`host:8080`)",
+        doc="this node's name in `Via` and `Cache-Status`; unique per instance, so nodes "
+        "on one host never take each other for a loop",
     )
     log_level: LogLevel = knob(
         "info",
