@@ -193,6 +193,24 @@ FLAGS: tuple[tuple[str, str, dict[str, Any], str], ...] = (
         "how long a failed parent is skipped",
     ),
     (
+        "--stall-timeout",
+        "timeouts.stall",
+        {"metavar": "DURATION"},
+        "longest upstream silence in a block fetch before it moves to the next route",
+    ),
+    (
+        "--min-rate",
+        "timeouts.min_rate",
+        {"type": int, "metavar": "BYTES_PER_S"},
+        "bytes/s floor of a block fetch over --min-rate-window (0: none)",
+    ),
+    (
+        "--min-rate-window",
+        "timeouts.min_rate_window",
+        {"metavar": "DURATION"},
+        "the window over which --min-rate is judged",
+    ),
+    (
         "--max-connections",
         "limits.max_connections",
         {"type": int, "metavar": "N"},

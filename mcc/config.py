@@ -95,6 +95,10 @@ class Timeouts:
     send: float = 60.0  # client: longest time one chunk of a response may take to send
     shutdown_grace: float = 10.0  # on SIGTERM, time in-flight responses get to finish
     parent_backoff: float = 30.0  # a failed parent is skipped for this long
+    # progress guard (see mcc.upstream.progress for why these defaults)
+    stall: float = 5.0  # upstream: longest silence in a block fetch before the next route
+    min_rate: int = 4000  # upstream: bytes/s floor of a block fetch over min_rate_window (0: off)
+    min_rate_window: float = 8.0  # upstream: seconds over which min_rate is judged
 
 
 @attrs.frozen
@@ -369,7 +373,7 @@ def check_config(config: Config) -> list[str]:
         )
     for name in attrs.fields_dict(Timeouts):
         value = getattr(config.timeouts, name)
-        if value <= 0:
+        if value < 0 or (value == 0 and name != "min_rate"):
             problems.append(f"timeouts.{name}: {value} must be more than zero")
     for i, rule in enumerate(config.refresh_patterns):
         if not rule.match:

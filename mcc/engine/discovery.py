@@ -27,6 +27,7 @@ from ..errors import NotCacheable, Refused, UpstreamError
 from ..store.records import ObjectMeta
 from ..upstream.fetch import Conditions, Fetched
 from ..upstream.peers import peer_request
+from ..upstream.progress import Stalled
 from .fill import Filling, backoff
 from .flight import Fetch
 
@@ -126,12 +127,13 @@ class Discovering(Filling):
             url = stale.fetch_url  # where it lives (after redirects)
         retries = self.config.limits.upstream_retries
         attempt = 0
+        avoid: set[str] = set()  # routes abandoned as stalled
         try:
             while True:
                 try:
                     try:
                         await self._discover_once(
-                            url, key, hint * B, B, disc, via, stale, conditions, reader
+                            url, key, hint * B, B, disc, via, stale, conditions, reader, avoid
                         )
                     except _Unsatisfied as unsatisfied:
                         # the block asked for lies past the end (or the object is
@@ -146,8 +148,11 @@ class Discovering(Filling):
                         or attempt == retries
                         or isinstance(exc, Refused)
                         or exc.status_hint == 508  # a redirect loop: asking again loops again
+                        or (isinstance(exc, Stalled) and exc.route is None)  # no route left
                     ):
                         raise
+                    if isinstance(exc, Stalled) and exc.route is not None:
+                        avoid.add(exc.route)
                     log.info("retrying discovery of %s after: %s", url, exc)
                     await trio.sleep(backoff(attempt))
                     attempt += 1
@@ -179,10 +184,11 @@ class Discovering(Filling):
         stale: ObjectMeta | None,
         conditions: Conditions,
         reader: object | None,
+        avoid: set[str],
     ) -> None:
         block = asked // B if disc.via_peer else None
         fetch_cm = self.fetcher.fetch(
-            url, asked, asked + B - 1, conditions=conditions, via=via, block=block
+            url, asked, asked + B - 1, conditions=conditions, via=via, block=block, avoid=avoid
         )
         async with self._fetch_slots, fetch_cm as got:
             self.counters.upstream_fetches += 1
@@ -216,17 +222,24 @@ class Discovering(Filling):
                     self._end_fetch(meta, fetch)
                     raise
         # out of the response (and its upstream slot): resume what the body left undone
-        await self._resume(meta, fetch, via, broken)
+        if isinstance(broken, Stalled) and broken.route is not None:
+            avoid.add(broken.route)
+        await self._resume(meta, fetch, via, broken, frozenset(avoid))
 
     async def _resume(
-        self, meta: ObjectMeta, fetch: Fetch, via: tuple[str, ...], broken: UpstreamError | None
+        self,
+        meta: ObjectMeta,
+        fetch: Fetch,
+        via: tuple[str, ...],
+        broken: UpstreamError | None,
+        avoid: frozenset[str] = frozenset(),
     ) -> None:
         try:
             if broken is not None and not fetch.cancel_scope.cancel_called:
                 log.info("resuming %s after: %s", meta.source, broken)
                 fetch.cancel_scope = trio.CancelScope()  # a scope is entered only once
                 with fetch.cancel_scope:
-                    await self._fetch_with_retries(meta, fetch, via)
+                    await self._fetch_with_retries(meta, fetch, via, avoid)
         finally:
             self._end_fetch(meta, fetch)
 

@@ -27,6 +27,7 @@ from .. import policy
 from ..errors import UpstreamError, VersionChanged
 from ..store.records import ObjectMeta
 from ..upstream.fetch import Conditions, Fetched
+from ..upstream.progress import Stalled
 from .blocks import block_bounds
 from .flight import Fetch, Flight, FlightKey
 from .parts import EngineParts
@@ -150,11 +151,20 @@ class Filling(EngineParts):
                 self._end_fetch(meta, fetch)
 
     async def _fetch_with_retries(
-        self, meta: ObjectMeta, fetch: Fetch, via: tuple[str, ...]
+        self,
+        meta: ObjectMeta,
+        fetch: Fetch,
+        via: tuple[str, ...],
+        avoid: frozenset[str] = frozenset(),
     ) -> None:
         """Request what ``fetch``'s flights still lack, resuming after failures with
-        bounded retries; a failure that remains is handed to every waiter."""
+        bounded retries; a failure that remains is handed to every waiter.
+
+        A route that stalled (the progress guard) is not asked again by this fetch:
+        it resumes on the next route, and fails once none is left. ``avoid`` names
+        routes abandoned before (by the discovery that started the fetch)."""
         retries = self.config.limits.upstream_retries
+        avoided = set(avoid)
         conditions = Conditions(if_range=meta.strong_etag or meta.last_modified)
         for attempt in range(retries + 1):
             todo = [f for f in fetch.flights if not f.finished]
@@ -173,6 +183,7 @@ class Filling(EngineParts):
                         conditions=conditions,
                         via=via,
                         block=todo[0].key.index,
+                        avoid=avoided,
                     ) as got,
                 ):
                     self.counters.upstream_fetches += 1
@@ -190,6 +201,12 @@ class Filling(EngineParts):
                 self._forget(meta)
                 fetch.fail_unfinished(exc)
                 return
+            except Stalled as exc:
+                if exc.route is None or attempt == retries:
+                    fetch.fail_unfinished(exc)
+                    return
+                avoided.add(exc.route)
+                log.info("%s; resuming %s at byte %d on the next route", exc, meta.source, start)
             except UpstreamError as exc:
                 if attempt == retries:
                     fetch.fail_unfinished(exc)
