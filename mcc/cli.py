@@ -211,6 +211,12 @@ FLAGS: tuple[tuple[str, str, dict[str, Any], str], ...] = (
         "the window over which --min-rate is judged",
     ),
     (
+        "--pool-idle-timeout",
+        "timeouts.pool_idle",
+        {"metavar": "DURATION"},
+        "an idle pooled upstream connection older than this is closed, not reused",
+    ),
+    (
         "--max-connections",
         "limits.max_connections",
         {"type": int, "metavar": "N"},

@@ -99,6 +99,8 @@ class Timeouts:
     stall: float = 5.0  # upstream: longest silence in a block fetch before the next route
     min_rate: int = 4000  # upstream: bytes/s floor of a block fetch over min_rate_window (0: off)
     min_rate_window: float = 8.0  # upstream: seconds over which min_rate is judged
+    # below the shortest common origin keep-alive timeouts (Apache httpd, Node.js: 5 s)
+    pool_idle: float = 4.0  # upstream: an idle pooled connection older than this is closed
 
 
 @attrs.frozen

@@ -19,9 +19,12 @@ A block fetch goes first to the peer that owns the block, when ``peers`` are set
 block's next owner is asked, and when no peer helps, the routes above are used.
 
 Connections are pooled per (host, port, TLS name, tunnel): a response read to its end
-on a keep-alive connection returns the connection to the pool; anything else closes it. A pooled
-connection the peer closed meanwhile fails before any response byte arrives; the
-request is then retried once on a fresh connection.
+on a keep-alive connection (HTTP/1.1, no ``Connection: close``) returns the connection
+to the pool; anything else closes it. A pooled connection idle for longer than
+``timeouts.pool_idle`` is closed rather than reused (origins close idle connections
+themselves, and a close that crosses our request loses it). A pooled connection the
+peer closed meanwhile fails before any response byte arrives; the request is then
+retried once on a fresh connection.
 """
 
 from __future__ import annotations
@@ -184,10 +187,12 @@ class Upstream:
     async def _connect(self, route: Route) -> Connection:
         key = route.pool_key
         idle = self._idle[key]
+        oldest = time.monotonic() - self._config.timeouts.pool_idle
         while idle:
             conn = idle.pop()
             if (
-                conn.h11.our_state is h11.IDLE
+                conn.idle_since >= oldest
+                and conn.h11.our_state is h11.IDLE
                 and conn.h11.their_state is h11.IDLE
                 and quiet(conn.stream)
             ):
@@ -254,6 +259,7 @@ class Upstream:
             conn.reusable_fresh = False
             idle = self._idle[conn.key]
             if len(idle) < self._config.limits.upstream_connections_per_host:
+                conn.idle_since = time.monotonic()
                 idle.append(conn)
                 return
         with trio.CancelScope(shield=True):
