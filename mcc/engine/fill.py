@@ -265,12 +265,21 @@ class Filling(EngineParts):
                 raise UpstreamError(
                     f"{meta.key}: body ended before block {unfinished[0].key.index}"
                 )
-            # a body without Content-Length ended as promised: now its blocks may be stored
+            # a body without Content-Length ended as promised: now its blocks are
+            # vouched for (their readers may finish) and may be stored
+            for flight in deferred or ():
+                flight.vouch()
             while deferred:
                 await self._commit(meta, deferred.pop(0))
-        except BaseException:
-            for flight in deferred or ():  # readers had the bytes; the store does not
-                self._retire(flight)
+        except BaseException as exc:
+            # A body not framed by Content-Length that failed vouches for none of its
+            # bytes (garbage inside it shows only as a body running long at its end):
+            # the blocks it fed go to neither their readers, nor the store, nor a resume.
+            why = exc if isinstance(exc, UpstreamError) else None
+            for flight in list(by_index.values()):
+                if flight.held:
+                    flight.reject(why or UpstreamError(f"{meta.key}: fetch abandoned"))
+                    self._retire(flight)
             raise
 
     def _stream_for(
@@ -350,6 +359,8 @@ class Filling(EngineParts):
                 if pos + take > have:
                     if pos > have:
                         raise UpstreamError(f"{meta.key}: gap in block {idx}")
+                    if deferred is not None:
+                        flight.held = True  # readers finish once the body ended cleanly
                     flight.feed(view[have - pos : take])
                     if flight.complete:
                         completed = flight
@@ -376,6 +387,7 @@ class Filling(EngineParts):
 
     async def _commit(self, meta: ObjectMeta, flight: Flight) -> None:
         """Hand a complete block to the store; then it leaves the table."""
+        flight.vouch()
         if flight.writer is not None and flight.memory is None:
             await self.store.commit(meta, flight.key.index, flight.writer)
         else:
@@ -384,7 +396,10 @@ class Filling(EngineParts):
 
     def _end_fetch(self, meta: ObjectMeta, fetch: Fetch) -> None:
         self._end_stream(meta, fetch)
-        fetch.fail_unfinished(UpstreamError(f"{meta.key}: fetch abandoned"))
+        abandoned = UpstreamError(f"{meta.key}: fetch abandoned")
+        fetch.fail_unfinished(abandoned)
+        for f in fetch.flights:
+            f.reject(abandoned)  # (a complete block not vouched for by now never will be)
         for f in fetch.flights:
             if not f.complete:
                 self._retire(f)
