@@ -235,6 +235,12 @@ FLAGS: tuple[tuple[str, str, dict[str, Any], str], ...] = (
         "RAM all fills together may hold (receive buffers; blocks a full drive cannot take)",
     ),
     (
+        "--scrub-rate",
+        "limits.scrub_rate",
+        {"metavar": "SIZE"},
+        "bytes/s the background scrub re-hashes stored blobs at (0: off)",
+    ),
+    (
         "--max-ranges",
         "limits.max_ranges",
         {"type": int, "metavar": "N"},
@@ -489,14 +495,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
     config = effective_config(args)
     if args.live:
-        from .ops.client import AdminClient
-
-        if args.repair:
-            sys.stderr.write("mcc: --repair needs the node stopped; --live only checks\n")
-            return EXIT_USAGE
-        result = AdminClient(config).call("POST", "/verify", {}, timeout=_LIVE_VERIFY_TIMEOUT)
-        _print_table([(str(k), str(v)) for k, v in result["rows"]])
-        return 0 if result["clean"] else 1
+        return _verify_live(config, args.repair)
     index_path = Path(config.drives[0].path) / "index.sqlite3"
     if not index_path.exists():
         sys.stderr.write(f"mcc: no cache index at {index_path}\n")
@@ -508,6 +507,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
                 drive_infos(config.drives), index_path, repair=args.repair, progress=progress
             )
     except CacheLocked as exc:
+        if args.repair:  # a running node repairs its own cache (it stops serving at once)
+            sys.stderr.write(f"mcc: {exc}: repairing through its admin API\n")
+            return _verify_live(config, True)
         sys.stderr.write(
             f"mcc: {exc}: stop that node first, or check it through its admin API "
             "with 'mcc verify --live'\n"
@@ -518,6 +520,16 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         return 0
     sys.stdout.write("problems found: run again with --repair to fix them\n")
     return 1
+
+
+def _verify_live(config: Config, repair: bool) -> int:
+    """``mcc verify --live [--repair]``: the running node checks (and repairs) itself."""
+    from .ops.client import AdminClient
+
+    doc = {"repair": True} if repair else {}
+    result = AdminClient(config).call("POST", "/verify", doc, timeout=_LIVE_VERIFY_TIMEOUT)
+    _print_table([(str(k), str(v)) for k, v in result["rows"]])
+    return 0 if result["clean"] or repair else 1
 
 
 # A live verify hashes the whole cache before it answers.
@@ -671,9 +683,10 @@ def build_parser() -> argparse.ArgumentParser:
         "verify",
         help="check every stored blob against its digest and the index",
         description="Walk the whole cache: report corrupt, missing and orphan blobs "
-        "and leftover temp files; with --repair, fix them. Needs the node stopped "
-        "(a running node locks its cache); --live asks a running node to check its "
-        "own cache instead. Exit status 1 when problems were found and not repaired.",
+        "and leftover temp files; with --repair, fix them. A running node locks its "
+        "cache: --live asks it to check its own cache instead, and --repair on a "
+        "running node's cache goes through its admin API (corrupt blobs quarantined "
+        "at once). Exit status 1 when problems were found and not repaired.",
     )
     _add_config_flags(verify)
     verify.add_argument("--repair", action="store_true", help="fix what is found")
@@ -681,8 +694,9 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument(
         "--live",
         action="store_true",
-        help="check through a running node's admin API (no --repair; blobs being "
-        "written or evicted meanwhile may show as orphans or missing)",
+        help="check through a running node's admin API (with --repair, corrupt blobs "
+        "are quarantined at once; blobs being written or evicted meanwhile may show "
+        "as orphans or missing, and are left alone)",
     )
     verify.set_defaults(func=_cmd_verify)
     stats = sub.add_parser(

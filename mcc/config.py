@@ -124,6 +124,7 @@ class Limits:
     max_upstream_fetches: int = 256  # upstream requests in flight at once; more wait
     max_misses_per_client: int = 64  # concurrent misses one client address may cause
     max_buffer_memory: int = 256 * 1024 * 1024  # RAM fills may hold (receive buffers, ...)
+    scrub_rate: int = 4 * 1024 * 1024  # bytes/s the background scrub re-hashes (0: off)
 
 
 def _default_node_id() -> str:
@@ -266,7 +267,7 @@ def _make_converter() -> cattrs.Converter:
     sized = cattrs.gen.override(struct_hook=size)
     make = cattrs.gen.make_dict_structure_fn
     conv.register_structure_hook(Drive, table(make(Drive, conv, max_size=sized, min_free=sized)))
-    limits = make(Limits, conv, max_request_head=sized, max_buffer_memory=sized)
+    limits = make(Limits, conv, max_request_head=sized, max_buffer_memory=sized, scrub_rate=sized)
     conv.register_structure_hook(Limits, table(limits))
     for cls in (Timeouts, Freshness, RefreshRule):
         conv.register_structure_hook(cls, table(make(cls, conv)))
@@ -393,6 +394,7 @@ def check_config(config: Config) -> list[str]:
         ("max_upstream_fetches", 1),
         ("max_misses_per_client", 1),
         ("max_buffer_memory", 4 * 1024 * 1024),
+        ("scrub_rate", 0),
     ):
         if getattr(lim, name) < low:
             problems.append(f"limits.{name}: {getattr(lim, name)} is less than {low}")

@@ -35,6 +35,7 @@ from ..upstream.client import DEFAULT_PORTS, Upstream, parse_url
 from .blocks import block_bounds, block_count, blocks_for_range
 from .discovery import Discovering
 from .flight import FileSlice, Flight
+from .scrub import Scrub
 
 __all__ = ["Cache", "FileSlice", "Lookup", "ObjectInfo", "Statistics", "open_cache"]
 
@@ -459,6 +460,8 @@ async def _opened(config: Config) -> AsyncIterator[Cache]:
         async with trio.open_nursery() as nursery:
             cache = Cache(config, nursery, store=store, upstream=upstream)
             nursery.start_soon(store.run_maintenance)
+            cache.scrub = Scrub(store, lambda: cache.config.limits.scrub_rate)
+            nursery.start_soon(cache.scrub.run)
             nursery.start_soon(upstream.peers.run)
             try:
                 yield cache

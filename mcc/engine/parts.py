@@ -22,6 +22,7 @@ from ..store.store import Store
 from ..upstream.client import Upstream
 from ..upstream.fetch import Fetcher
 from .flight import Fetch, Flight, FlightTable, MemoryBudget
+from .scrub import Scrub
 
 __all__ = ["EngineCounters", "EngineParts", "RecordMemo", "Stream"]
 
@@ -124,6 +125,7 @@ class EngineParts:
         # known to be sent whole (see mcc.engine.fill)
         self._streams: dict[tuple[str, str], Stream] = {}
         self._rangeless: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self.scrub: Scrub | None = None  # the background scrub, once the engine runs
         # a cap on upstream requests in flight (hostile or bursty clients); more wait
         self._fetch_slots = trio.CapacityLimiter(config.limits.max_upstream_fetches)
         self._tasks = 0
