@@ -116,6 +116,7 @@ async def test_a_stalling_parent_is_left_for_the_origin_from_the_byte_reached(
             allow_origins=[origin.authority],
             parents=[f"http://{parent.authority}"],
             readahead_blocks=0,
+            limits={"upstream_retries": 0},  # leaving a stalled route spends no retry
             timeouts={"stall": 0.5, "min_rate": 4000, "min_rate_window": 1.0},
         ) as node:
             with trio.fail_after(15):
@@ -127,6 +128,28 @@ async def test_a_stalling_parent_is_left_for_the_origin_from_the_byte_reached(
             start = int(asked[0].headers["range"].split("=")[1].split("-")[0])
             assert 10_000 <= start < B
             assert asked[0].headers.get("if-range") == obj.etag
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_parent_silent_before_its_head_is_left_for_the_origin(
+    origin: Origin, tmp_path: Path
+) -> None:
+    origin.put("/f", DATA)
+    async with trio.open_nursery() as nursery:
+        parent = RawOrigin(lambda rq: Reply([b"", b"HTTP/1.1 500 Late\r\n\r\n"], gap=120))
+        await nursery.start(parent.serve)
+        async with run_node(
+            tmp_path / "c",
+            allow_origins=[origin.authority],
+            parents=[f"http://{parent.authority}"],
+            readahead_blocks=0,
+            limits={"upstream_retries": 0},
+            timeouts={"stall": 0.5},
+        ) as node:
+            with trio.fail_after(15):
+                r = await get(node.port, origin.url("/f"), [("range", "bytes=100-199")])
+            assert r.status == 206 and r.body == DATA[100:200]
+            assert len(parent.requests) == 1 and origin.count("/f") == 1
         nursery.cancel_scope.cancel()
 
 

@@ -28,7 +28,7 @@ from ..store.records import ObjectMeta
 from ..upstream.fetch import Conditions, Fetched
 from ..upstream.peers import peer_request
 from ..upstream.progress import Stalled
-from .fill import Filling, backoff
+from .fill import MAX_ROUTE_MOVES, Filling, backoff
 from .flight import Fetch
 
 __all__ = ["Discovering", "Discovery"]
@@ -143,16 +143,25 @@ class Discovering(Filling):
                         disc.meta = meta
                     return
                 except UpstreamError as exc:
+                    moved = (
+                        isinstance(exc, Stalled)
+                        and exc.route is not None
+                        and exc.route not in avoid
+                        and len(avoid) < MAX_ROUTE_MOVES
+                    )
                     if (
                         disc.done.is_set()
-                        or attempt == retries
+                        or (attempt == retries and not moved)
                         or isinstance(exc, Refused)
                         or exc.status_hint == 508  # a redirect loop: asking again loops again
-                        or (isinstance(exc, Stalled) and exc.route is None)  # no route left
+                        or (isinstance(exc, Stalled) and not moved)  # no route left
                     ):
                         raise
-                    if isinstance(exc, Stalled) and exc.route is not None:
+                    if moved:  # the next route, at once (no retry spent)
+                        assert isinstance(exc, Stalled) and exc.route is not None
                         avoid.add(exc.route)
+                        log.info("%s; discovering %s on the next route", exc, url)
+                        continue
                     log.info("retrying discovery of %s after: %s", url, exc)
                     await trio.sleep(backoff(attempt))
                     attempt += 1

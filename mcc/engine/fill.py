@@ -40,7 +40,7 @@ from .blocks import block_bounds
 from .flight import Fetch, Flight, FlightKey
 from .parts import EngineParts, Stream
 
-__all__ = ["MAX_RANGELESS", "Filling"]
+__all__ = ["MAX_RANGELESS", "MAX_ROUTE_MOVES", "Filling"]
 
 log = logging.getLogger("mcc.engine")
 
@@ -51,6 +51,8 @@ _RECEIVE_BUFFER = 256 * 1024
 # Retry backoff for block fetches: 0.1 s, 0.2 s, 0.4 s... capped at 2 s.
 _BACKOFF_BASE = 0.1
 _BACKOFF_CAP = 2.0
+# Stalled routes one fetch may leave behind for the next (peers, parents, the origin).
+MAX_ROUTE_MOVES = 8
 # Objects remembered as sent whole by their origin (a few dozen bytes each).
 MAX_RANGELESS = 4096
 
@@ -187,12 +189,14 @@ class Filling(EngineParts):
         bounded retries; a failure that remains is handed to every waiter.
 
         A route that stalled (the progress guard) is not asked again by this fetch:
-        it resumes on the next route, and fails once none is left. ``avoid`` names
-        routes abandoned before (by the discovery that started the fetch)."""
+        it resumes on the next route (no retry spent: moving on is not asking again),
+        and fails once none is left. ``avoid`` names routes abandoned before (by the
+        discovery that started the fetch)."""
         retries = self.config.limits.upstream_retries
         avoided = set(avoid)
         conditions = Conditions(if_range=meta.strong_etag or meta.last_modified)
-        for attempt in range(retries + 1):
+        attempt = 0  # failures so far, other than stalled routes left behind
+        for _ in range(retries + 1 + MAX_ROUTE_MOVES):
             # (flights that joined a whole-object body come in any order)
             todo = sorted((f for f in fetch.flights if not f.finished), key=lambda f: f.start)
             if not todo:
@@ -229,7 +233,7 @@ class Filling(EngineParts):
                 fetch.fail_unfinished(exc)
                 return
             except Stalled as exc:
-                if exc.route is None or attempt == retries:
+                if exc.route is None or exc.route in avoided or len(avoided) >= MAX_ROUTE_MOVES:
                     fetch.fail_unfinished(exc)
                     return
                 avoided.add(exc.route)
@@ -240,6 +244,8 @@ class Filling(EngineParts):
                     return
                 log.info("retrying %s bytes=%d-%d after: %s", meta.source, start, end, exc)
                 await trio.sleep(backoff(attempt))
+                attempt += 1
+        fetch.fail_unfinished(UpstreamError(f"{meta.key}: gave up after every route"))
 
     async def _fill(self, meta: ObjectMeta, fetch: Fetch, got: Fetched) -> None:
         """Cut ``got``'s body (object bytes ``got.first`` to ``got.stop``, vouched for
