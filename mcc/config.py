@@ -376,7 +376,9 @@ def check_config(config: Config) -> list[str]:
         )
     for name in attrs.fields_dict(Timeouts):
         value = getattr(config.timeouts, name)
-        if value < 0 or (value == 0 and name != "min_rate"):
+        if name == "min_rate" and value < 0:  # (0: no floor)
+            problems.append(f"timeouts.{name}: {value} must not be negative")
+        elif name != "min_rate" and value <= 0:
             problems.append(f"timeouts.{name}: {value} must be more than zero")
     for i, rule in enumerate(config.refresh_patterns):
         if not rule.match:

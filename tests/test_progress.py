@@ -13,6 +13,7 @@ import h11
 import pytest
 import trio
 
+import mcc
 from fixtures.origin import Origin
 from fixtures.raw_origin import RawOrigin, RawRequest, Reply, ranged
 from mcc.upstream.progress import Progress, ProgressRules
@@ -164,3 +165,15 @@ def test_progress_stall_deadline_and_rate_floor() -> None:
     assert p.received(10, 116.0) is not None  # a new window: 10 bytes in 8 s
     off = Progress(ProgressRules(stall=5.0, min_rate=0, window=1.0), now=0.0)
     assert off.received(0, 50.0) is None  # min_rate 0: no floor
+
+
+def test_guard_knobs_are_checked() -> None:
+    config = mcc.load_config(overrides={"timeouts": {"min_rate": 0, "stall": "2s"}})
+    assert config.timeouts.min_rate == 0 and config.timeouts.stall == 2.0
+    with pytest.raises(mcc.ConfigError) as bad:
+        mcc.load_config(overrides={"timeouts": {"min_rate": -1, "stall": 0, "pool_idle": 0}})
+    assert sorted(bad.value.problems) == [
+        "timeouts.min_rate: -1 must not be negative",
+        "timeouts.pool_idle: 0.0 must be more than zero",
+        "timeouts.stall: 0.0 must be more than zero",
+    ]
