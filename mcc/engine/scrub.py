@@ -3,7 +3,7 @@
 Theory of operation: a blob is checked against its digest on its first read after a
 start (``verify_on_read = "first"``); one that rots on disk later would be served
 as it is. The scrub walks every stored blob in passes, re-hashing each through
-:meth:`~mcc.store.store.Store.check_blob` (which quarantines a corrupt one, so it
+:func:`~mcc.store.check.check_blob` (which quarantines a corrupt one, so it
 stops being served and its block is fetched again), and sleeps between blobs so the
 walk reads no more than ``limits.scrub_rate`` bytes per second. The rate is read
 again before each blob: a reload may change it, and 0 turns the scrub off. Passes
@@ -19,6 +19,7 @@ from collections.abc import Callable
 import attrs
 import trio
 
+from ..store.check import blob_sizes, check_blob
 from ..store.store import Store
 
 __all__ = ["Scrub"]
@@ -63,12 +64,12 @@ class Scrub:
         Returns:
           True when the pass ended, False when the scrub was turned off meanwhile.
         """
-        for digest, size in sorted(self.store.blob_sizes().items()):
+        for digest, size in sorted(blob_sizes(self.store).items()):
             rate = self.rate()
             if rate <= 0:
                 return False
             started = trio.current_time()
-            verdict = await self.store.check_blob(digest)
+            verdict = await check_blob(self.store, digest)
             if verdict is not None:
                 self.checked_blobs += 1
                 self.checked_bytes += size

@@ -6,6 +6,7 @@ from typing import Any
 
 from ..engine.engine import Cache
 from ..errors import BadRequest
+from ..store.check import verify_live
 from .guards import check_pattern, check_url
 from .purge import PurgeTarget
 
@@ -67,7 +68,7 @@ async def verify(cache: Cache, doc: dict[str, Any]) -> dict[str, Any]:
     repair = doc.get("repair", False)
     if not isinstance(repair, bool):
         raise BadRequest('verify takes {"repair": true} or {"repair": false}')
-    report = await cache.store.verify(repair=repair)
+    report = await verify_live(cache.store, repair=repair)
     return {
         "rows": report.rows(),
         "clean": report.clean,

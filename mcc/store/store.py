@@ -312,46 +312,13 @@ class Store:
             index_ok = False
         return drives, index_ok
 
-    async def verify(self, *, repair: bool = False) -> VerifyReport:
-        """Check every blob against its digest while serving. With ``repair``, a
-        corrupt blob (checked once more) is quarantined at once, so it stops being
-        served and its block is fetched again, and rows of missing blobs are dropped;
-        orphans and temp files are left alone (blobs being written show up as such)."""
+    async def verify(self) -> VerifyReport:
+        """Check every blob against its digest while serving (no repair: blobs being
+        written or evicted meanwhile may show up as orphans or missing)."""
         drives = list(self.blobs.drives)
-        report = await trio.to_thread.run_sync(
+        return await trio.to_thread.run_sync(
             functools.partial(verify_cache, drives, self.index.path, lock=False)
         )
-        if repair:
-            report.repaired = True
-            for digest in report.corrupt:
-                await self.check_blob(digest)
-            for digest in report.missing:
-                if not self.blobs.exists(digest):
-                    self._drop(digest)
-        return report
-
-    def blob_sizes(self) -> dict[str, int]:
-        """Every stored blob's digest, with its size."""
-        return self.index.all_digests()
-
-    async def check_blob(self, digest: str) -> bool | None:
-        """Re-hash one stored blob now (a worker thread); a corrupt one is quarantined
-        (no longer served; its block is fetched again).
-
-        Returns:
-          True when it matches its digest, False when it did not (quarantined), None
-          when it is not there (evicted meanwhile).
-        """
-        if not self.blobs.exists(digest):
-            return None
-        if await trio.to_thread.run_sync(self.blobs.verify, digest):
-            return True
-        if not self.blobs.exists(digest):
-            return None
-        self.counters.corrupt_blocks += 1
-        log.warning("blob %s does not match its digest: quarantined, refetching", digest)
-        self.quarantine(digest)
-        return False
 
     def _drop(self, digest: str) -> None:
         self._verified.discard(digest)
