@@ -194,15 +194,12 @@ class Responses:
         status = 206 if ranges else 200
         if ranges:
             headers.append(("content-range", content_range(ranges[0], meta.size)))
-        length = sum(r.length for r in spans)
-        headers.append(("content-length", str(length)))
+        headers.append(("content-length", str(length := sum(r.length for r in spans))))
         rec.status = status
-        head = conn.proto.response_head(status, headers)
         if head_only or not length:
-            await self._send_all(conn, head + conn.proto.end())
+            await self._send_all(conn, conn.proto.response_head(status, headers) + conn.proto.end())
             return True
-        await self._send_head(conn, head)
-        await self._send_span(conn, meta, spans[0], rec, via, reader)
+        await self._send_span(conn, meta, spans[0], rec, via, reader, head=(status, headers))
         await self._send_all(conn, conn.proto.end())
         end = spans[0].end + 1
         if end % meta.block_size and end != meta.size:
@@ -236,10 +233,14 @@ class Responses:
         rec: AccessRecord,
         via: Sequence[str],
         reader: object,
+        head: tuple[int, list[tuple[str, str]]] | None = None,  # sent with the first byte
     ) -> None:
         segs = self.cache.segments(meta, span.start, span.end, via, reader)
         async with aclosing(segs) as segments:
             async for seg in segments:
+                if head is not None:  # so a failure before the first byte gets 502/504
+                    await self._send_head(conn, conn.proto.response_head(*head))
+                    head = None
                 if isinstance(seg, FileSlice) and not conn.tls:
                     body = SendfileBody(seg.fd, seg.offset, seg.length)
                     for piece in conn.proto.body(body):
