@@ -111,6 +111,7 @@ class Connection:
         self.reusable_fresh = False  # a body read past h11 ended cleanly
         self.keep_alive = True  # the last response allows another request
         self.idle_since = 0.0  # when it went into the pool (time.monotonic)
+        self._head = b""  # a response head's bytes as they arrive (line ends checked)
 
     async def send(self, event: h11.Event) -> None:
         data = self.h11.send(event)
@@ -122,11 +123,32 @@ class Connection:
             event = self.h11.next_event()
             if event is h11.NEED_DATA:
                 with trio.fail_after(read_timeout):
-                    data = await self.stream.receive_some(_RECEIVE_SIZE)
-                self.h11.receive_data(bytes(data))  # no copy for a plain socket's bytes
+                    data = bytes(await self.stream.receive_some(_RECEIVE_SIZE))
+                if self.h11.their_state is h11.SEND_RESPONSE:
+                    self._head += data
+                    _check_line_ends(self._head)
+                self.h11.receive_data(data)  # bytes(): no copy for a plain socket's bytes
                 continue
             assert not isinstance(event, type)  # PAUSED cannot happen: one request per cycle
+            if isinstance(event, h11.Response):
+                self._head = b""
             return event
+
+
+# The end of a response head as h11 finds it (a blank line, CR optional), and a line
+# feed with no CR before it.
+_HEAD_END = re.compile(rb"\n\r?\n")
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+
+
+def _check_line_ends(head: bytes) -> None:
+    """Refuse a response head with a bare LF (RFC 9112 s2.2 lets a recipient accept
+    one; mcc does not). Where intermediaries disagree on line ends, one reads a
+    field's value as the end of the head and the rest as the body: a response that
+    means two things is not cached or passed on."""
+    end = _HEAD_END.search(head)
+    if _BARE_LF.search(head, 0, end.end() if end else len(head)):
+        raise h11.RemoteProtocolError("a bare LF in the response head")
 
 
 class UpstreamResponse:
