@@ -67,7 +67,7 @@ FLAGS: tuple[tuple[str, str, dict[str, Any], str], ...] = (
         "--readahead-blocks",
         "readahead_blocks",
         {"type": int, "metavar": "N"},
-        "blocks a sequential reader keeps in flight ahead of itself (default 4)",
+        "blocks a sequential reader keeps in flight ahead of itself at first (default 4; 0: off)",
     ),
     (
         "--allow-origin",
@@ -226,13 +226,19 @@ FLAGS: tuple[tuple[str, str, dict[str, Any], str], ...] = (
         "--upstream-connections-per-host",
         "limits.upstream_connections_per_host",
         {"type": int, "metavar": "N"},
-        "idle keep-alive connections kept per upstream",
+        "fills in flight per origin host (more wait), and idle keep-alive connections kept",
     ),
     (
         "--max-upstream-fetches",
         "limits.max_upstream_fetches",
         {"type": int, "metavar": "N"},
         "upstream requests in flight at once; more wait their turn",
+    ),
+    (
+        "--max-parallel-fetches",
+        "limits.max_parallel_fetches",
+        {"type": int, "metavar": "N"},
+        "blocks one sequential reader may have in flight (read-ahead grows to it; default 8)",
     ),
     (
         "--max-misses-per-client",

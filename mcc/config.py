@@ -118,6 +118,7 @@ class Limits:
     max_upstream_fetches: int = 256  # upstream requests in flight at once; more wait
     max_misses_per_client: int = 64  # concurrent misses one client address may cause
     max_buffer_memory: int = 256 * 1024 * 1024  # RAM fills may hold (receive buffers, ...)
+    max_parallel_fetches: int = 8  # blocks one sequential reader may have in flight at once
 
 
 def _default_node_id() -> str:
@@ -387,6 +388,7 @@ def check_config(config: Config) -> list[str]:
         ("max_upstream_fetches", 1),
         ("max_misses_per_client", 1),
         ("max_buffer_memory", 4 * 1024 * 1024),
+        ("max_parallel_fetches", 1),
     ):
         if getattr(lim, name) < low:
             problems.append(f"limits.{name}: {getattr(lim, name)} is less than {low}")

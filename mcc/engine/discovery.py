@@ -29,6 +29,7 @@ from ..upstream.fetch import Conditions, Fetched
 from ..upstream.peers import peer_request
 from .fill import Filling, backoff
 from .flight import Fetch
+from .readahead import host_of
 
 __all__ = ["Discovering", "Discovery"]
 
@@ -184,7 +185,7 @@ class Discovering(Filling):
         fetch_cm = self.fetcher.fetch(
             url, asked, asked + B - 1, conditions=conditions, via=via, block=block
         )
-        async with self._fetch_slots, fetch_cm as got:
+        async with self._fetch_slots, self._host_slots.slot(host_of(url)), fetch_cm as got:
             self.counters.upstream_fetches += 1
             if got.status == 304 and stale is not None:
                 meta = policy.refreshed(stale, got.headers, time.time())
@@ -253,7 +254,8 @@ class Discovering(Filling):
     async def _discover_by_head(
         self, url: str, key: str, size: int | None, block_size: int, via: tuple[str, ...]
     ) -> ObjectMeta:
-        async with self._fetch_slots, self.fetcher.head(url, via=via) as got:
+        host = self._host_slots.slot(host_of(url))
+        async with self._fetch_slots, host, self.fetcher.head(url, via=via) as got:
             self.counters.upstream_fetches += 1
             meta = self._record(key, got, block_size)
         if size is not None and size != meta.size:

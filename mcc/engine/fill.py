@@ -2,7 +2,8 @@
 
 Theory of operation: a reader that needs block ``i`` of a record either finds it
 stored, joins the :class:`~mcc.engine.flight.Flight` already fetching it, or starts
-one (plus up to ``readahead_blocks`` further blocks, each its own fetch). A
+one (plus further blocks as its read-ahead window says, each its own fetch:
+:mod:`mcc.engine.readahead`; every fetch takes a slot of its origin host). A
 :class:`~mcc.engine.flight.Fetch` is one upstream request filling consecutive
 flights; it runs as a task in the engine's nursery, never a reader's, so a reader
 hanging up cannot fail the others. The body comes from
@@ -30,6 +31,7 @@ from ..upstream.fetch import Conditions, Fetched
 from .blocks import block_bounds
 from .flight import Fetch, Flight, FlightKey
 from .parts import EngineParts
+from .readahead import Window, host_of
 
 __all__ = ["Filling"]
 
@@ -54,6 +56,12 @@ class Filling(EngineParts):
 
     # -- claims: plain synchronous bookkeeping, no await between look and change -----
 
+    def _window(self) -> Window:
+        """A read-ahead window for a new reader (see :mod:`mcc.engine.readahead`)."""
+        lim = self.config.limits
+        ceiling = min(lim.max_parallel_fetches, max(lim.upstream_connections_per_host, 1)) - 1
+        return Window(self.config.readahead_blocks, ceiling, trio.current_time())
+
     def _claim_ahead(
         self,
         meta: ObjectMeta,
@@ -63,14 +71,16 @@ class Filling(EngineParts):
         claims: dict[int, Flight],
         via: Sequence[str],
         reader: object | None,
+        ahead: int,
     ) -> bool:
-        """Make sure blocks ``idx..idx+readahead`` (up to ``last``) are stored or claimed.
+        """Make sure blocks ``idx..idx+ahead`` (up to ``last``) are stored or claimed
+        (``ahead``: the reader's :class:`~mcc.engine.readahead.Window` depth).
 
         Returns:
           True when a flight another reader started was joined.
         """
         joined = False
-        for j in range(idx, min(last, idx + self.config.readahead_blocks) + 1):
+        for j in range(idx, min(last, idx + ahead) + 1):
             if j in stored or j in claims:
                 continue
             if self._flights.get(FlightKey(meta.key, meta.version, j)) is None:
@@ -165,6 +175,7 @@ class Filling(EngineParts):
             try:
                 async with (
                     self._fetch_slots,
+                    self._host_slots.slot(host_of(meta.source)),
                     self.fetcher.fetch(
                         meta.source,
                         start,
