@@ -394,7 +394,9 @@ class Cache(Discovering):
                             yield chunk
                 finally:
                     self._release(flight)
-                window.step(trio.current_time(), starved=starved)
+                filled = flight.filled_at
+                took = None if filled is None else filled - flight.born
+                window.step(trio.current_time(), starved=starved, fill_seconds=took)
                 from_upstream += hi - lo
         finally:
             for flight in claims.values():

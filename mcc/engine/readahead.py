@@ -4,7 +4,8 @@ many upstream requests one origin host gets at once.
 Theory of operation: a reader walking an object's blocks in order keeps the block it
 reads plus ``depth`` further blocks claimed (stored, joined or fetched, each fetch its
 own upstream connection). A :class:`Window` starts at ``readahead_blocks`` and judges
-itself in *epochs* of ``depth + 1`` blocks read:
+itself in *epochs* of ``max(_EPOCH_MIN, 2 * (depth + 1))`` blocks read (fills start
+and end in bursts, so a shorter epoch measures the burst, not the rate):
 
 - a reader that reached a block still being filled was *starved*: upstream, not the
   client, set the pace. When an epoch saw a starved block, ``depth`` grows by one
@@ -12,7 +13,9 @@ itself in *epochs* of ``depth + 1`` blocks read:
   one connection's worth more);
 - the epoch after a growth is compared with the one before it: unless blocks came
   at least ``_GAIN`` faster, the extra connection bought nothing (the link, the
-  origin or this node's CPU is the limit), so ``depth`` steps back and stays;
+  origin or this node's CPU is the limit), so ``depth`` steps back and holds for
+  ``_HOLD`` epochs before it may try again (conditions change; one noisy epoch
+  must not pin a long download to a small window);
 - ``depth`` never exceeds ``max_parallel_fetches - 1`` (with the block being read,
   ``max_parallel_fetches`` in flight) nor the per-host cap minus one.
 
@@ -41,6 +44,10 @@ __all__ = ["HostSlots", "Window", "host_of"]
 # (per-connection limits give ~1/depth more per step; noise on a loaded machine is
 # a few per cent, so a step smaller than this is not told apart from noise).
 _GAIN = 0.08
+# Blocks in the shortest epoch, and epochs a window holds after a growth that did
+# not pay (with 1 MiB blocks: at least 8 MiB per judgement, a retry every ~50 MiB).
+_EPOCH_MIN = 8
+_HOLD = 3
 # Host limiters kept without borrowers before the idle ones are dropped.
 _IDLE_HOSTS = 1024
 
@@ -58,42 +65,75 @@ class Window:
     depth: int
     ceiling: int
     now: float = 0.0
-    settled: bool = False  # growing stopped: more connections did not help
     grown_by: int = 0  # how many times depth grew (for tests and logs)
+    held: int = 0  # epochs left before depth may grow again
+    off: bool = attrs.field(init=False, default=False)  # read-ahead off: never adapts
     _epoch_start: float = attrs.field(init=False)
     _epoch_blocks: int = attrs.field(init=False, default=0)
     _epoch_starved: bool = attrs.field(init=False, default=False)
+    _epoch_fills: int = attrs.field(init=False, default=0)
+    _epoch_fill_seconds: float = attrs.field(init=False, default=0.0)
     _last_rate: float | None = attrs.field(init=False, default=None)
     _just_grew: bool = attrs.field(init=False, default=False)
 
     def __attrs_post_init__(self) -> None:
         self.ceiling = max(self.ceiling, 0)
         self.depth = min(self.depth, self.ceiling)
-        self.settled = self.depth == 0  # read-ahead off (or no room): nothing to adapt
+        self.off = self.depth == 0  # read-ahead off (or no room): nothing to adapt
         self._epoch_start = self.now
 
-    def step(self, now: float, *, starved: bool) -> None:
+    @property
+    def epoch(self) -> int:
+        """Blocks in the current epoch."""
+        return max(_EPOCH_MIN, 2 * (self.depth + 1))
+
+    def step(self, now: float, *, starved: bool, fill_seconds: float | None = None) -> None:
         """The reader moved past one block at time ``now``; ``starved`` when that block
-        was still being filled as the reader reached it."""
+        was still being filled as the reader reached it; ``fill_seconds`` how long that
+        block took from its claim to its last byte (None when unknown)."""
+        if self.off:
+            return
         self._epoch_blocks += 1
         self._epoch_starved |= starved
-        if self._epoch_blocks < self.depth + 1:
+        if fill_seconds is not None and fill_seconds > 0:
+            self._epoch_fills += 1
+            self._epoch_fill_seconds += fill_seconds
+        if self._epoch_blocks < self.epoch:
             return
-        elapsed = now - self._epoch_start
-        rate = self._epoch_blocks / elapsed if elapsed > 0 else None
+        rate = self._rate(now)
         last = self._last_rate
         if self._just_grew and last is not None and rate is not None and rate < last * (1 + _GAIN):
             self.depth -= 1  # the last connection bought nothing: give it back
-            self.settled = True
-        self._just_grew = False
-        if not self.settled and self._epoch_starved and self.depth < self.ceiling:
+            self.held = _HOLD
+            rate = last  # the rate at the depth held
+        elif self.held:
+            self.held -= 1
+        elif self._epoch_starved and self.depth < self.ceiling:
             self.depth += 1
             self.grown_by += 1
             self._just_grew = True
+            self._last_rate = rate
+            self._restart(now)
+            return
+        self._just_grew = False
         self._last_rate = rate
+        self._restart(now)
+
+    def _rate(self, now: float) -> float | None:
+        """Blocks per second this epoch: each fill's own rate times the fills kept in
+        flight when fill times are known (it averages every block's whole fill, where
+        the reader's pace moves in bursts), else the reader's own pace."""
+        if self._epoch_fills:
+            return self._epoch_fills / self._epoch_fill_seconds * (self.depth + 1)
+        elapsed = now - self._epoch_start
+        return self._epoch_blocks / elapsed if elapsed > 0 else None
+
+    def _restart(self, now: float) -> None:
         self._epoch_start = now
         self._epoch_blocks = 0
         self._epoch_starved = False
+        self._epoch_fills = 0
+        self._epoch_fill_seconds = 0.0
 
 
 def host_of(url: str) -> str:
