@@ -1,17 +1,20 @@
 """Cold downloads: mcc against going direct (and nginx's slice cache), side by side.
 
-    python -m benchmarks.cold [--size 1GiB] [--slow-size 120MB] [--rate 20m] [--rounds 3]
+    python -m benchmarks.cold [--size 1GiB] [--slow-size 120MB] [--rate 20MB] [--rounds 3]
 
-Three measurements, each one run of ``--rounds`` interleaved rounds, medians:
+Four measurements, each one run of ``--rounds`` interleaved rounds, medians:
 
 (a) an origin pacing each connection to ``--rate`` bytes/s (``SO_MAX_PACING_RATE``,
     like a CDN edge reached over a WAN; see :func:`serve_paced` for why not nginx's
     ``limit_rate``), one ``--slow-size`` object fetched whole: direct from the
-    origin, through a cold mcc, through a cold nginx ``slice 1m`` cache;
+    origin, through a cold mcc, through a cold mcc whose read-ahead is held at 4 blocks
+    (``mcc-fixed``, as before it adapted), through a cold nginx ``slice 1m`` cache;
 (b) an unthrottled nginx origin on loopback, one ``--size`` object fetched whole:
     direct against a cold mcc;
 (c) time to first byte of a cold 1 MiB range in the middle of the ``--size`` object:
-    direct against a cold mcc.
+    direct against a cold mcc;
+(d) the same against (a)'s origin answering every request ``--delay`` late (a WAN
+    round trip): what a client far from the origin sees.
 
 Every body is hashed (blake3) as it arrives and compared with the origin's file; a
 mismatch stops the run. Caches are started empty for every cold measurement. mcc's CPU
@@ -47,6 +50,8 @@ MB = 1_000_000
 MiB = 1024 * 1024
 _BUFFER = 1024 * 1024  # the client's receive buffer (reused)
 _RANGE = MiB  # (c)'s cold range
+# mcc's read-ahead as it was before it adapted: 4 blocks ahead, never more
+_FIXED = ["--readahead-blocks", "4", "--max-parallel-fetches", "5"]
 
 # SO_MAX_PACING_RATE (linux/asm-generic/socket.h): the kernel paces the socket's sends
 # (TCP's own pacing, no qdisc needed), so the limit holds per connection from its first
@@ -61,6 +66,7 @@ class _PacedHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     root = Path(".")
     rate = 0
+    delay = 0.0  # seconds before each response head (a WAN round trip)
 
     def setup(self) -> None:
         super().setup()
@@ -86,6 +92,8 @@ class _PacedHandler(http.server.BaseHTTPRequestHandler):
             if m and int(m.group(1)) < size:
                 start, status = int(m.group(1)), 206
                 end = min(int(m.group(2) or size - 1), size - 1)
+            if self.delay:
+                time.sleep(self.delay)
             self.send_response(status)
             self.send_header("content-length", str(end - start + 1))
             self.send_header("etag", f'"{st.st_mtime_ns:x}-{size:x}"')
@@ -100,10 +108,11 @@ class _PacedHandler(http.server.BaseHTTPRequestHandler):
                 self.connection.sendfile(f, start, end - start + 1)
 
 
-def serve_paced(port: int, root: str, rate: int) -> None:
+def serve_paced(port: int, root: str, rate: int, delay: float = 0.0) -> None:
     """Serve ``root`` on 127.0.0.1:``port``, each connection paced to ``rate`` B/s."""
     _PacedHandler.root = Path(root)
     _PacedHandler.rate = rate
+    _PacedHandler.delay = delay
     http.server.ThreadingHTTPServer.daemon_threads = True
     with http.server.ThreadingHTTPServer(("127.0.0.1", port), _PacedHandler) as server:
         server.serve_forever()
@@ -115,6 +124,7 @@ class ThrottledProcs(Procs):
     (a paced Python origin, see :func:`serve_paced`); 0 means the nginx origin."""
 
     rate: int = 0
+    delay: float = 0.0
 
     def start_origin(self) -> None:
         if not self.rate:
@@ -122,7 +132,7 @@ class ThrottledProcs(Procs):
             return
         self.origin_port = free_port()
         argv = [sys.executable, "-m", "benchmarks.cold", "--serve-paced",
-                str(self.origin_port), str(self.www), str(self.rate)]  # fmt: skip
+                str(self.origin_port), str(self.www), str(self.rate), str(self.delay)]  # fmt: skip
         self._spawn("origin", argv)
         wait_http(self.origin_port, "/s0.bin")
 
@@ -202,10 +212,11 @@ class ColdRun:
         self.mcc_flags = mcc_flags
 
     def fresh(self, target: str) -> None:
-        if target == "mcc":
+        if target.startswith("mcc"):
+            flags = self.mcc_flags + (_FIXED if target == "mcc-fixed" else [])
             self.p.stop("mcc")
             try:
-                self.p.start_mcc(fresh=True, extra=self.mcc_flags)
+                self.p.start_mcc(fresh=True, extra=flags)
             except OSError:
                 log = (self.p.work / "mcc.out").read_text(errors="replace")
                 print(f"mcc did not start; the end of its log:\n{log[-3000:]}", flush=True)
@@ -219,18 +230,21 @@ class ColdRun:
 
         def one(target: str) -> dict[str, float]:
             self.fresh(target)
-            cpu0 = cpu_seconds(self.p.pid("mcc")) if target == "mcc" else 0.0
-            got = get(self.p.port(target), path)
+            is_mcc = target.startswith("mcc")
+            cpu0 = cpu_seconds(self.p.pid("mcc")) if is_mcc else 0.0
+            got = get(self.p.port("mcc" if is_mcc else target), path)
             if got.digest != digest:
                 raise SystemExit(f"{name}: {target} sent bytes that differ from the origin's")
             row = {"MBps": got.size / got.seconds / MB, "seconds": got.seconds}
-            if target == "mcc":
+            if is_mcc:
                 row["cpu_s_per_GB"] = (cpu_seconds(self.p.pid("mcc")) - cpu0) / (got.size / 1e9)
             return row
 
         return self.side_by_side(name, one, targets)
 
-    def ttfb(self, path: str, size: int, digests: Callable[[int], str]) -> dict[str, Any]:
+    def ttfb(
+        self, name: str, path: str, size: int, digests: Callable[[int], str]
+    ) -> dict[str, Any]:
         """Time to first byte of a cold 1 MiB range (a different range every time)."""
         counter = iter(range(1, 1 << 20))
 
@@ -243,7 +257,7 @@ class ColdRun:
                 raise SystemExit(f"cold range: {target} sent bytes that differ from the origin's")
             return {"ttfb_ms": got.ttfb * 1000, "last_ms": got.seconds * 1000}
 
-        return self.side_by_side("(c) cold 1 MiB range, time to first byte", one, ("origin", "mcc"))
+        return self.side_by_side(name, one, ("origin", "mcc"))
 
     def side_by_side(
         self, name: str, one: Callable[[str], dict[str, float]], targets: tuple[str, ...]
@@ -263,6 +277,12 @@ def _fmt(row: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:,.1f}" for k, v in row.items())
 
 
+def parse_duration(text: str) -> float:
+    from mcc.units import parse_duration as parse
+
+    return parse(text)
+
+
 def _size(text: str) -> int:
     from mcc.units import parse_size
 
@@ -274,15 +294,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", default="1GiB", help="(b)/(c)'s object (default 1GiB)")
     parser.add_argument("--slow-size", default="120MB", help="(a)'s object (default 120MB)")
     parser.add_argument("--rate", default="20MB", help="(a)'s per-connection rate (20MB)")
-    parser.add_argument("--serve-paced", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--delay", default="20ms", help="(d)'s origin delay (default 20ms)")
+    parser.add_argument("--serve-paced", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--only", default="abc", help="which of a, b, c to run")
+    parser.add_argument("--only", default="abcd", help="which of a, b, c, d to run")
     parser.add_argument("--work", default=None, help="work folder (default: a temp dir)")
     parser.add_argument("--mcc", nargs=argparse.REMAINDER, default=[], help="extra mcc flags")
     args = parser.parse_args(argv)
     if args.serve_paced:
-        port, root, rate = args.serve_paced
-        serve_paced(int(port), root, int(rate))
+        port, root, rate, delay = args.serve_paced
+        serve_paced(int(port), root, int(rate), float(delay))
         return
     ensure_tools()
     size, slow_size = _size(args.size), _size(args.slow_size)
@@ -304,8 +325,10 @@ def main(argv: list[str] | None = None) -> None:
                 p.start_nginx_cache(fresh=True)
                 run = ColdRun(p, args.rounds, args.mcc)
                 name = f"(a) cold {slow_size / MB:.0f} MB, origin at {args.rate}/s per connection"
-                res = run.whole(name, ("origin", "mcc", "nginx"), "/big.bin", digest)
+                targets = ("origin", "mcc", "mcc-fixed", "nginx")
+                res = run.whole(name, targets, "/big.bin", digest)
                 res["mcc_vs_direct"] = res["mcc"]["MBps"] / res["origin"]["MBps"]
+                res["mcc_fixed_vs_direct"] = res["mcc-fixed"]["MBps"] / res["origin"]["MBps"]
                 res["nginx_vs_direct"] = res["nginx"]["MBps"] / res["origin"]["MBps"]
                 results["a"] = res
         if "b" in args.only or "c" in args.only:
@@ -322,15 +345,31 @@ def main(argv: list[str] | None = None) -> None:
                     res["mcc_vs_direct"] = res["mcc"]["MBps"] / res["origin"]["MBps"]
                     results["b"] = res
                 if "c" in args.only:
+                    name = "(c) cold 1 MiB range, time to first byte"
                     res = run.ttfb(
-                        "/big.bin", size, lambda s: file_digest(www / "big.bin", s, _RANGE)
+                        name, "/big.bin", size, lambda s: file_digest(www / "big.bin", s, _RANGE)
                     )
                     res["mcc_vs_direct"] = res["mcc"]["ttfb_ms"] / res["origin"]["ttfb_ms"]
                     results["c"] = res
-    for part in "abc":
+        if "d" in args.only:
+            wan_work = work / "wan"
+            wan_work.mkdir()
+            www = make_data(wan_work, slow_size, 1, 64 * 1024)
+            delay = parse_duration(args.delay)
+            with ThrottledProcs(wan_work, www, rate=_size(args.rate), delay=delay) as p:
+                p.start_mcc(fresh=True, extra=args.mcc)
+                run = ColdRun(p, args.rounds, args.mcc)
+                name = f"(d) cold 1 MiB range, time to first byte, origin {args.delay} away"
+                res = run.ttfb(
+                    name, "/big.bin", slow_size, lambda s: file_digest(www / "big.bin", s, _RANGE)
+                )
+                res["mcc_vs_direct"] = res["mcc"]["ttfb_ms"] / res["origin"]["ttfb_ms"]
+                results["d"] = res
+    for part in "abcd":
         if part in results:
             print(f"{part}: mcc/direct {results[part]['mcc_vs_direct']:.2f}x", end="")
             if part == "a":
+                print(f", mcc-fixed/direct {results[part]['mcc_fixed_vs_direct']:.2f}x", end="")
                 print(f", nginx/direct {results[part]['nginx_vs_direct']:.2f}x", end="")
             print()
     out = HERE / "results" / "cold.json"

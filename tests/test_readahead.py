@@ -123,8 +123,10 @@ async def test_host_slots_cap_and_resize() -> None:
     slots = HostSlots(2)
     a = slots.slot("a")
     assert slots.slot("a") is a and a.total_tokens == 2
-    slots.resize(0)
+    slots.resize(1)
     assert a.total_tokens == 1
+    slots.resize(0)  # 0: no pooling, and no cap either
+    assert a.total_tokens == float("inf")
     assert slots.in_use("a") == 0 and slots.in_use("never") == 0
 
 

@@ -59,7 +59,8 @@ class Filling(EngineParts):
     def _window(self) -> Window:
         """A read-ahead window for a new reader (see :mod:`mcc.engine.readahead`)."""
         lim = self.config.limits
-        ceiling = min(lim.max_parallel_fetches, max(lim.upstream_connections_per_host, 1)) - 1
+        per_host = lim.upstream_connections_per_host or lim.max_parallel_fetches  # 0: no cap
+        ceiling = min(lim.max_parallel_fetches, per_host) - 1
         return Window(self.config.readahead_blocks, ceiling, trio.current_time())
 
     def _claim_ahead(

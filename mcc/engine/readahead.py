@@ -35,6 +35,8 @@ tested with made-up clocks.
 
 from __future__ import annotations
 
+import math
+
 import attrs
 import trio
 
@@ -141,15 +143,20 @@ def host_of(url: str) -> str:
     return url.partition("://")[2].partition("/")[0].partition("?")[0].lower()
 
 
+def _tokens(per_host: int) -> float:
+    return per_host if per_host > 0 else math.inf
+
+
 class HostSlots:
     """At most ``per_host`` upstream requests in flight per origin host at once.
 
     Args:
-      per_host: the cap (``limits.upstream_connections_per_host``; 0 means 1).
+      per_host: the cap (``limits.upstream_connections_per_host``; 0: no cap, as 0
+        also means no pooling).
     """
 
     def __init__(self, per_host: int) -> None:
-        self.per_host = max(per_host, 1)
+        self.per_host = _tokens(per_host)
         self._hosts: dict[str, trio.CapacityLimiter] = {}
 
     def slot(self, host: str) -> trio.CapacityLimiter:
@@ -163,7 +170,7 @@ class HostSlots:
 
     def resize(self, per_host: int) -> None:
         """Take a reloaded cap (requests in flight keep their slots)."""
-        self.per_host = max(per_host, 1)
+        self.per_host = _tokens(per_host)
         for limiter in self._hosts.values():
             limiter.total_tokens = self.per_host
 
