@@ -10,6 +10,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 from hypothesis import given, settings
@@ -201,3 +202,31 @@ async def test_upstream_connections_per_host_never_exceeds_the_cap(
     assert origin.max_open_connections <= cap
     assert origin.max_in_flight <= cap
     assert origin.max_in_flight >= 2  # the test did run fetches side by side
+
+
+async def test_a_reload_resizes_the_per_host_cap(origin: Origin, tmp_path: Path) -> None:
+    # SIGHUP hands the engine a new config: fills from then on get the new cap (two
+    # readers of two objects, no read-ahead: only the cap keeps them to one connection)
+    bodies = {f"/r{i}.bin": os.urandom(6 * 64 * KiB) for i in range(2)}
+    for path, body in bodies.items():
+        origin.put(path, body)
+        origin.faults[path] = Fault(body_delay=0.002)
+    origin.chunk_size = 16 * KiB
+    async with open_test_cache(
+        origin, tmp_path, readahead_blocks=0, limits={"upstream_connections_per_host": 8}
+    ) as cache:
+        config = attrs.evolve(
+            cache.config, limits=attrs.evolve(cache.config.limits, upstream_connections_per_host=1)
+        )
+        cache.reconfigure(config)
+        got: dict[str, bytes] = {}
+
+        async def read(path: str) -> None:
+            got[path] = await collect(cache.read(origin.url(path)))
+
+        async with trio.open_nursery() as nursery:
+            for path in bodies:
+                nursery.start_soon(read, path)
+        await cache.wait_idle()
+    assert got == bodies
+    assert origin.max_open_connections == 1
