@@ -230,3 +230,11 @@ async def test_a_reload_resizes_the_per_host_cap(origin: Origin, tmp_path: Path)
         await cache.wait_idle()
     assert got == bodies
     assert origin.max_open_connections == 1
+
+
+def test_a_window_that_is_off_never_changes() -> None:
+    # one-block reads share one window: stepping it must leave it as it was
+    window = Window(0, 0)
+    for i in range(50):
+        window.step(float(i), starved=True, fill_seconds=1.0)
+    assert (window.depth, window.grown_by, window.held, window.off) == (0, 0, 0, True)

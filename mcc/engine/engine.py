@@ -356,7 +356,7 @@ class Cache(Discovering):
             return
         stored = self.store.block_map(meta, wanted.start, wanted.stop - 1)
         claims: dict[int, Flight] = {}
-        window = self._window()
+        window = self._window(len(wanted))
         from_cache = from_upstream = 0
         joined = False  # waited on a fetch another reader started
         try:

@@ -46,6 +46,10 @@ _BACKOFF_BASE = 0.1
 _BACKOFF_CAP = 2.0
 
 
+# The window of one-block reads (most requests): read-ahead off, so never changed.
+_ONE_BLOCK = Window(0, 0)
+
+
 def backoff(attempt: int) -> float:
     """Seconds to wait before retry number ``attempt`` (0-based)."""
     return float(min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempt))
@@ -56,8 +60,11 @@ class Filling(EngineParts):
 
     # -- claims: plain synchronous bookkeeping, no await between look and change -----
 
-    def _window(self) -> Window:
-        """A read-ahead window for a new reader (see :mod:`mcc.engine.readahead`)."""
+    def _window(self, blocks: int) -> Window:
+        """A read-ahead window for a new reader of ``blocks`` blocks (see
+        :mod:`mcc.engine.readahead`); a one-block read shares one that is off."""
+        if blocks <= 1:
+            return _ONE_BLOCK
         lim = self.config.limits
         per_host = lim.upstream_connections_per_host or lim.max_parallel_fetches  # 0: no cap
         ceiling = min(lim.max_parallel_fetches, per_host) - 1
