@@ -15,20 +15,17 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
-from contextlib import aclosing, asynccontextmanager
-from pathlib import Path
-from typing import Any
+from collections.abc import AsyncGenerator, Callable, Sequence
+from contextlib import aclosing
 
 import attrs
 import trio
 
-from ..config import Config, Drive, structure_config
+from ..config import Config
 from ..errors import BadRequest, RangeNotSatisfiable, UpstreamError
 from ..policy import age, freshness_lifetime, may_serve_stale
-from ..store.blobs import BlobStore, DriveInfo
+from ..store.blobs import BlobStore
 from ..store.index import Index
-from ..store.lock import lock_drives
 from ..store.records import ObjectMeta
 from ..store.store import Store
 from ..upstream.client import DEFAULT_PORTS, Upstream, parse_url
@@ -36,7 +33,7 @@ from .blocks import block_bounds, block_count, blocks_for_range
 from .discovery import Discovering
 from .flight import FileSlice, Flight
 
-__all__ = ["Cache", "FileSlice", "Lookup", "ObjectInfo", "Statistics", "open_cache"]
+__all__ = ["Cache", "FileSlice", "Lookup", "ObjectInfo", "Statistics"]
 
 log = logging.getLogger("mcc.engine")
 
@@ -96,7 +93,7 @@ class Statistics:
 
 
 class Cache(Discovering):
-    """The cache engine. Make one with :func:`open_cache`.
+    """The cache engine. Make one with :func:`mcc.engine.opening.open_cache`.
 
     Args:
       config: the node's configuration.
@@ -418,69 +415,3 @@ def _pread_all(s: FileSlice) -> bytes:
     if len(out) != s.length:
         raise UpstreamError(f"blob is shorter than expected ({len(out)} < {s.length} bytes)")
     return out
-
-
-def drive_infos(drives: tuple[Drive, ...]) -> list[DriveInfo]:
-    """The store's view of the configured drives."""
-    return [DriveInfo(Path(d.path), d.max_size, d.min_free) for d in drives]
-
-
-@asynccontextmanager
-async def open_cache(config: Config | None = None, **overrides: Any) -> AsyncIterator[Cache]:
-    """Open a cache for use as a library.
-
-    Args:
-      config: a full :class:`~mcc.config.Config`; or None for the defaults.
-      **overrides: config keys to change (``block_size=``, ``allow_origins=`` ...);
-        ``cache_dir=`` is short for one drive at that folder.
-
-    Yields:
-      The :class:`Cache`; its fetches stop when the block exits.
-
-    Raises:
-      ConfigError: a bad override, one line per problem.
-    """
-    if overrides or config is None:
-        raw: dict[str, Any] = {}
-        if config is not None:
-            raw = _config_as_raw(config)
-        cache_dir = overrides.pop("cache_dir", None)
-        if cache_dir is not None:
-            raw["drives"] = [{"path": str(cache_dir)}]
-        raw.update(overrides)
-        config = structure_config(raw)
-    # one process per cache directory (raises CacheLocked naming the holder's PID)
-    with lock_drives(Path(d.path) for d in config.drives):
-        async with _opened(config) as cache:
-            yield cache
-
-
-@asynccontextmanager
-async def _opened(config: Config) -> AsyncIterator[Cache]:
-    store = Store(
-        drive_infos(config.drives),
-        block_size=config.block_size,
-        verify_on_read=config.verify_on_read,
-    )
-    upstream = Upstream(config)
-    try:
-        async with trio.open_nursery() as nursery:
-            cache = Cache(config, nursery, store=store, upstream=upstream)
-            nursery.start_soon(store.run_maintenance)
-            nursery.start_soon(upstream.peers.run)
-            try:
-                yield cache
-            finally:
-                nursery.cancel_scope.cancel()
-    finally:
-        with trio.CancelScope(shield=True):
-            await upstream.aclose()
-        store.close()
-
-
-def _config_as_raw(config: Config) -> dict[str, Any]:
-    import tomllib
-
-    from ..config import config_to_toml
-
-    return dict(tomllib.loads(config_to_toml(config)))
