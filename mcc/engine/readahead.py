@@ -11,7 +11,9 @@ and end in bursts, so a shorter epoch measures the burst, not the rate):
   client, set the pace. When an epoch saw a starved block, ``depth`` grows by one
   (an origin that limits each connection, as a CDN edge over a WAN does, then sends
   one connection's worth more);
-- the epoch after a growth is compared with the one before it: unless blocks came
+- the epoch after a growth is compared with the one before it, by each fill's own
+  rate (claim to last byte) times the fills in flight, which averages whole fills
+  where the reader's pace comes in bursts: unless blocks came
   at least ``_GAIN`` faster, the extra connection bought nothing (the link, the
   origin or this node's CPU is the limit), so ``depth`` steps back and holds for
   ``_HOLD`` epochs before it may try again (conditions change; one noisy epoch
@@ -27,7 +29,9 @@ request claims only its own blocks (read-ahead stays inside the range asked), so
 parallelism is the client's, and what keeps the origin safe is :class:`HostSlots`:
 every block fetch and discovery takes a slot of its origin host, at most
 ``upstream_connections_per_host`` at once (the pool keeps no more idle than that
-either, so the connections one host sees for cached objects stay within the cap).
+either, so the connections one host sees for cached objects stay within the cap;
+requests forwarded uncached, such as a POST or a ``no-store`` answer, do not take
+slots).
 
 The window is plain synchronous arithmetic on times it is given (sans-I/O), so it is
 tested with made-up clocks.
