@@ -24,6 +24,8 @@ _LIMIT_FLOORS = (
     ("max_upstream_fetches", 1),
     ("max_misses_per_client", 1),
     ("max_buffer_memory", 4 * 1024 * 1024),
+    ("max_variants", 0),
+    ("scrub_rate", 0),
     ("max_parallel_fetches", 1),
 )
 
@@ -50,13 +52,16 @@ def check_config(config: Config) -> list[str]:
     if not 0 <= config.readahead_blocks <= 64:
         problems.append(f"readahead_blocks: {config.readahead_blocks} is not between 0 and 64")
     problems += _check_hosts(config)
-    if not config.node_id or not all(c.isalnum() or c in "-_." for c in config.node_id):
+    if not config.node_id or not all(c.isalnum() or c in "-_.:" for c in config.node_id):
         problems.append(
-            f"node_id: {config.node_id!r} must be letters, digits, '-', '_' or '.' (a Via token)"
+            f"node_id: {config.node_id!r} must be letters, digits, '-', '_', '.' or ':'"
+            " (a Via token)"
         )
     for name in attrs.fields_dict(Timeouts):
         value = getattr(config.timeouts, name)
-        if value <= 0:
+        if name == "min_rate" and value < 0:  # (0: no floor)
+            problems.append(f"timeouts.{name}: {value} must not be negative")
+        elif name != "min_rate" and value <= 0:
             problems.append(f"timeouts.{name}: {value} must be more than zero")
     for i, rule in enumerate(config.refresh_patterns):
         if not rule.match:

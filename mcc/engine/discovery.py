@@ -20,6 +20,7 @@ import logging
 import time
 from collections.abc import Sequence
 
+import attrs
 import trio
 
 from .. import policy
@@ -27,9 +28,11 @@ from ..errors import NotCacheable, Refused, UpstreamError
 from ..store.records import ObjectMeta
 from ..upstream.fetch import Conditions, Fetched
 from ..upstream.peers import peer_request
-from .fill import Filling, backoff
+from ..upstream.progress import Stalled
+from .fill import MAX_ROUTE_MOVES, backoff
 from .flight import Fetch
 from .readahead import host_of
+from .variants import Varies, Varying
 
 __all__ = ["Discovering", "Discovery"]
 
@@ -54,6 +57,7 @@ class Discovery:
         self.meta: ObjectMeta | None = None
         self.error: Exception | None = None
         self.outcome = "miss"  # or "revalidated" (304) or "changed" (a new version)
+        self.upstream_status = 0  # the status of upstream's answer (304, 200, 206...)
 
     async def wait(self) -> ObjectMeta:
         await self.done.wait()
@@ -62,12 +66,14 @@ class Discovery:
         assert self.error is not None
         if isinstance(self.error, UpstreamError):
             raise type(self.error)(str(self.error), status_hint=self.error.status_hint)
+        if isinstance(self.error, Varies):
+            raise Varies(self.error.names)
         if isinstance(self.error, NotCacheable):
             raise NotCacheable(str(self.error))
         raise UpstreamError(f"discovery failed: {self.error}")
 
 
-class Discovering(Filling):
+class Discovering(Varying):
     """The engine's discoveries (see the module)."""
 
     def _init_discovery(self) -> None:
@@ -127,12 +133,13 @@ class Discovering(Filling):
             url = stale.fetch_url  # where it lives (after redirects)
         retries = self.config.limits.upstream_retries
         attempt = 0
+        avoid: set[str] = set()  # routes abandoned as stalled
         try:
             while True:
                 try:
                     try:
                         await self._discover_once(
-                            url, key, hint * B, B, disc, via, stale, conditions, reader
+                            url, key, hint * B, B, disc, via, stale, conditions, reader, avoid
                         )
                     except _Unsatisfied as unsatisfied:
                         # the block asked for lies past the end (or the object is
@@ -142,13 +149,25 @@ class Discovering(Filling):
                         disc.meta = meta
                     return
                 except UpstreamError as exc:
+                    moved = (
+                        isinstance(exc, Stalled)
+                        and exc.route is not None
+                        and exc.route not in avoid
+                        and len(avoid) < MAX_ROUTE_MOVES
+                    )
                     if (
                         disc.done.is_set()
-                        or attempt == retries
+                        or (attempt == retries and not moved)
                         or isinstance(exc, Refused)
                         or exc.status_hint == 508  # a redirect loop: asking again loops again
+                        or (isinstance(exc, Stalled) and not moved)  # no route left
                     ):
                         raise
+                    if moved:  # the next route, at once (no retry spent)
+                        assert isinstance(exc, Stalled) and exc.route is not None
+                        avoid.add(exc.route)
+                        log.info("%s; discovering %s on the next route", exc, url)
+                        continue
                     log.info("retrying discovery of %s after: %s", url, exc)
                     await trio.sleep(backoff(attempt))
                     attempt += 1
@@ -180,15 +199,25 @@ class Discovering(Filling):
         stale: ObjectMeta | None,
         conditions: Conditions,
         reader: object | None,
+        avoid: set[str],
     ) -> None:
         block = asked // B if disc.via_peer else None
         fetch_cm = self.fetcher.fetch(
-            url, asked, asked + B - 1, conditions=conditions, via=via, block=block
+            url,
+            asked,
+            asked + B - 1,
+            conditions=conditions,
+            via=via,
+            block=block,
+            extra=policy.selecting_fields(key),
+            avoid=avoid,
         )
         async with self._fetch_slots, self._host_slots.slot(host_of(url)), fetch_cm as got:
             self.counters.upstream_fetches += 1
+            disc.upstream_status = got.status
+            now = time.time()
             if got.status == 304 and stale is not None:
-                meta = policy.refreshed(stale, got.headers, time.time())
+                meta = policy.refreshed(stale, got.headers, now)
                 self._adopt(meta)
                 disc.meta, disc.outcome = meta, "revalidated"
                 disc.done.set()
@@ -200,7 +229,10 @@ class Discovering(Filling):
                 raise UpstreamError(f"{url}: upstream answered {got.status} to revalidation")
             meta = self._record(key, got, B)
             if stale is not None and meta.version == stale.version:
-                disc.outcome = "revalidated"  # upstream resent the same version
+                # upstream resent the same version: its fields update the stored ones
+                # (RFC 9111 s3.2), the blocks stay
+                meta = attrs.evolve(policy.refreshed(stale, got.headers, now), fetch_url=got.url)
+                disc.outcome = "revalidated"
             elif stale is not None:
                 disc.outcome = "changed"
             self._adopt(meta)
@@ -217,17 +249,24 @@ class Discovering(Filling):
                     self._end_fetch(meta, fetch)
                     raise
         # out of the response (and its upstream slot): resume what the body left undone
-        await self._resume(meta, fetch, via, broken)
+        if isinstance(broken, Stalled) and broken.route is not None:
+            avoid.add(broken.route)
+        await self._resume(meta, fetch, via, broken, frozenset(avoid))
 
     async def _resume(
-        self, meta: ObjectMeta, fetch: Fetch, via: tuple[str, ...], broken: UpstreamError | None
+        self,
+        meta: ObjectMeta,
+        fetch: Fetch,
+        via: tuple[str, ...],
+        broken: UpstreamError | None,
+        avoid: frozenset[str] = frozenset(),
     ) -> None:
         try:
             if broken is not None and not fetch.cancel_scope.cancel_called:
                 log.info("resuming %s after: %s", meta.source, broken)
                 fetch.cancel_scope = trio.CancelScope()  # a scope is entered only once
                 with fetch.cancel_scope:
-                    await self._fetch_with_retries(meta, fetch, via)
+                    await self._fetch_with_retries(meta, fetch, via, avoid)
         finally:
             self._end_fetch(meta, fetch)
 
@@ -240,6 +279,11 @@ class Discovering(Filling):
         refusal = policy.refusal(got.status, got.headers)
         if refusal is not None:
             raise NotCacheable(refusal)
+        names = policy.vary_names(got.headers)
+        if names and names != policy.variant_names(key):
+            raise Varies(names)  # the lookup asks again for the request's variant
+        if names:
+            self._admit_variant(key)
         if got.size is None:
             raise NotCacheable("upstream sent no Content-Length")
         return policy.record(
@@ -254,8 +298,9 @@ class Discovering(Filling):
     async def _discover_by_head(
         self, url: str, key: str, size: int | None, block_size: int, via: tuple[str, ...]
     ) -> ObjectMeta:
+        head = self.fetcher.head(url, via=via, extra=policy.selecting_fields(key))
         host = self._host_slots.slot(host_of(url))
-        async with self._fetch_slots, host, self.fetcher.head(url, via=via) as got:
+        async with self._fetch_slots, host, head as got:
             self.counters.upstream_fetches += 1
             meta = self._record(key, got, block_size)
         if size is not None and size != meta.size:

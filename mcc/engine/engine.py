@@ -22,8 +22,9 @@ import attrs
 import trio
 
 from ..config import Config
-from ..errors import BadRequest, RangeNotSatisfiable, UpstreamError
+from ..errors import BadRequest, NotCacheable, RangeNotSatisfiable, UpstreamError
 from ..policy import age, freshness_lifetime, may_serve_stale
+from ..policy import object_key as policy_object_key
 from ..store.blobs import BlobStore
 from ..store.index import Index
 from ..store.records import ObjectMeta
@@ -32,6 +33,7 @@ from ..upstream.client import DEFAULT_PORTS, Upstream, parse_url
 from .blocks import block_bounds, block_count, blocks_for_range
 from .discovery import Discovering
 from .flight import FileSlice, Flight
+from .variants import Varies
 
 __all__ = ["Cache", "FileSlice", "Lookup", "ObjectInfo", "Statistics"]
 
@@ -71,6 +73,7 @@ class Lookup:
 
     meta: ObjectMeta
     outcome: str
+    upstream_status: int = 0  # the status of upstream's answer, when it was asked
 
 
 @attrs.frozen
@@ -181,6 +184,8 @@ class Cache(Discovering):
         first_byte: int | None = None,
         via: Sequence[str] = (),
         reader: object | None = None,
+        request: Sequence[tuple[str, str]] = (),
+        _again: bool = True,
     ) -> Lookup:
         """The record of ``url``'s current version, asking upstream when the object is
         unknown (discovery) or stale (revalidation), and how it was obtained.
@@ -193,18 +198,15 @@ class Cache(Discovering):
             forwarding loop through other caches is detected).
           reader: any object naming the request, passed to :meth:`segments` too; the
             block a discovery fetches then counts as this reader's own, not a join.
+          request: the request's header fields (selecting a variant, RFC 9111 s4.1).
 
         Raises:
           BadRequest: the URL is not allowed (403) or malformed (400).
           NotCacheable: upstream's answer must not be stored; forward instead.
           UpstreamError: upstream failed (and no stale copy may stand in).
         """
-        key = self.resolve(url)
-        meta = self._metas.get(key)
-        if meta is None:
-            meta = self.store.get_object(key)
-            if meta is not None:
-                self._metas.put(meta)
+        key = self._variant_of(self.resolve(url), request)
+        meta = self._record_of(key)
         if first_byte is not None:
             size = meta.block_size if meta is not None else self.config.block_size
             hint_block = first_byte // size
@@ -217,6 +219,14 @@ class Cache(Discovering):
         disc = self._discovery_for(url, key, hint_block, via, meta, reader)
         try:
             found = await disc.wait()
+        except Varies as varies:  # the first answer varies: ask for this request's variant
+            if not _again:
+                raise NotCacheable(str(varies)) from None
+            self._mark_varying(policy_object_key(key), varies.names)
+            return await self.lookup(
+                url, first_byte=first_byte, hint_block=hint_block, via=via, reader=reader,
+                request=request, _again=False,
+            )  # fmt: skip
         except UpstreamError:
             rules = self.config.refresh_patterns
             if meta is not None and may_serve_stale(
@@ -226,7 +236,7 @@ class Cache(Discovering):
                 return Lookup(meta, "stale")
             raise
         await self._wait_peer_discovery(key, disc)
-        return Lookup(found, disc.outcome)
+        return Lookup(found, disc.outcome, disc.upstream_status)
 
     def _fresh_until(self, meta: ObjectMeta) -> float:
         """When ``meta`` stops being fresh (memoised: parsing dates on every hit costs)."""
@@ -310,6 +320,9 @@ class Cache(Discovering):
     async def purge(self, url: str) -> bool:
         """Forget ``url`` and delete its blobs no other object shares; True if it was stored."""
         key = self.resolve(url)
+        for variant in self._variants(key):
+            self._metas.pop(variant)
+            await self.store.forget_object(variant)
         self._metas.pop(key)
         return await self.store.forget_object(key)
 

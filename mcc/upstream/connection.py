@@ -54,6 +54,7 @@ HOP_BY_HOP = frozenset(
         "connection",
         "keep-alive",
         "proxy-authenticate",
+        "proxy-authentication-info",
         "proxy-authorization",
         "proxy-connection",
         "te",
@@ -108,6 +109,8 @@ class Connection:
         self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
         self.reused = False
         self.reusable_fresh = False  # a body read past h11 ended cleanly
+        self.keep_alive = True  # the last response allows another request
+        self.idle_since = 0.0  # when it went into the pool (time.monotonic)
 
     async def send(self, event: h11.Event) -> None:
         data = self.h11.send(event)
@@ -149,13 +152,30 @@ class UpstreamResponse:
         self.route = route
         self.status = response.status_code
         self.reason = response.reason.decode("latin-1")
+        # RFC 9110 s7.6.1: hop-by-hop fields go, and so does every field Connection names
+        named = {
+            n.strip().lower()
+            for k, v in response.headers
+            if k == b"connection"
+            for n in v.decode("latin-1").split(",")
+        }
         self.headers = [
             (k.decode("latin-1"), v.decode("latin-1"))
             for k, v in response.headers
-            if k.decode("latin-1") not in HOP_BY_HOP
+            if k.decode("latin-1") not in HOP_BY_HOP and k.decode("latin-1") not in named
         ]
         self._timeout = timeout
         self.complete = False
+        # RFC 9112 s9.3: HTTP/1.0 closes unless asked otherwise (h11 never keeps a 1.0
+        # connection), and "Connection: close" closes; h11 knows this for the bodies it
+        # frames, a body read past h11 (below) must remember it here
+        tokens = {
+            t.strip().lower()
+            for k, v in response.headers
+            if k.lower() == b"connection"
+            for t in v.split(b",")
+        }
+        conn.keep_alive = response.http_version == b"1.1" and b"close" not in tokens
         # Bodies framed by Content-Length are read straight from the socket, past h11:
         # h11 would copy each piece twice more (its receive buffer, then the event).
         # h11 is replaced by a fresh connection object once the body is complete.
@@ -276,7 +296,7 @@ class UpstreamResponse:
         self._direct_remaining = None
         # reusable only when nothing followed the body (we never pipeline upstream)
         self._conn.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
-        self._conn.reusable_fresh = not leftover
+        self._conn.reusable_fresh = not leftover and self._conn.keep_alive
 
     async def iter_body(self) -> AsyncIterator[bytes]:
         """Every remaining piece of the body."""
