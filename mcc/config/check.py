@@ -26,6 +26,7 @@ _LIMIT_FLOORS = (
     ("max_buffer_memory", 4 * 1024 * 1024),
     ("max_variants", 0),
     ("scrub_rate", 0),
+    ("max_parallel_fetches", 1),
 )
 
 

@@ -147,7 +147,9 @@ class Config:
         4,
         flag="--readahead-blocks",
         metavar="N",
-        help="blocks a sequential reader keeps in flight ahead of itself (0-64)",
+        help="blocks a sequential reader keeps in flight ahead of itself at first (0-64; 0: off)",
+        doc="blocks kept in flight ahead of a sequential reader to start with (0-64; 0 "
+        "turns read-ahead off; it grows up to `max_parallel_fetches`)",
     )
     allow_origins: tuple[str, ...] = knob(
         DEFAULT_ALLOW_ORIGINS,

@@ -141,7 +141,9 @@ class Limits:
         16,
         flag="--upstream-connections-per-host",
         metavar="N",
-        help="idle keep-alive connections kept per upstream",
+        help="fills in flight per origin host (more wait), and idle keep-alive connections kept",
+        doc="block fetches and discoveries in flight per origin host at once (more wait), "
+        "and idle upstream keep-alive connections kept (0: no pooling and no cap)",
     )
     max_orphan_flights: int = knob(
         16,
@@ -184,4 +186,14 @@ class Limits:
         doc="variants stored per URL when responses vary on request fields (`Vary`, RFC "
         "9111 section 4.1); requests for more variants are forwarded unstored; `0` stores "
         "no varying response",
+    )
+    max_parallel_fetches: int = knob(
+        8,
+        flag="--max-parallel-fetches",
+        metavar="N",
+        help="blocks one sequential reader may have in flight (read-ahead grows to it)",
+        doc="blocks one sequential reader may have in flight: read-ahead starts at "
+        "`readahead_blocks` and grows while the reader waits on upstream and more "
+        "connections bring blocks faster (never beyond this, nor "
+        "`upstream_connections_per_host`)",
     )

@@ -31,6 +31,7 @@ from ..upstream.peers import peer_request
 from ..upstream.progress import Stalled
 from .fill import MAX_ROUTE_MOVES, backoff
 from .flight import Fetch
+from .readahead import host_of
 from .variants import Varies, Varying
 
 __all__ = ["Discovering", "Discovery"]
@@ -211,7 +212,7 @@ class Discovering(Varying):
             extra=policy.selecting_fields(key),
             avoid=avoid,
         )
-        async with self._fetch_slots, fetch_cm as got:
+        async with self._fetch_slots, self._host_slots.slot(host_of(url)), fetch_cm as got:
             self.counters.upstream_fetches += 1
             disc.upstream_status = got.status
             now = time.time()
@@ -298,7 +299,8 @@ class Discovering(Varying):
         self, url: str, key: str, size: int | None, block_size: int, via: tuple[str, ...]
     ) -> ObjectMeta:
         head = self.fetcher.head(url, via=via, extra=policy.selecting_fields(key))
-        async with self._fetch_slots, head as got:
+        host = self._host_slots.slot(host_of(url))
+        async with self._fetch_slots, host, head as got:
             self.counters.upstream_fetches += 1
             meta = self._record(key, got, block_size)
         if size is not None and size != meta.size:

@@ -2,7 +2,8 @@
 
 Theory of operation: a reader that needs block ``i`` of a record either finds it
 stored, joins the :class:`~mcc.engine.flight.Flight` already fetching it, or starts
-one (plus up to ``readahead_blocks`` further blocks, each its own fetch). A
+one (plus further blocks as its read-ahead window says, each its own fetch:
+:mod:`mcc.engine.readahead`; every fetch takes a slot of its origin host). A
 :class:`~mcc.engine.flight.Fetch` is one upstream request filling consecutive
 flights; it runs as a task in the engine's nursery, never a reader's, so a reader
 hanging up cannot fail the others. The body comes from
@@ -39,6 +40,7 @@ from ..upstream.progress import Stalled
 from .blocks import block_bounds
 from .flight import Fetch, Flight, FlightKey
 from .parts import EngineParts, Stream
+from .readahead import Window, host_of
 
 __all__ = ["MAX_RANGELESS", "MAX_ROUTE_MOVES", "Filling"]
 
@@ -57,6 +59,10 @@ MAX_ROUTE_MOVES = 8
 MAX_RANGELESS = 4096
 
 
+# The window of one-block reads (most requests): read-ahead off, so never changed.
+_ONE_BLOCK = Window(0, 0)
+
+
 def backoff(attempt: int) -> float:
     """Seconds to wait before retry number ``attempt`` (0-based)."""
     return float(min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempt))
@@ -67,6 +73,16 @@ class Filling(EngineParts):
 
     # -- claims: plain synchronous bookkeeping, no await between look and change -----
 
+    def _window(self, blocks: int) -> Window:
+        """A read-ahead window for a new reader of ``blocks`` blocks (see
+        :mod:`mcc.engine.readahead`); a one-block read shares one that is off."""
+        if blocks <= 1:
+            return _ONE_BLOCK
+        lim = self.config.limits
+        per_host = lim.upstream_connections_per_host or lim.max_parallel_fetches  # 0: no cap
+        ceiling = min(lim.max_parallel_fetches, per_host) - 1
+        return Window(self.config.readahead_blocks, ceiling, trio.current_time())
+
     def _claim_ahead(
         self,
         meta: ObjectMeta,
@@ -76,14 +92,16 @@ class Filling(EngineParts):
         claims: dict[int, Flight],
         via: Sequence[str],
         reader: object | None,
+        ahead: int,
     ) -> bool:
-        """Make sure blocks ``idx..idx+readahead`` (up to ``last``) are stored or claimed.
+        """Make sure blocks ``idx..idx+ahead`` (up to ``last``) are stored or claimed
+        (``ahead``: the reader's :class:`~mcc.engine.readahead.Window` depth).
 
         Returns:
           True when a flight another reader started was joined.
         """
         joined = False
-        for j in range(idx, min(last, idx + self.config.readahead_blocks) + 1):
+        for j in range(idx, min(last, idx + ahead) + 1):
             if j in stored or j in claims:
                 continue
             if self._flights.get(FlightKey(meta.key, meta.version, j)) is None:
@@ -206,6 +224,7 @@ class Filling(EngineParts):
             try:
                 async with (
                     self._fetch_slots,
+                    self._host_slots.slot(host_of(meta.source)),
                     self.fetcher.fetch(
                         meta.source,
                         start,

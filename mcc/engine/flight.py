@@ -105,6 +105,8 @@ class Flight:
         self.fetch: Fetch | None = None
         self._changed = trio.Event()
         self.settled = trio.Event()  # set when it leaves the table (stored or failed)
+        self.born = trio.current_time()  # for the read-ahead's per-connection rate
+        self.filled_at: float | None = None  # when its last byte arrived
 
     @property
     def complete(self) -> bool:
@@ -133,6 +135,8 @@ class Flight:
         if self.memory is not None:
             self.memory += data
         self.filled = end
+        if end >= self.length:
+            self.filled_at = trio.current_time()
         self._wake()
 
     def _to_memory(self, why: OSError) -> None:

@@ -22,6 +22,7 @@ from ..store.store import Store
 from ..upstream.client import Upstream
 from ..upstream.fetch import Fetcher
 from .flight import Fetch, Flight, FlightTable, MemoryBudget
+from .readahead import HostSlots
 from .scrub import Scrub
 
 __all__ = ["EngineCounters", "EngineParts", "RecordMemo", "Stream"]
@@ -128,6 +129,8 @@ class EngineParts:
         self.scrub: Scrub | None = None  # the background scrub, once the engine runs
         # a cap on upstream requests in flight (hostile or bursty clients); more wait
         self._fetch_slots = trio.CapacityLimiter(config.limits.max_upstream_fetches)
+        # ... and a cap per origin host (block fetches and discoveries)
+        self._host_slots = HostSlots(config.limits.upstream_connections_per_host)
         self._tasks = 0
         self._idle = trio.Event()
         self._idle.set()
