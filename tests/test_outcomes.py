@@ -70,6 +70,21 @@ async def _partial(node: Node, origin: Origin) -> Response:
     return await get(node.port, origin.url("/partial"))
 
 
+async def _lost(node: Node, origin: Origin) -> Response:
+    """A block the index has but the disk lost (deleted behind the node's back)."""
+    origin.put("/lost", DATA, headers=(("cache-control", "max-age=3600"),))
+    url = origin.url("/lost")
+    await get(node.port, url)
+    await node.cache.wait_idle()
+    store = node.cache.store
+    meta = store.get_object(node.cache.resolve(url))
+    assert meta is not None
+    digest = store.block_map(meta, 1, 1)[1]
+    store.blobs.forget_fd(digest)
+    store.blobs.path(digest).unlink()
+    return await get(node.port, url)
+
+
 async def _revalidated(node: Node, origin: Origin) -> Response:
     origin.put("/reval", DATA, headers=(("cache-control", "max-age=0"),))
     await get(node.port, origin.url("/reval"))
@@ -121,6 +136,7 @@ CASES = [
     Case(Outcome.HIT, _hit, 200, "node; hit"),
     Case(Outcome.MISS, _miss, 200, "node; fwd=miss; stored"),
     Case(Outcome.PARTIAL, _partial, 200, "node; fwd=partial; stored"),
+    Case(Outcome.PARTIAL, _lost, 200, "node; fwd=partial; stored"),
     Case(Outcome.REVALIDATED, _revalidated, 200, "node; fwd=stale; fwd-status=304"),
     Case(Outcome.STALE, _stale, 200, "node; hit; detail=stale-if-error"),
     Case(Outcome.PASS, _pass, 200, "node; fwd=uri-miss"),
@@ -133,7 +149,7 @@ def test_every_outcome_has_a_case() -> None:
     assert {c.outcome for c in CASES} == set(Outcome)
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.outcome.value for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=[c.run.__name__.strip("_") for c in CASES])
 async def test_cache_status_log_and_counters_agree(
     case: Case, origin: Origin, tmp_path: Path
 ) -> None:

@@ -253,12 +253,14 @@ class Cache(Discovering):
 
     def coverage(self, meta: ObjectMeta, spans: Sequence[tuple[int, int]]) -> str:
         """``hit``, ``miss`` or ``partial``: how much of the inclusive byte ``spans``
-        of ``meta`` is stored."""
+        of ``meta`` is stored and readable (decided before the head goes out, so a
+        block lost from disk is announced as fetched, not as a hit)."""
         wanted = stored = 0
         for start, end in spans:
             blocks = blocks_for_range(start, end, meta.block_size)
             wanted += len(blocks)
-            stored += len(self.store.block_map(meta, blocks.start, blocks.stop - 1))
+            stored_blocks = self.store.block_map(meta, blocks.start, blocks.stop - 1)
+            stored += sum(1 for d in stored_blocks.values() if self.store.readable(d))
         if stored == wanted:
             return "hit"
         return "miss" if stored == 0 else "partial"

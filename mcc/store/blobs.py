@@ -178,6 +178,11 @@ class BlobStore:
         entry[1] += 1
         return entry[0]
 
+    def is_open(self, digest: str) -> bool:
+        """True when an fd of the blob is cached (its bytes readable, even if the file
+        was removed since)."""
+        return digest in self._fds
+
     def release(self, digest: str, fd: int) -> None:
         """Hand back an fd from :meth:`acquire`."""
         entry = self._fds.get(digest)
