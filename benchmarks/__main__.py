@@ -23,9 +23,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .harness import MiB, Procs, cpu_seconds, ensure_tools, make_data, rss_bytes, run_wrk
+from .harness import (
+    MiB,
+    Procs,
+    cpu_seconds,
+    ensure_tools,
+    loop_lag_ms,
+    make_data,
+    rss_bytes,
+    run_wrk,
+)
 
 HERE = Path(__file__).parent
+nan = float("nan")
 BIG = "/big.bin"
 SMALL_COUNT = 200
 SMALL_SIZE = 64 * 1024
@@ -88,13 +98,21 @@ class Suite:
 
     def wrk_measure(self, path: str, conns: int, script: str | None, env: dict[str, str]) -> Any:
         def measure(target: str) -> dict[str, float]:
+            pid = self.p.pid(target)
+            cpu0 = cpu_seconds(pid)
             res = run_wrk(self.p.port(target), path, conns, self.seconds, script, env)
+            cpu = cpu_seconds(pid) - cpu0
+            lag = loop_lag_ms(self.p.mcc_admin) if target == "mcc" else (nan, nan)
+            served_mb = res.bytes_per_s / 1e6 * max(1, round(self.seconds))
             return {
                 "MBps": res.bytes_per_s / 1e6,
                 "rps": res.requests_per_s,
                 "p50_ms": res.p50_ms,
                 "p99_ms": res.p99_ms,
                 "errors": res.errors,
+                "MB_per_cpu_s": served_mb / cpu if cpu else nan,
+                "loop_lag_p99_ms": lag[0],
+                "loop_lag_max_ms": lag[1],
             }
 
         return measure
@@ -234,7 +252,12 @@ def report(results: dict[str, Row]) -> str:
         for k in keys:
             cells = "  ".join(f"{t}={med[t][k]:.1f}" for t in med)
             ratio = ""
-            if "mcc" in med and "nginx" in med and med["nginx"][k]:
+            if (
+                "mcc" in med
+                and "nginx" in med
+                and med["nginx"][k]
+                and med["nginx"][k] == med["nginx"][k]
+            ):
                 ratio = f"  mcc/nginx={med['mcc'][k] / med['nginx'][k]:.2f}x"
             if "origin" in med and med["origin"].get(k):
                 ratio += f"  mcc/origin={med['mcc'][k] / med['origin'][k]:.2f}x"

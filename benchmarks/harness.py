@@ -26,6 +26,7 @@ __all__ = [
     "cpu_seconds",
     "ensure_tools",
     "free_port",
+    "loop_lag_ms",
     "make_data",
     "rss_bytes",
     "run_wrk",
@@ -298,6 +299,16 @@ def run_wrk(
         rps, bps, _ms(p50.group(1)) if p50 else float("nan"),
         _ms(p99.group(1)) if p99 else float("nan"), errors,
     )  # fmt: skip
+
+
+def loop_lag_ms(admin_port: int) -> tuple[float, float]:
+    """mcc's loop lag over its last 10 s (p99, max) in ms, from its /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    found = dict(
+        re.findall(r'^mcc_loop_lag_recent_seconds\{quantile="([\d.]+)"\} (\S+)$', text, re.M)
+    )
+    return float(found.get("0.99", "nan")) * 1000, float(found.get("1", "nan")) * 1000
 
 
 def cpu_seconds(pid: int) -> float:

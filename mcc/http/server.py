@@ -146,6 +146,7 @@ class Server(Responses):
         listeners = await self.listen()
         try:
             async with trio.open_nursery() as conns:
+                conns.start_soon(self.metrics.loop_lag.run)  # ends with the connections
                 async with trio.open_nursery() as accept:
                     self._accept_scope = accept.cancel_scope
                     for lst in listeners:

@@ -22,6 +22,7 @@ from typing import assert_never
 import attrs
 
 from ..origins import OriginPolicy, split_host_port
+from .looplag import LoopLag
 
 __all__ = [
     "DURATION_BUCKETS",
@@ -213,6 +214,7 @@ class Metrics:
         self.bytes_by_url: dict[str, int] = defaultdict(int)
         self._labels: dict[str, str | None] = {}
         self._history: deque[_Second] = deque(maxlen=HISTORY_SECONDS)
+        self.loop_lag = LoopLag()  # fed by the server's probe task
 
     def record(
         self, cache_status: str, nbytes: int, duration: float, host: str | None, url: str
