@@ -6,6 +6,12 @@ Starts an nginx origin, the nginx slice cache (the lancache configuration, with
 tcp_nopush and aio off) and mcc on loopback, then runs each scenario against both
 caches alternately for several rounds, reporting medians and the mcc/nginx ratio.
 Results go to ``benchmarks/results/latest.json`` and PNG plots beside it.
+
+Each wrk measurement also gives ``MB_per_cpu_s`` (bytes served per CPU-second of the
+serving process: mcc, or nginx's worker) and, for mcc, ``loop_lag_p99_ms`` and
+``loop_lag_max_ms``: the event loop's batch lengths during that run, read as the
+difference of ``mcc_loop_lag_seconds`` between two scrapes (each figure is the upper
+bound of its histogram bucket; ``inf`` past one second).
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ from .harness import (
     Procs,
     cpu_seconds,
     ensure_tools,
-    loop_lag_ms,
+    loop_lag_between,
+    loop_lag_buckets,
     make_data,
     rss_bytes,
     run_wrk,
@@ -99,10 +106,15 @@ class Suite:
     def wrk_measure(self, path: str, conns: int, script: str | None, env: dict[str, str]) -> Any:
         def measure(target: str) -> dict[str, float]:
             pid = self.p.pid(target)
+            lag0 = loop_lag_buckets(self.p.mcc_admin) if target == "mcc" else []
             cpu0 = cpu_seconds(pid)
             res = run_wrk(self.p.port(target), path, conns, self.seconds, script, env)
             cpu = cpu_seconds(pid) - cpu0
-            lag = loop_lag_ms(self.p.mcc_admin) if target == "mcc" else (nan, nan)
+            lag = (
+                loop_lag_between(lag0, loop_lag_buckets(self.p.mcc_admin))
+                if target == "mcc"
+                else (nan, nan)
+            )
             served_mb = res.bytes_per_s / 1e6 * max(1, round(self.seconds))
             return {
                 "MBps": res.bytes_per_s / 1e6,

@@ -6,6 +6,7 @@ Everything listens on 127.0.0.1 and is started and stopped by this module.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -26,7 +27,8 @@ __all__ = [
     "cpu_seconds",
     "ensure_tools",
     "free_port",
-    "loop_lag_ms",
+    "loop_lag_between",
+    "loop_lag_buckets",
     "make_data",
     "rss_bytes",
     "run_wrk",
@@ -301,14 +303,27 @@ def run_wrk(
     )  # fmt: skip
 
 
-def loop_lag_ms(admin_port: int) -> tuple[float, float]:
-    """mcc's loop lag over its last 10 s (p99, max) in ms, from its /metrics."""
+def loop_lag_buckets(admin_port: int) -> list[tuple[float, float]]:
+    """mcc's cumulative loop-lag histogram now: (upper bound in s, batches)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=10) as r:
         text = r.read().decode()
-    found = dict(
-        re.findall(r'^mcc_loop_lag_recent_seconds\{quantile="([\d.]+)"\} (\S+)$', text, re.M)
-    )
-    return float(found.get("0.99", "nan")) * 1000, float(found.get("1", "nan")) * 1000
+    pattern = r'^mcc_loop_lag_seconds_bucket\{le="([^"]+)"\} (\S+)$'
+    return [(float(le), float(n)) for le, n in re.findall(pattern, text, re.M)]
+
+
+def loop_lag_between(
+    before: list[tuple[float, float]], after: list[tuple[float, float]]
+) -> tuple[float, float]:
+    """p99 and maximum of the loop lag between two scrapes, in ms, each as the upper
+    bound of its histogram bucket (inf when past the last bound; nan with no data)."""
+    counts = [(le, a - b) for (le, a), (_, b) in zip(after, before, strict=True)]
+    total = counts[-1][1] if counts else 0
+    if not total:
+        return float("nan"), float("nan")
+    rank = math.ceil(0.99 * total)
+    p99 = next(le for le, n in counts if n >= rank)
+    top = next(le for le, n in counts if n >= total)
+    return p99 * 1000, top * 1000
 
 
 def cpu_seconds(pid: int) -> float:
