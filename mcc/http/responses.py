@@ -29,10 +29,20 @@ from ..errors import BadRequest
 from ..ops.accesslog import AccessRecord
 from ..policy import age
 from ..store.records import ObjectMeta
+from .heads import HeadTemplates
 from .protocol import END_OF_BODY, NEED_DATA, Request, ServerProtocol
 from .ranges import UNSATISFIABLE, ByteRange, content_range, if_range_matches, parse_range
 from .routing import OwnNames, route_request
-from .sendfile import SendfileBody, push, send_bytes, sendfile
+from .sendfile import (  # the closing helpers are re-exported for the server
+    ClientStream,
+    SendfileBody,
+    linger,
+    push,
+    send_bytes,
+    send_final,
+    send_quiet,
+    sendfile,
+)
 from .tls import file_pieces
 
 __all__ = [
@@ -50,10 +60,6 @@ __all__ = [
 log = logging.getLogger("mcc.http")
 
 RECEIVE_SIZE = 64 * 1024
-# After an error response: how long, and how many bytes, to keep reading before close
-# (nginx's lingering_close does the same, with 5 s).
-_LINGER_SECONDS = 2.0
-_LINGER_BYTES = 1024 * 1024
 # Bytes per send for in-memory chunks; a response is written in pieces this size so
 # the send timeout bounds the time any one piece may take (slow-reader floor).
 _SEND_PIECE = 256 * 1024
@@ -65,9 +71,6 @@ _REQUEST_HEADERS_FORWARDED_EXCLUDE = frozenset(
 
 class ClientGone(Exception):
     """The client stopped reading or closed; the connection is finished."""
-
-
-ClientStream = trio.SocketStream | trio.SSLStream[trio.SocketStream]
 
 
 class Conn:
@@ -97,6 +100,7 @@ class Responses:
 
     def __init__(self) -> None:
         self._misses: dict[str, int] = {}  # client address -> misses being answered
+        self.heads = HeadTemplates()
 
     async def _read_body(self, conn: Conn) -> AsyncIterator[bytes]:
         proto = conn.proto
@@ -131,9 +135,9 @@ class Responses:
             and not if_range_matches(if_range, meta.etag, meta.last_modified)
         ):
             ranges = None
-        headers = self._object_headers(meta)
         if ranges is UNSATISFIABLE:
             rec.status, rec.cache = 416, "hit"
+            headers = self._object_headers(meta)
             headers.append(("content-range", f"bytes */{meta.size}"))
             await self._send_simple(conn, 416, headers, b"")
             return True
@@ -141,11 +145,11 @@ class Responses:
             ranges = []
         spans = ranges or ([ByteRange(0, meta.size - 1)] if meta.size else [])
         rec.cache = self._cache_status(meta, spans)
-        headers.append(("cache-status", self._cache_status_header(rec.cache, found.outcome)))
+        status_field = self._cache_status_header(rec.cache, found.outcome)
         slot = self._miss_slot(conn.peer) if rec.cache != "hit" else contextlib.nullcontext()
         with slot:
             return await self._send_cached(
-                conn, req, meta, ranges, spans, headers, rec, via, reader
+                conn, req, meta, ranges, spans, status_field, rec, via, reader
             )
 
     @contextlib.contextmanager
@@ -175,23 +179,33 @@ class Responses:
         meta: ObjectMeta,
         ranges: list[ByteRange],
         spans: list[ByteRange],
-        headers: list[tuple[str, str]],
+        status_field: str,
         rec: AccessRecord,
         via: Sequence[str],
         reader: object,
     ) -> bool:
         head_only = req.method == "HEAD"
         if len(ranges) > 1:
+            headers = [*self._object_headers(meta), ("cache-status", status_field)]
             return await self._send_multipart(
                 conn, meta, ranges, headers, head_only, rec, via, reader
             )
         status = 206 if ranges else 200
-        if ranges:
-            headers.append(("content-range", content_range(ranges[0], meta.size)))
+        crange = content_range(ranges[0], meta.size) if ranges else None
         length = sum(r.length for r in spans)
-        headers.append(("content-length", str(length)))
         rec.status = status
-        head = conn.proto.response_head(status, headers)
+        head = None
+        if rec.cache == "hit":  # from the object's template (mcc/http/heads.py)
+            head = self.heads.hit_head(
+                conn.proto, meta, status, cache_status=status_field, content_range=crange,
+                length=length, object_headers=self._object_headers,
+            )  # fmt: skip
+        if head is None:  # built through h11
+            headers = [*self._object_headers(meta), ("cache-status", status_field)]
+            if crange is not None:
+                headers.append(("content-range", crange))
+            headers.append(("content-length", str(length)))
+            head = conn.proto.response_head(status, headers)
         if head_only or not length:
             await self._send_all(conn, head + conn.proto.end())
             return True
@@ -414,36 +428,3 @@ def _first_byte(range_header: str | None) -> int:
     first = range_header.split("=", 1)[1].split(",")[0].strip()
     start = first.split("-")[0].strip()
     return int(start) if start.isdigit() and len(start) < 19 else 0
-
-
-async def send_final(stream: ClientStream, data: bytes) -> None:
-    """Send a last response on a connection about to close; a client gone is fine."""
-    try:
-        with trio.move_on_after(_LINGER_SECONDS):
-            await stream.send_all(data)
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-        pass
-
-
-async def send_quiet(stream: ClientStream, data: bytes) -> None:
-    """Send a final response and close gently (see :func:`_linger`)."""
-    await send_final(stream, data)
-    await linger(stream)
-
-
-async def linger(stream: ClientStream) -> None:
-    """Close gently: stop sending, and read (and drop) what the client still sends for
-    a moment, so that unread request bytes do not make the kernel reset the connection
-    before the client has read the last response."""
-    try:
-        with trio.move_on_after(_LINGER_SECONDS):
-            if isinstance(stream, trio.SocketStream):  # TLS has no half-close
-                await stream.send_eof()
-            drained = 0
-            while drained < _LINGER_BYTES:
-                chunk = await stream.receive_some(65536)
-                if not chunk:
-                    break
-                drained += len(chunk)
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-        pass

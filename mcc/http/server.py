@@ -101,6 +101,7 @@ class Server(Responses):
         """Use a reloaded config for new requests (listen and node_id stay as they were);
         the TLS certificate is read again (a renewed one, or new paths)."""
         self.config = config
+        self.heads.clear()  # hit heads are formatted afresh under the new config
         if self.certificate is not None:
             try:
                 self.certificate.reload(config.tls_cert, config.tls_key)
