@@ -8,7 +8,8 @@ caches alternately for several rounds, reporting medians and the mcc/nginx ratio
 Results go to ``benchmarks/results/latest.json`` and PNG plots beside it.
 
 Each wrk measurement also gives ``MB_per_cpu_s`` (bytes served per CPU-second of the
-serving process: mcc, or nginx's worker) and, for mcc, ``loop_lag_p99_ms`` and
+serving processes: mcc and any children, or nginx's workers, as many as
+``Procs.mcc_workers``) and, for mcc, ``loop_lag_p99_ms`` and
 ``loop_lag_max_ms``: the event loop's batch lengths during that run, read as the
 difference of ``mcc_loop_lag_seconds`` between two scrapes (each figure is the upper
 bound of its histogram bucket; ``inf`` past one second).
@@ -105,11 +106,10 @@ class Suite:
 
     def wrk_measure(self, path: str, conns: int, script: str | None, env: dict[str, str]) -> Any:
         def measure(target: str) -> dict[str, float]:
-            pid = self.p.pid(target)
             lag0 = loop_lag_buckets(self.p.mcc_admin) if target == "mcc" else []
-            cpu0 = cpu_seconds(pid)
+            cpu0 = self.p.cpu_seconds(target)
             res = run_wrk(self.p.port(target), path, conns, self.seconds, script, env)
-            cpu = cpu_seconds(pid) - cpu0
+            cpu = self.p.cpu_seconds(target) - cpu0
             lag = (
                 loop_lag_between(lag0, loop_lag_buckets(self.p.mcc_admin))
                 if target == "mcc"
@@ -347,6 +347,17 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--big-size", type=int, default=1024, help="big file size in MiB")
     run.add_argument("--work", type=Path, default=HERE / "work")
     run.add_argument("--out", type=Path, default=HERE / "results")
+    run.add_argument(
+        "--mcc-source",
+        type=Path,
+        default=None,
+        help="run mcc from this checkout (e.g. a worktree of main, for before/after)",
+    )
+    run.add_argument(
+        "--access-log",
+        action="store_true",
+        help="both caches write access logs (nginx with buffer=64k flush=1s)",
+    )
     args = parser.parse_args(argv)
     chosen = SCENARIOS if args.scenario == "all" else tuple(args.scenario.split(","))
     ensure_tools()
@@ -355,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     big_size = args.big_size * MiB
     www = make_data(args.work, big_size, SMALL_COUNT, SMALL_SIZE)
     started = time.time()
-    with Procs(args.work, www) as procs:
+    with Procs(args.work, www, mcc_source=args.mcc_source, access_logs=args.access_log) as procs:
         procs.start_mcc(fresh=True)
         procs.start_nginx_cache(fresh=True)
         suite = Suite(procs, args.rounds, args.seconds, big_size)
