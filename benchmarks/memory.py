@@ -105,7 +105,7 @@ def main() -> None:
             before = settle(sample, 1.0)
             targets = [f"/big.bin?client={i}" for i in range(args.clients)]
             alive, peak = trio.run(hold_clients, procs.mcc_port, targets, args.hold, sample)
-            after = settle(sample, 5.0)
+            after = settle(sample, 12.0)
     row = {
         "clients": args.clients,
         "object_size": size,

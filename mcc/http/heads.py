@@ -5,7 +5,8 @@ normalises every field on every response, about a seventh of a small hit's time.
 A stored object's fields (validators, type, the replayed header fields) only change
 with a new version or a revalidation, so :class:`HeadTemplates` formats them once
 per (object, version, fetch time) as canonical-case bytes, and each hit adds what
-varies: status line, Date, Server, Age, Cache-Status, Content-Range, Content-Length.
+varies: status line, Date and Server (unless the stored fields replay the origin's),
+Age, Cache-Status, Content-Range, Content-Length.
 h11 is still told about the response (status and Content-Length, see
 :meth:`~mcc.http.protocol.ServerProtocol.preformatted_head`), so it frames and
 checks the body and keeps the connection's state as usual. Where h11 would change
@@ -44,7 +45,7 @@ def _status_line(status: int) -> bytes:
 
 
 _STATUS_LINES = {200: _status_line(200), 206: _status_line(206)}
-_SERVER_LINE = f"\r\nServer: {SERVER_NAME}\r\n".encode("ascii")
+_SERVER_LINE = f"Server: {SERVER_NAME}\r\n".encode("ascii")
 
 
 def _field(name: str, value: str) -> bytes | None:
@@ -63,7 +64,8 @@ class HeadTemplates:
     """The per-object templates of one server (cleared on reload)."""
 
     def __init__(self) -> None:
-        self._templates: dict[tuple[str, str, float], bytes] = {}
+        # (object key, version, fetch time) -> (fields, our Date?, our Server?)
+        self._templates: dict[tuple[str, str, float], tuple[bytes, bool, bool]] = {}
 
     def clear(self) -> None:
         """Forget every template (a reload may change which fields are sent)."""
@@ -71,13 +73,19 @@ class HeadTemplates:
 
     def _template(
         self, meta: ObjectMeta, object_headers: Callable[[ObjectMeta], Sequence[tuple[str, str]]]
-    ) -> bytes:
+    ) -> tuple[bytes, bool, bool]:
         key = (meta.key, meta.version, meta.fetched_at)
         found = self._templates.get(key)
         if found is not None:
             return found
-        lines = [_field(k, v) for k, v in object_headers(meta) if k != "age"]
-        template = _NOT_TEMPLATABLE if None in lines else b"".join(x for x in lines if x)
+        fields = [(k, v) for k, v in object_headers(meta) if k != "age"]
+        lines = [_field(k, v) for k, v in fields]
+        names = {k for k, _ in fields}  # a replayed Date or Server replaces ours
+        template = (
+            _NOT_TEMPLATABLE if None in lines else b"".join(x for x in lines if x),
+            "date" not in names,
+            "server" not in names,
+        )
         if len(self._templates) >= MAX_TEMPLATES:
             self._templates.clear()
         self._templates[key] = template
@@ -89,7 +97,7 @@ class HeadTemplates:
         meta: ObjectMeta,
         status: int,
         *,
-        cache_status: str,
+        cache_status: str | None,
         content_range: str | None,
         length: int,
         object_headers: Callable[[ObjectMeta], Sequence[tuple[str, str]]],
@@ -101,15 +109,17 @@ class HeadTemplates:
           proto: the connection's protocol state.
           meta: the object answered.
           status: 200 or 206.
-          cache_status: the Cache-Status value.
+          cache_status: the Cache-Status value (None: none sent).
           content_range: the Content-Range value of a 206.
           length: the body's length (Content-Length).
           object_headers: the stored object's fields, as the slow path sends them.
         """
-        template = self._template(meta, object_headers)
+        template, our_date, our_server = self._template(meta, object_headers)
         if template is _NOT_TEMPLATABLE or status not in _STATUS_LINES:
             return None
-        tail = [("age", str(int(age(meta, time.time())))), ("cache-status", cache_status)]
+        tail = [("age", str(int(age(meta, time.time()))))]
+        if cache_status is not None:
+            tail.append(("cache-status", cache_status))
         if content_range is not None:
             tail.append(("content-range", content_range))
         parts = [_field(k, v) for k, v in tail]
@@ -118,9 +128,8 @@ class HeadTemplates:
         head = b"".join(
             (
                 _STATUS_LINES[status],
-                b"Date: ",
-                http_date().encode("ascii"),
-                _SERVER_LINE,
+                b"Date: %s\r\n" % http_date().encode("ascii") if our_date else b"",
+                _SERVER_LINE if our_server else b"",
                 template,
                 *(p for p in parts if p),
                 b"Content-Length: %d\r\n\r\n" % length,

@@ -27,7 +27,8 @@ from ..config import Config
 from ..engine.engine import Cache, FileSlice
 from ..errors import BadRequest
 from ..ops.accesslog import AccessRecord
-from ..policy import age
+from ..ops.outcome import Outcome, cache_status, served_outcome
+from ..policy import age, end_to_end, invalidated, replayed_fields
 from ..store.records import ObjectMeta
 from .heads import HeadTemplates
 from .protocol import END_OF_BODY, NEED_DATA, Request, ServerProtocol
@@ -125,7 +126,9 @@ class Responses:
         first = _first_byte(req.header("range"))
         via = req.header_list("via")
         reader = object()  # this request, for telling its own fetches from joined ones
-        found = await cache.lookup(url, first_byte=first, via=via, reader=reader)
+        found = await cache.lookup(
+            url, first_byte=first, via=via, reader=reader, request=req.headers
+        )
         meta = found.meta
         ranges = parse_range(req.header("range"), meta.size, self.config.limits.max_ranges)
         if_range = req.header("if-range")
@@ -135,21 +138,23 @@ class Responses:
             and not if_range_matches(if_range, meta.etag, meta.last_modified)
         ):
             ranges = None
-        if ranges is UNSATISFIABLE:
-            rec.status, rec.cache = 416, "hit"
+        rec.fwd_status = found.upstream_status
+        if ranges is UNSATISFIABLE:  # answered from the record alone: no block needed
+            rec.status, rec.cache = 416, served_outcome(found.outcome, "hit").value
             headers = self._object_headers(meta)
             headers.append(("content-range", f"bytes */{meta.size}"))
+            self._add_cache_status(headers, rec)
             await self._send_simple(conn, 416, headers, b"")
             return True
         if not isinstance(ranges, list):
             ranges = []
         spans = ranges or ([ByteRange(0, meta.size - 1)] if meta.size else [])
-        rec.cache = self._cache_status(meta, spans)
-        status_field = self._cache_status_header(rec.cache, found.outcome)
-        slot = self._miss_slot(conn.peer) if rec.cache != "hit" else contextlib.nullcontext()
+        coverage = self.cache.coverage(meta, [(r.start, r.end) for r in spans])
+        rec.cache = served_outcome(found.outcome, coverage).value
+        slot = self._miss_slot(conn.peer) if coverage != "hit" else contextlib.nullcontext()
         with slot:
             return await self._send_cached(
-                conn, req, meta, ranges, spans, status_field, rec, via, reader
+                conn, req, meta, ranges, spans, coverage == "hit", rec, via, reader
             )
 
     @contextlib.contextmanager
@@ -179,14 +184,15 @@ class Responses:
         meta: ObjectMeta,
         ranges: list[ByteRange],
         spans: list[ByteRange],
-        status_field: str,
+        stored: bool,
         rec: AccessRecord,
         via: Sequence[str],
         reader: object,
     ) -> bool:
         head_only = req.method == "HEAD"
+        headers = [] if stored and len(ranges) <= 1 else self._object_headers(meta)
         if len(ranges) > 1:
-            headers = [*self._object_headers(meta), ("cache-status", status_field)]
+            self._add_cache_status(headers, rec)
             return await self._send_multipart(
                 conn, meta, ranges, headers, head_only, rec, via, reader
             )
@@ -194,14 +200,17 @@ class Responses:
         crange = content_range(ranges[0], meta.size) if ranges else None
         length = sum(r.length for r in spans)
         rec.status = status
+        status_field = cache_status(self.config.node_id, rec.cache, rec.fwd_status)
         head = None
-        if rec.cache == "hit":  # from the object's template (mcc/http/heads.py)
+        if stored:  # every block stored: from the object's template (mcc/http/heads.py)
             head = self.heads.hit_head(
                 conn.proto, meta, status, cache_status=status_field, content_range=crange,
                 length=length, object_headers=self._object_headers,
             )  # fmt: skip
         if head is None:  # built through h11
-            headers = [*self._object_headers(meta), ("cache-status", status_field)]
+            headers = headers or self._object_headers(meta)
+            if status_field is not None:
+                headers.append(("cache-status", status_field))
             if crange is not None:
                 headers.append(("content-range", crange))
             headers.append(("content-length", str(length)))
@@ -217,21 +226,14 @@ class Responses:
             push(conn.sock)  # a range ending inside a block must not wait in the kernel
         return True
 
-    def _cache_status(self, meta: ObjectMeta, spans: Sequence[ByteRange]) -> str:
-        return self.cache.coverage(meta, [(r.start, r.end) for r in spans])
-
-    def _cache_status_header(self, status: str, outcome: str) -> str:
-        """RFC 9211 Cache-Status for a response built from the store."""
-        node = self.config.node_id
-        if outcome == "stale":
-            return f"{node}; hit; detail=stale-if-error"
-        if outcome == "revalidated":
-            return f"{node}; fwd=stale; fwd-status=304" + ("" if status == "hit" else "; stored")
-        if status == "hit":
-            return f"{node}; hit"
-        return f"{node}; fwd={status}; stored"
+    def _add_cache_status(self, headers: list[tuple[str, str]], rec: AccessRecord) -> None:
+        """Cache-Status (RFC 9211), derived from the request's outcome record."""
+        value = cache_status(self.config.node_id, rec.cache, rec.fwd_status)
+        if value is not None:
+            headers.append(("cache-status", value))
 
     def _object_headers(self, meta: ObjectMeta) -> list[tuple[str, str]]:
+        """The stored fields replayed (the origin's Date kept), and Age (RFC 9111 s4.2.3)."""
         headers = [("accept-ranges", "bytes")]
         if meta.content_type:
             headers.append(("content-type", meta.content_type))
@@ -239,7 +241,7 @@ class Responses:
             headers.append(("etag", meta.etag))
         if meta.last_modified:
             headers.append(("last-modified", meta.last_modified))
-        headers += [(k, v) for k, v in meta.headers if k not in ("date", "age")]
+        headers += replayed_fields(meta)
         headers.append(("age", str(int(age(meta, time.time())))))
         return headers
 
@@ -336,15 +338,16 @@ class Responses:
             if not req.has_body:
                 async for _ in self._read_body(conn):
                     pass
-            out = [(k, v) for k, v in resp.headers if k not in ("content-length", "date", "server")]
+            out = [(k, v) for k, v in end_to_end(resp.headers) if k != "content-length"]
             resp_len = resp.header("content-length")
             # HEAD answers carry the length of the body they omit; 204/304 carry none
             if resp_len is not None and (req.method == "HEAD" or resp.status not in (204, 304)):
                 out.append(("content-length", resp_len))
-            out.append(("cache-status", f"{self.config.node_id}; fwd=uri-miss"))
-            rec.status = resp.status
-            if req.method not in SAFE_METHODS and resp.status < 400:
-                await self.cache.purge(url)  # RFC 9111 s4.4: unsafe methods invalidate
+            rec.status = rec.fwd_status = resp.status
+            self._add_cache_status(out, rec)
+            for stale in invalidated(req.method, url, resp.status, resp.headers):
+                with contextlib.suppress(BadRequest):  # a Location that is no URL of ours
+                    await self.cache.purge(stale)  # RFC 9111 s4.4: unsafe methods invalidate
             await self._send_all(conn, conn.proto.response_head(resp.status, out))
             async for chunk in resp.iter_body():
                 for framed in conn.proto.body(chunk):
@@ -380,7 +383,7 @@ class Responses:
             rec.cache = "aborted"
             raise ClientGone()
         rec.status = status
-        rec.cache = rec.cache or "error"
+        rec.cache = Outcome.ERROR.value  # whatever was planned, the answer is an error
         await send_final(conn.stream, data)
         conn.linger = True
         return False

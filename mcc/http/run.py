@@ -11,8 +11,8 @@ from collections.abc import Callable
 import trio
 
 from ..config import Config
-from ..engine.engine import open_cache
-from ..memory import release_freed_memory
+from ..engine.opening import open_cache
+from ..memory import periodic_trim
 from ..ops.accesslog import configure_logging
 from ..ops.admin import AdminServer
 from ..ops.daemon import banner, reload
@@ -35,6 +35,7 @@ async def _main(config: Config, load: Callable[[], Config] | None = None) -> int
                 sys.stderr.write(f"mcc: {exc.strerror}\n")
                 nursery.cancel_scope.cancel()
                 return 1
+            nursery.start_soon(periodic_trim)
             stored = [cache.store.stored_bytes_on(i) for i in range(len(config.drives))]
             for line in banner(config, ports + server.tls_ports, admin_port, stored):
                 log.info("%s", line)
@@ -83,7 +84,6 @@ def run_server(config: Config, load: Callable[[], Config] | None = None) -> int:
     """
     configure_logging(config)
     _raise_fd_limit()
-    release_freed_memory()
     try:
         return trio.run(_main, config, load)
     except OSError as exc:

@@ -65,8 +65,9 @@ class AccessRecord:
     range: str = "-"
     status: int = 0
     bytes: int = 0
-    cache: str = ""
+    cache: str = ""  # the outcome (mcc.ops.outcome): Cache-Status and counters derive from it
     duration: float = 0.0
+    fwd_status: int = 0  # the status upstream answered, when asked (Cache-Status fwd-status)
     target: str = ""  # the request-target as sent (the combined format's request line)
     http_version: str = "1.1"
     referer: str = "-"
@@ -150,9 +151,10 @@ _flushers: set[trio.Event] = set()  # each flusher's wake-up: a line in an empty
 
 def write_access(rec: AccessRecord) -> None:
     """Buffer one access line (nothing when the access log is off); written out by
-    size or age (see the module)."""
+    size or age (see the module). Without an ``access_log`` of its own, a handler put
+    on the ``mcc.access`` logger (an embedder's, a test's) gets one record per line."""
     global _pending_bytes, _oldest
-    if _out is None:
+    if _out is None and (access_log.disabled or not access_log.handlers):
         return
     if _access_format == "combined":
         line = rec.combined()
@@ -160,6 +162,9 @@ def write_access(rec: AccessRecord) -> None:
         line = json.dumps(rec.as_dict())
     else:
         line = rec.line()
+    if _out is None:  # no log of ours, but a handler an embedder put on mcc.access
+        access_log.info(line)
+        return
     now = time.monotonic()
     if not _pending:
         _oldest = now
