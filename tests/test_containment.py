@@ -13,7 +13,7 @@ from typing import Any
 import h11
 import pytest
 import trio
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import mcc
@@ -265,6 +265,10 @@ async def test_arbitrary_request_header_values_never_kill_the_node(
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+# a bare LF in a field's value ends the head early for a lenient reader, and the rest
+# of the head became the "body" (found by this test)
+@example(status_line=b"200", name=b"!", value=b"\n")
+@example(status_line=b"200 OK", name=b"\n", value=b"x")
 @given(
     status_line=st.one_of(
         st.binary(max_size=30), st.sampled_from([b"200 OK", b"206 Partial Content", b"999 X"])

@@ -62,9 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
         "verify",
         help="check every stored blob against its digest and the index",
         description="Walk the whole cache: report corrupt, missing and orphan blobs "
-        "and leftover temp files; with --repair, fix them. Needs the node stopped "
-        "(a running node locks its cache); --live asks a running node to check its "
-        "own cache instead. Exit status 1 when problems were found and not repaired.",
+        "and leftover temp files; with --repair, fix them. A running node locks its "
+        "cache: --live asks it to check its own cache instead, and --repair on a "
+        "running node's cache goes through its admin API (corrupt blobs quarantined "
+        "at once). Exit status 1 when problems were found and not repaired.",
     )
     add_config_flags(verify)
     verify.add_argument("--repair", action="store_true", help="fix what is found")
@@ -72,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument(
         "--live",
         action="store_true",
-        help="check through a running node's admin API (no --repair; blobs being "
-        "written or evicted meanwhile may show as orphans or missing)",
+        help="check through a running node's admin API (with --repair, corrupt blobs "
+        "are quarantined at once; blobs being written or evicted meanwhile may show "
+        "as orphans or missing, and are left alone)",
     )
     verify.set_defaults(func=commands.cmd_verify)
     stats = sub.add_parser(

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..config import config_to_toml
+from ..config import Config, config_to_toml
 from ..units import human_size
 from .flags import effective_config
 from .output import pct, print_table, progress
@@ -48,14 +48,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     config = effective_config(args)
     if args.live:
-        from ..ops.client import AdminClient
-
-        if args.repair:
-            sys.stderr.write("mcc: --repair needs the node stopped; --live only checks\n")
-            return EXIT_USAGE
-        result = AdminClient(config).call("POST", "/verify", {}, timeout=_LIVE_VERIFY_TIMEOUT)
-        print_table([(str(k), str(v)) for k, v in result["rows"]])
-        return 0 if result["clean"] else 1
+        return _verify_live(config, args.repair)
     index_path = Path(config.drives[0].path) / "index.sqlite3"
     if not index_path.exists():
         sys.stderr.write(f"mcc: no cache index at {index_path}\n")
@@ -67,6 +60,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 drive_infos(config.drives), index_path, repair=args.repair, progress=update
             )
     except CacheLocked as exc:
+        if args.repair:  # a running node repairs its own cache (it stops serving at once)
+            sys.stderr.write(f"mcc: {exc}: repairing through its admin API\n")
+            return _verify_live(config, True)
         sys.stderr.write(
             f"mcc: {exc}: stop that node first, or check it through its admin API "
             "with 'mcc verify --live'\n"
@@ -77,6 +73,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return 0
     sys.stdout.write("problems found: run again with --repair to fix them\n")
     return 1
+
+
+def _verify_live(config: Config, repair: bool) -> int:
+    """``mcc verify --live [--repair]``: the running node checks (and repairs) itself."""
+    from ..ops.client import AdminClient
+
+    doc = {"repair": True} if repair else {}
+    result = AdminClient(config).call("POST", "/verify", doc, timeout=_LIVE_VERIFY_TIMEOUT)
+    print_table([(str(k), str(v)) for k, v in result["rows"]])
+    return 0 if result["clean"] or repair else 1
 
 
 # A live verify hashes the whole cache before it answers.

@@ -25,6 +25,8 @@ _LIMIT_FLOORS = (
     ("max_misses_per_client", 1),
     ("max_buffer_memory", 4 * 1024 * 1024),
     ("max_variants", 0),
+    ("scrub_rate", 0),
+    ("max_parallel_fetches", 1),
 )
 
 
@@ -57,7 +59,9 @@ def check_config(config: Config) -> list[str]:
         )
     for name in attrs.fields_dict(Timeouts):
         value = getattr(config.timeouts, name)
-        if value <= 0:
+        if name == "min_rate" and value < 0:  # (0: no floor)
+            problems.append(f"timeouts.{name}: {value} must not be negative")
+        elif name != "min_rate" and value <= 0:
             problems.append(f"timeouts.{name}: {value} must be more than zero")
     for i, rule in enumerate(config.refresh_patterns):
         if not rule.match:

@@ -18,6 +18,7 @@ import attrs
 from ..origins import DEFAULT_ALLOW_ORIGINS, OriginPolicy, split_host_port
 from ..policy import RefreshRule
 from .knobs import knob, section
+from .tables import Freshness, Limits, Timeouts
 
 __all__ = ["Config", "Drive", "Freshness", "HostPort", "Limits", "Timeouts"]
 
@@ -84,141 +85,6 @@ class Drive:
     )
 
 
-@attrs.frozen
-class Timeouts:
-    """Every time limit, in seconds."""
-
-    connect: float = knob(
-        10.0, flag="--connect-timeout", unit="duration", help="upstream connect timeout"
-    )
-    read: float = knob(
-        30.0,
-        flag="--read-timeout",
-        unit="duration",
-        help="longest upstream silence while waiting for bytes",
-    )
-    request_head: float = knob(
-        10.0,
-        flag="--request-head-timeout",
-        unit="duration",
-        help="time a client has to send a whole request head (slowloris)",
-    )
-    keepalive: float = knob(
-        75.0,
-        flag="--keepalive-timeout",
-        unit="duration",
-        help="idle time allowed between requests on one client connection",
-    )
-    send: float = knob(
-        60.0,
-        flag="--send-timeout",
-        unit="duration",
-        help="longest time one chunk of a response may take to reach a client",
-        doc="time one 256 KiB piece of a response may take to reach a client",
-    )
-    shutdown_grace: float = knob(
-        10.0,
-        flag="--shutdown-grace",
-        unit="duration",
-        help="on SIGTERM, time in-flight responses get to finish",
-    )
-    parent_backoff: float = knob(
-        30.0, flag="--parent-backoff", unit="duration", help="how long a failed parent is skipped"
-    )
-
-
-@attrs.frozen
-class Freshness:
-    """How long stored responses are used without asking upstream (RFC 9111 s4.2)."""
-
-    heuristic_max: float = knob(
-        86400.0,
-        flag="--heuristic-max",
-        unit="duration",
-        help="cap of the heuristic freshness lifetime (10% of the time since Last-Modified)",
-    )
-    max_stale: float = knob(
-        86400.0,
-        flag="--max-stale",
-        unit="duration",
-        help="serve a stale copy this long past its lifetime when upstream fails",
-        doc="stale-if-error: how long past its lifetime a stored copy may stand in when "
-        "upstream fails",
-    )
-
-
-@attrs.frozen
-class Limits:
-    """Every size and count limit."""
-
-    max_connections: int = knob(
-        4096,
-        flag="--max-connections",
-        metavar="N",
-        help="concurrent client connections; more get 503",
-    )
-    max_request_head: int = knob(
-        16 * 1024,  # RFC 9110 s5.4: we answer 431 beyond this
-        flag="--max-request-head",
-        unit="size",
-        help="largest request head accepted; larger gets 431",
-    )
-    max_ranges: int = knob(
-        32,
-        flag="--max-ranges",
-        metavar="N",
-        help="ranges per request; more are answered with the whole object",
-    )
-    upstream_retries: int = knob(
-        2,
-        flag="--upstream-retries",
-        metavar="N",
-        help="extra tries of a failed block fetch (resuming where it broke)",
-    )
-    upstream_connections_per_host: int = knob(
-        16,
-        flag="--upstream-connections-per-host",
-        metavar="N",
-        help="idle keep-alive connections kept per upstream",
-    )
-    max_orphan_flights: int = knob(
-        16,
-        flag="--max-orphan-flights",
-        metavar="N",
-        help="fetches that keep going after every client left",
-    )
-    max_upstream_fetches: int = knob(
-        256,
-        flag="--max-upstream-fetches",
-        metavar="N",
-        help="upstream requests in flight at once; more wait their turn",
-    )
-    max_misses_per_client: int = knob(
-        64,
-        flag="--max-misses-per-client",
-        metavar="N",
-        help="concurrent misses one client address may cause; more get 503",
-    )
-    max_buffer_memory: int = knob(
-        256 * 1024 * 1024,
-        flag="--max-buffer-memory",
-        unit="size",
-        help="RAM all fills together may hold (receive buffers; blocks a full drive cannot take)",
-        doc="RAM all fills together may hold: one 256 KiB receive buffer per fetch, and "
-        "blocks kept in memory when their drive cannot take them; fills wait for it, a "
-        "block that finds none fails",
-    )
-    max_variants: int = knob(
-        8,
-        flag="--max-variants",
-        metavar="N",
-        help="variants stored per URL when responses vary (Vary); more are forwarded unstored",
-        doc="variants stored per URL when responses vary on request fields (`Vary`, RFC "
-        "9111 section 4.1); requests for more variants are forwarded unstored; `0` stores "
-        "no varying response",
-    )
-
-
 def _default_node_id(config: Config) -> str:
     """The host name plus the first listen port (``host:8080``): unique per instance,
     so two nodes on one host (a parent and its child) do not take each other's Via
@@ -281,7 +147,9 @@ class Config:
         4,
         flag="--readahead-blocks",
         metavar="N",
-        help="blocks a sequential reader keeps in flight ahead of itself (0-64)",
+        help="blocks a sequential reader keeps in flight ahead of itself at first (0-64; 0: off)",
+        doc="blocks kept in flight ahead of a sequential reader to start with (0-64; 0 "
+        "turns read-ahead off; it grows up to `max_parallel_fetches`)",
     )
     allow_origins: tuple[str, ...] = knob(
         DEFAULT_ALLOW_ORIGINS,

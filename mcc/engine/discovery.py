@@ -28,8 +28,10 @@ from ..errors import NotCacheable, Refused, UpstreamError
 from ..store.records import ObjectMeta
 from ..upstream.fetch import Conditions, Fetched
 from ..upstream.peers import peer_request
-from .fill import backoff
+from ..upstream.progress import Stalled
+from .fill import MAX_ROUTE_MOVES, backoff
 from .flight import Fetch
+from .readahead import host_of
 from .variants import Varies, Varying
 
 __all__ = ["Discovering", "Discovery"]
@@ -131,12 +133,13 @@ class Discovering(Varying):
             url = stale.fetch_url  # where it lives (after redirects)
         retries = self.config.limits.upstream_retries
         attempt = 0
+        avoid: set[str] = set()  # routes abandoned as stalled
         try:
             while True:
                 try:
                     try:
                         await self._discover_once(
-                            url, key, hint * B, B, disc, via, stale, conditions, reader
+                            url, key, hint * B, B, disc, via, stale, conditions, reader, avoid
                         )
                     except _Unsatisfied as unsatisfied:
                         # the block asked for lies past the end (or the object is
@@ -146,13 +149,25 @@ class Discovering(Varying):
                         disc.meta = meta
                     return
                 except UpstreamError as exc:
+                    moved = (
+                        isinstance(exc, Stalled)
+                        and exc.route is not None
+                        and exc.route not in avoid
+                        and len(avoid) < MAX_ROUTE_MOVES
+                    )
                     if (
                         disc.done.is_set()
-                        or attempt == retries
+                        or (attempt == retries and not moved)
                         or isinstance(exc, Refused)
                         or exc.status_hint == 508  # a redirect loop: asking again loops again
+                        or (isinstance(exc, Stalled) and not moved)  # no route left
                     ):
                         raise
+                    if moved:  # the next route, at once (no retry spent)
+                        assert isinstance(exc, Stalled) and exc.route is not None
+                        avoid.add(exc.route)
+                        log.info("%s; discovering %s on the next route", exc, url)
+                        continue
                     log.info("retrying discovery of %s after: %s", url, exc)
                     await trio.sleep(backoff(attempt))
                     attempt += 1
@@ -184,6 +199,7 @@ class Discovering(Varying):
         stale: ObjectMeta | None,
         conditions: Conditions,
         reader: object | None,
+        avoid: set[str],
     ) -> None:
         block = asked // B if disc.via_peer else None
         fetch_cm = self.fetcher.fetch(
@@ -194,8 +210,9 @@ class Discovering(Varying):
             via=via,
             block=block,
             extra=policy.selecting_fields(key),
+            avoid=avoid,
         )
-        async with self._fetch_slots, fetch_cm as got:
+        async with self._fetch_slots, self._host_slots.slot(host_of(url)), fetch_cm as got:
             self.counters.upstream_fetches += 1
             disc.upstream_status = got.status
             now = time.time()
@@ -232,17 +249,24 @@ class Discovering(Varying):
                     self._end_fetch(meta, fetch)
                     raise
         # out of the response (and its upstream slot): resume what the body left undone
-        await self._resume(meta, fetch, via, broken)
+        if isinstance(broken, Stalled) and broken.route is not None:
+            avoid.add(broken.route)
+        await self._resume(meta, fetch, via, broken, frozenset(avoid))
 
     async def _resume(
-        self, meta: ObjectMeta, fetch: Fetch, via: tuple[str, ...], broken: UpstreamError | None
+        self,
+        meta: ObjectMeta,
+        fetch: Fetch,
+        via: tuple[str, ...],
+        broken: UpstreamError | None,
+        avoid: frozenset[str] = frozenset(),
     ) -> None:
         try:
             if broken is not None and not fetch.cancel_scope.cancel_called:
                 log.info("resuming %s after: %s", meta.source, broken)
                 fetch.cancel_scope = trio.CancelScope()  # a scope is entered only once
                 with fetch.cancel_scope:
-                    await self._fetch_with_retries(meta, fetch, via)
+                    await self._fetch_with_retries(meta, fetch, via, avoid)
         finally:
             self._end_fetch(meta, fetch)
 
@@ -275,7 +299,8 @@ class Discovering(Varying):
         self, url: str, key: str, size: int | None, block_size: int, via: tuple[str, ...]
     ) -> ObjectMeta:
         head = self.fetcher.head(url, via=via, extra=policy.selecting_fields(key))
-        async with self._fetch_slots, head as got:
+        host = self._host_slots.slot(host_of(url))
+        async with self._fetch_slots, host, head as got:
             self.counters.upstream_fetches += 1
             meta = self._record(key, got, block_size)
         if size is not None and size != meta.size:

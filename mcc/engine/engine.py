@@ -336,6 +336,7 @@ class Cache(Discovering):
         self._resolved.clear()
         self._fresh_memo.clear()
         self._fetch_slots.total_tokens = config.limits.max_upstream_fetches
+        self._host_slots.resize(config.limits.upstream_connections_per_host)
         self.upstream.reconfigure(config)
 
     def statistics(self) -> Statistics:
@@ -365,11 +366,14 @@ class Cache(Discovering):
             return
         stored = self.store.block_map(meta, wanted.start, wanted.stop - 1)
         claims: dict[int, Flight] = {}
+        window = self._window(len(wanted))
         from_cache = from_upstream = 0
         joined = False  # waited on a fetch another reader started
         try:
             for idx in wanted:
-                joined |= self._claim_ahead(meta, idx, wanted.stop - 1, stored, claims, via, reader)
+                joined |= self._claim_ahead(
+                    meta, idx, wanted.stop - 1, stored, claims, via, reader, window.depth
+                )
                 b_start, b_end = block_bounds(idx, B, meta.size)
                 lo, hi = max(start, b_start) - b_start, min(end + 1, b_end) - b_start
                 flight = claims.pop(idx, None)
@@ -391,6 +395,7 @@ class Cache(Discovering):
                     stored.pop(idx, None)
                     flight, was_joined = self._claim_missing(meta, idx, via, reader)
                     joined |= was_joined
+                starved = not flight.complete  # upstream sets the pace, not the client
                 try:
                     async with aclosing(flight.read(lo, hi)) as chunks:
                         async for chunk in chunks:
@@ -399,6 +404,9 @@ class Cache(Discovering):
                             yield chunk
                 finally:
                     self._release(flight)
+                filled = flight.filled_at
+                took = None if filled is None else filled - flight.born
+                window.step(trio.current_time(), starved=starved, fill_seconds=took)
                 from_upstream += hi - lo
         finally:
             for flight in claims.values():

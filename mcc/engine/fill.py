@@ -2,7 +2,8 @@
 
 Theory of operation: a reader that needs block ``i`` of a record either finds it
 stored, joins the :class:`~mcc.engine.flight.Flight` already fetching it, or starts
-one (plus up to ``readahead_blocks`` further blocks, each its own fetch). A
+one (plus further blocks as its read-ahead window says, each its own fetch:
+:mod:`mcc.engine.readahead`; every fetch takes a slot of its origin host). A
 :class:`~mcc.engine.flight.Fetch` is one upstream request filling consecutive
 flights; it runs as a task in the engine's nursery, never a reader's, so a reader
 hanging up cannot fail the others. The body comes from
@@ -11,6 +12,14 @@ span asked; this module only places bytes into flights and hands complete blocks
 the store. A broken fetch resumes where its bytes stopped (If-Range), within
 ``upstream_retries``; an object that changed upstream fails its flights with
 :class:`~mcc.errors.VersionChanged`, never mixing versions.
+
+An origin that ignores Range answers a block fetch with the whole object (200): that
+body streams once into every block it passes that is neither stored nor in flight,
+and a reader needing a block it has not reached yet joins it (a :class:`~mcc.engine.
+parts.Stream`) rather than fetching the object again. Objects answered so are
+remembered (:data:`MAX_RANGELESS` of them): a later miss of one registers its fetch
+as such a stream at once, so concurrent misses and read-ahead cost one more whole
+fetch, not one per block.
 
 A fetch whose readers all left is an *orphan*; it keeps going (so the block is
 stored) unless more than ``max_orphan_flights`` orphans exist.
@@ -27,11 +36,13 @@ from .. import policy
 from ..errors import UpstreamError, VersionChanged
 from ..store.records import ObjectMeta
 from ..upstream.fetch import Conditions, Fetched
+from ..upstream.progress import Stalled
 from .blocks import block_bounds
 from .flight import Fetch, Flight, FlightKey
-from .parts import EngineParts
+from .parts import EngineParts, Stream
+from .readahead import Window, host_of
 
-__all__ = ["Filling"]
+__all__ = ["MAX_RANGELESS", "MAX_ROUTE_MOVES", "Filling"]
 
 log = logging.getLogger("mcc.engine")
 
@@ -42,6 +53,14 @@ _RECEIVE_BUFFER = 256 * 1024
 # Retry backoff for block fetches: 0.1 s, 0.2 s, 0.4 s... capped at 2 s.
 _BACKOFF_BASE = 0.1
 _BACKOFF_CAP = 2.0
+# Stalled routes one fetch may leave behind for the next (peers, parents, the origin).
+MAX_ROUTE_MOVES = 8
+# Objects remembered as sent whole by their origin (a few dozen bytes each).
+MAX_RANGELESS = 4096
+
+
+# The window of one-block reads (most requests): read-ahead off, so never changed.
+_ONE_BLOCK = Window(0, 0)
 
 
 def backoff(attempt: int) -> float:
@@ -54,6 +73,16 @@ class Filling(EngineParts):
 
     # -- claims: plain synchronous bookkeeping, no await between look and change -----
 
+    def _window(self, blocks: int) -> Window:
+        """A read-ahead window for a new reader of ``blocks`` blocks (see
+        :mod:`mcc.engine.readahead`); a one-block read shares one that is off."""
+        if blocks <= 1:
+            return _ONE_BLOCK
+        lim = self.config.limits
+        per_host = lim.upstream_connections_per_host or lim.max_parallel_fetches  # 0: no cap
+        ceiling = min(lim.max_parallel_fetches, per_host) - 1
+        return Window(self.config.readahead_blocks, ceiling, trio.current_time())
+
     def _claim_ahead(
         self,
         meta: ObjectMeta,
@@ -63,14 +92,16 @@ class Filling(EngineParts):
         claims: dict[int, Flight],
         via: Sequence[str],
         reader: object | None,
+        ahead: int,
     ) -> bool:
-        """Make sure blocks ``idx..idx+readahead`` (up to ``last``) are stored or claimed.
+        """Make sure blocks ``idx..idx+ahead`` (up to ``last``) are stored or claimed
+        (``ahead``: the reader's :class:`~mcc.engine.readahead.Window` depth).
 
         Returns:
           True when a flight another reader started was joined.
         """
         joined = False
-        for j in range(idx, min(last, idx + self.config.readahead_blocks) + 1):
+        for j in range(idx, min(last, idx + ahead) + 1):
             if j in stored or j in claims:
                 continue
             if self._flights.get(FlightKey(meta.key, meta.version, j)) is None:
@@ -95,14 +126,30 @@ class Filling(EngineParts):
         flight = self._flights.get(FlightKey(meta.key, meta.version, idx))
         if flight is None:
             flight = self._new_flight(meta, idx, reader)
-            self._spawn(self._run_fetch, meta, Fetch([flight]), tuple(via))
-            joined = False
+            joined = self._join_stream(meta, flight)
+            if not joined:
+                fetch = Fetch([flight])
+                slot = (meta.key, meta.version)
+                if slot in self._rangeless:  # its answer will be the whole object
+                    self._streams[slot] = Stream(fetch, {idx: flight}, 0)
+                self._spawn(self._run_fetch, meta, fetch, tuple(via))
         else:
             if flight.fetch is not None:
                 self._orphans.discard(flight.fetch)
             joined = reader is None or flight.starter is not reader
         flight.waiters += 1
         return flight, joined
+
+    def _join_stream(self, meta: ObjectMeta, flight: Flight) -> bool:
+        """Hand ``flight`` to the whole-object body under way, if it has not passed the
+        block's start yet; True when it did."""
+        stream = self._streams.get((meta.key, meta.version))
+        if stream is None or stream.pos > flight.start or stream.fetch.cancel_scope.cancel_called:
+            return False
+        stream.fetch.add(flight)
+        stream.by_index[flight.key.index] = flight
+        self._orphans.discard(stream.fetch)
+        return True
 
     def _new_flight(self, meta: ObjectMeta, idx: int, reader: object | None) -> Flight:
         """A flight for block ``idx``, registered in the table (no fetch attached yet)."""
@@ -150,14 +197,26 @@ class Filling(EngineParts):
                 self._end_fetch(meta, fetch)
 
     async def _fetch_with_retries(
-        self, meta: ObjectMeta, fetch: Fetch, via: tuple[str, ...]
+        self,
+        meta: ObjectMeta,
+        fetch: Fetch,
+        via: tuple[str, ...],
+        avoid: frozenset[str] = frozenset(),
     ) -> None:
         """Request what ``fetch``'s flights still lack, resuming after failures with
-        bounded retries; a failure that remains is handed to every waiter."""
+        bounded retries; a failure that remains is handed to every waiter.
+
+        A route that stalled (the progress guard) is not asked again by this fetch:
+        it resumes on the next route (no retry spent: moving on is not asking again),
+        and fails once none is left. ``avoid`` names routes abandoned before (by the
+        discovery that started the fetch)."""
         retries = self.config.limits.upstream_retries
+        avoided = set(avoid)
         conditions = Conditions(if_range=meta.strong_etag or meta.last_modified)
-        for attempt in range(retries + 1):
-            todo = [f for f in fetch.flights if not f.finished]
+        attempt = 0  # failures so far, other than stalled routes left behind
+        for _ in range(retries + 1 + MAX_ROUTE_MOVES):
+            # (flights that joined a whole-object body come in any order)
+            todo = sorted((f for f in fetch.flights if not f.finished), key=lambda f: f.start)
             if not todo:
                 return
             start = todo[0].start + todo[0].filled
@@ -165,6 +224,7 @@ class Filling(EngineParts):
             try:
                 async with (
                     self._fetch_slots,
+                    self._host_slots.slot(host_of(meta.source)),
                     self.fetcher.fetch(
                         meta.source,
                         start,
@@ -174,6 +234,7 @@ class Filling(EngineParts):
                         via=via,
                         block=todo[0].key.index,
                         extra=policy.selecting_fields(meta.key),
+                        avoid=avoided,
                     ) as got,
                 ):
                     self.counters.upstream_fetches += 1
@@ -191,12 +252,20 @@ class Filling(EngineParts):
                 self._forget(meta)
                 fetch.fail_unfinished(exc)
                 return
+            except Stalled as exc:
+                if exc.route is None or exc.route in avoided or len(avoided) >= MAX_ROUTE_MOVES:
+                    fetch.fail_unfinished(exc)
+                    return
+                avoided.add(exc.route)
+                log.info("%s; resuming %s at byte %d on the next route", exc, meta.source, start)
             except UpstreamError as exc:
                 if attempt == retries:
                     fetch.fail_unfinished(exc)
                     return
                 log.info("retrying %s bytes=%d-%d after: %s", meta.source, start, end, exc)
                 await trio.sleep(backoff(attempt))
+                attempt += 1
+        fetch.fail_unfinished(UpstreamError(f"{meta.key}: gave up after every route"))
 
     async def _fill(self, meta: ObjectMeta, fetch: Fetch, got: Fetched) -> None:
         """Cut ``got``'s body (object bytes ``got.first`` to ``got.stop``, vouched for
@@ -206,27 +275,63 @@ class Filling(EngineParts):
         are neither stored nor in flight (an origin that ignores Range sends them all).
         """
         by_index = {f.key.index: f for f in fetch.flights}
+        stream = self._stream_for(meta, fetch, got, by_index)
         # Blocks of a body not framed by Content-Length (chunked, close-delimited) are
         # stored only once the body has ended cleanly: until then it may yet run long.
         deferred: list[Flight] | None = None if got.can_receive_into else []
         try:
             await self.memory.take(_RECEIVE_BUFFER)
             try:
-                await self._receive_body(meta, fetch, got, by_index, deferred)
+                await self._receive_body(meta, fetch, got, by_index, deferred, stream)
             finally:
                 self.memory.give(_RECEIVE_BUFFER)
+                self._end_stream(meta, fetch)
             unfinished = [f for f in fetch.flights if not f.finished]
             if unfinished:
                 raise UpstreamError(
                     f"{meta.key}: body ended before block {unfinished[0].key.index}"
                 )
-            # a body without Content-Length ended as promised: now its blocks may be stored
+            # a body without Content-Length ended as promised: now its blocks are
+            # vouched for (their readers may finish) and may be stored
+            for flight in deferred or ():
+                flight.vouch()
             while deferred:
                 await self._commit(meta, deferred.pop(0))
-        except BaseException:
-            for flight in deferred or ():  # readers had the bytes; the store does not
-                self._retire(flight)
+        except BaseException as exc:
+            # A body not framed by Content-Length that failed vouches for none of its
+            # bytes (garbage inside it shows only as a body running long at its end):
+            # the blocks it fed go to neither their readers, nor the store, nor a resume.
+            why = exc if isinstance(exc, UpstreamError) else None
+            for flight in list(by_index.values()):
+                if flight.held:
+                    flight.reject(why or UpstreamError(f"{meta.key}: fetch abandoned"))
+                    self._retire(flight)
             raise
+
+    def _stream_for(
+        self, meta: ObjectMeta, fetch: Fetch, got: Fetched, by_index: dict[int, Flight]
+    ) -> Stream | None:
+        """Register ``got`` as a whole-object body others may join (a 200), or drop the
+        registration a remembered object's fetch made (a 206: Range honoured now).
+        Synchronous: readers see it before the first byte is placed."""
+        slot = (meta.key, meta.version)
+        if got.status != 200:
+            self._end_stream(meta, fetch)
+            self._rangeless.pop(slot, None)
+            return None
+        self._rangeless[slot] = None
+        self._rangeless.move_to_end(slot)
+        while len(self._rangeless) > MAX_RANGELESS:
+            self._rangeless.popitem(last=False)
+        stream = Stream(fetch, by_index, got.first)
+        self._streams[slot] = stream
+        return stream
+
+    def _end_stream(self, meta: ObjectMeta, fetch: Fetch) -> None:
+        slot = (meta.key, meta.version)
+        stream = self._streams.get(slot)
+        if stream is not None and stream.fetch is fetch:
+            del self._streams[slot]
 
     async def _receive_body(
         self,
@@ -235,6 +340,7 @@ class Filling(EngineParts):
         got: Fetched,
         by_index: dict[int, Flight],
         deferred: list[Flight] | None,
+        stream: Stream | None,
     ) -> None:
         buf = memoryview(bytearray(_RECEIVE_BUFFER)) if got.can_receive_into else None
         pos = got.first
@@ -247,7 +353,7 @@ class Filling(EngineParts):
                 return
             if pos + len(chunk) > meta.size:
                 raise UpstreamError(f"{meta.key}: body runs past the object's {meta.size} bytes")
-            pos = await self._place(meta, fetch, by_index, chunk, pos, deferred)
+            pos = await self._place(meta, fetch, by_index, chunk, pos, deferred, stream)
 
     async def _place(
         self,
@@ -257,10 +363,12 @@ class Filling(EngineParts):
         view: memoryview,
         pos: int,
         deferred: list[Flight] | None,
+        stream: Stream | None = None,
     ) -> int:
         """Write a piece of body at object byte ``pos`` into the flights it covers,
         claiming blocks it starts that are neither stored nor in flight; a flight
-        completed by it is stored now (``deferred`` is None) or once the body ended."""
+        completed by it is stored now (``deferred`` is None) or once the body ended.
+        ``stream.pos`` follows (before any wait, so a block joins only while unpassed)."""
         B = meta.block_size
         while view:
             idx = pos // B
@@ -271,19 +379,27 @@ class Filling(EngineParts):
                 flight = self._claim_passing(meta, idx, fetch)
                 if flight is not None:
                     by_index[idx] = flight
+            completed = None
             if flight is not None and not flight.finished:
                 have = flight.start + flight.filled
                 if pos + take > have:
                     if pos > have:
                         raise UpstreamError(f"{meta.key}: gap in block {idx}")
+                    if deferred is not None:
+                        flight.held = True  # readers finish once the body ended cleanly
                     flight.feed(view[have - pos : take])
                     if flight.complete:
-                        if deferred is None:
-                            await self._commit(meta, flight)
-                        else:
-                            deferred.append(flight)
+                        completed = flight
             pos += take
             view = view[take:]
+            if stream is not None:
+                stream.pos = pos
+            if completed is None:
+                continue
+            if deferred is None:
+                await self._commit(meta, completed)
+            else:
+                deferred.append(completed)
         return pos
 
     def _claim_passing(self, meta: ObjectMeta, idx: int, fetch: Fetch) -> Flight | None:
@@ -297,6 +413,7 @@ class Filling(EngineParts):
 
     async def _commit(self, meta: ObjectMeta, flight: Flight) -> None:
         """Hand a complete block to the store; then it leaves the table."""
+        flight.vouch()
         if flight.writer is not None and flight.memory is None:
             await self.store.commit(meta, flight.key.index, flight.writer)
         else:
@@ -304,7 +421,11 @@ class Filling(EngineParts):
         self._retire(flight)
 
     def _end_fetch(self, meta: ObjectMeta, fetch: Fetch) -> None:
-        fetch.fail_unfinished(UpstreamError(f"{meta.key}: fetch abandoned"))
+        self._end_stream(meta, fetch)
+        abandoned = UpstreamError(f"{meta.key}: fetch abandoned")
+        fetch.fail_unfinished(abandoned)
+        for f in fetch.flights:
+            f.reject(abandoned)  # (a complete block not vouched for by now never will be)
         for f in fetch.flights:
             if not f.complete:
                 self._retire(f)

@@ -96,12 +96,17 @@ class Flight:
         self.recycled = False
         self.filled = 0
         self.error: UpstreamError | None = None
+        # a body not framed by Content-Length may yet run long (and so have been wrong):
+        # its readers finish only once it ended cleanly (vouch) or not (reject)
+        self.held = False
         self.digest: str | None = None  # set by the engine once stored
         self.waiters = 0
         self.starter: object | None = None  # the reader whose miss started it
         self.fetch: Fetch | None = None
         self._changed = trio.Event()
         self.settled = trio.Event()  # set when it leaves the table (stored or failed)
+        self.born = trio.current_time()  # for the read-ahead's per-connection rate
+        self.filled_at: float | None = None  # when its last byte arrived
 
     @property
     def complete(self) -> bool:
@@ -130,6 +135,8 @@ class Flight:
         if self.memory is not None:
             self.memory += data
         self.filled = end
+        if end >= self.length:
+            self.filled_at = trio.current_time()
         self._wake()
 
     def _to_memory(self, why: OSError) -> None:
@@ -165,6 +172,20 @@ class Flight:
             self.error = error
             self._wake()
 
+    def vouch(self) -> None:
+        """The body that brought this block ended as promised: readers may finish."""
+        if self.held:
+            self.held = False
+            self._wake()
+
+    def reject(self, error: UpstreamError) -> None:
+        """The body that brought this block's bytes (not framed by Content-Length)
+        failed, so none of them is vouched for: a reader not finished yet gets
+        ``error`` instead of its last bytes, and no fetch resumes from them."""
+        if self.held and self.error is None:
+            self.error = error
+            self._wake()
+
     def _wake(self) -> None:
         # a trio.Event cannot be cleared: every change gets a fresh one
         self._changed.set()
@@ -179,7 +200,9 @@ class Flight:
         """
         pos = lo
         while pos < hi:
-            if self.filled > pos:
+            if self.filled >= hi and self.held and self.error is None:
+                await self._changed.wait()  # the last piece waits for the body's end
+            elif self.filled > pos and (self.filled < hi or not self.held):
                 end = min(self.filled, hi)
                 if self.memory is not None:
                     chunk: FileSlice | memoryview = memoryview(bytes(self.memory[pos:end]))

@@ -16,6 +16,7 @@ from ..store.lock import lock_drives
 from ..store.store import Store
 from ..upstream.client import Upstream
 from .engine import Cache
+from .scrub import Scrub
 
 __all__ = ["drive_infos", "open_cache"]
 
@@ -66,6 +67,8 @@ async def _opened(config: Config) -> AsyncIterator[Cache]:
         async with trio.open_nursery() as nursery:
             cache = Cache(config, nursery, store=store, upstream=upstream)
             nursery.start_soon(store.run_maintenance)
+            cache.scrub = Scrub(store, lambda: cache.config.limits.scrub_rate)
+            nursery.start_soon(cache.scrub.run)
             nursery.start_soon(upstream.peers.run)
             try:
                 yield cache

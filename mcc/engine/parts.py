@@ -21,9 +21,11 @@ from ..store.records import ObjectMeta
 from ..store.store import Store
 from ..upstream.client import Upstream
 from ..upstream.fetch import Fetcher
-from .flight import Fetch, FlightTable, MemoryBudget
+from .flight import Fetch, Flight, FlightTable, MemoryBudget
+from .readahead import HostSlots
+from .scrub import Scrub
 
-__all__ = ["EngineCounters", "EngineParts", "RecordMemo"]
+__all__ = ["EngineCounters", "EngineParts", "RecordMemo", "Stream"]
 
 log = logging.getLogger("mcc.engine")
 
@@ -44,6 +46,22 @@ class EngineCounters:
     bytes_from_upstream: int = 0
     stale_served: int = 0
     internal_errors: int = 0
+
+
+@attrs.define
+class Stream:
+    """A body bringing the whole object (an origin that ignores Range): a block it has
+    not reached yet joins it instead of fetching the object once more.
+
+    Attributes:
+      fetch: the fetch reading the body.
+      by_index: its flights by block index (the dict the fill places bytes with).
+      pos: the object offset of the next byte it will place.
+    """
+
+    fetch: Fetch
+    by_index: dict[int, Flight]
+    pos: int
 
 
 class RecordMemo:
@@ -104,8 +122,15 @@ class EngineParts:
         self._flights = FlightTable()
         self._metas = RecordMemo()
         self._orphans: set[Fetch] = set()
+        # whole-object bodies under way (an origin that ignores Range), and the objects
+        # known to be sent whole (see mcc.engine.fill)
+        self._streams: dict[tuple[str, str], Stream] = {}
+        self._rangeless: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self.scrub: Scrub | None = None  # the background scrub, once the engine runs
         # a cap on upstream requests in flight (hostile or bursty clients); more wait
         self._fetch_slots = trio.CapacityLimiter(config.limits.max_upstream_fetches)
+        # ... and a cap per origin host (block fetches and discoveries)
+        self._host_slots = HostSlots(config.limits.upstream_connections_per_host)
         self._tasks = 0
         self._idle = trio.Event()
         self._idle.set()

@@ -18,7 +18,7 @@ import ipaddress
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import aclosing
 
 import trio
@@ -190,41 +190,47 @@ class Responses:
         reader: object,
     ) -> bool:
         head_only = req.method == "HEAD"
-        headers = [] if stored and len(ranges) <= 1 else self._object_headers(meta)
         if len(ranges) > 1:
+            headers = self._object_headers(meta)
             self._add_cache_status(headers, rec)
             return await self._send_multipart(
                 conn, meta, ranges, headers, head_only, rec, via, reader
             )
-        status = 206 if ranges else 200
+        status = rec.status = 206 if ranges else 200
         crange = content_range(ranges[0], meta.size) if ranges else None
         length = sum(r.length for r in spans)
-        rec.status = status
-        status_field = cache_status(self.config.node_id, rec.cache, rec.fwd_status)
-        head = None
-        if stored:  # every block stored: from the object's template (mcc/http/heads.py)
-            head = self.heads.hit_head(
-                conn.proto, meta, status, cache_status=status_field, content_range=crange,
-                length=length, object_headers=self._object_headers,
-            )  # fmt: skip
-        if head is None:  # built through h11
-            headers = headers or self._object_headers(meta)
-            if status_field is not None:
-                headers.append(("cache-status", status_field))
-            if crange is not None:
-                headers.append(("content-range", crange))
-            headers.append(("content-length", str(length)))
-            head = conn.proto.response_head(status, headers)
+
+        def head() -> bytes:  # made when the first byte is ready (see _send_span)
+            return self._single_head(conn, meta, status, crange, length, stored, rec)
+
         if head_only or not length:
-            await self._send_all(conn, head + conn.proto.end())
+            await self._send_all(conn, head() + conn.proto.end())
             return True
-        await self._send_head(conn, head)
-        await self._send_span(conn, meta, spans[0], rec, via, reader)
+        await self._send_span(conn, meta, spans[0], rec, via, reader, head=head)
         await self._send_all(conn, conn.proto.end())
         end = spans[0].end + 1
         if end % meta.block_size and end != meta.size:
             push(conn.sock)  # a range ending inside a block must not wait in the kernel
         return True
+
+    def _single_head(
+        self, conn: Conn, meta: ObjectMeta, status: int, crange: str | None, length: int,
+        stored: bool, rec: AccessRecord,
+    ) -> bytes:  # fmt: skip
+        """A 200/206 head: from the object's template when every block is stored
+        (:mod:`mcc.http.heads`), else (or when h11 must write it) built through h11."""
+        value = cache_status(self.config.node_id, rec.cache, rec.fwd_status)
+        if stored:
+            head = self.heads.hit_head(
+                conn.proto, meta, status, cache_status=value, content_range=crange,
+                length=length, object_headers=self._object_headers,
+            )  # fmt: skip
+            if head is not None:
+                return head
+        headers = self._object_headers(meta)
+        headers += [("cache-status", value)] if value is not None else []
+        headers += [("content-range", crange)] if crange is not None else []
+        return conn.proto.response_head(status, [*headers, ("content-length", str(length))])
 
     def _add_cache_status(self, headers: list[tuple[str, str]], rec: AccessRecord) -> None:
         """Cache-Status (RFC 9211), derived from the request's outcome record."""
@@ -253,10 +259,14 @@ class Responses:
         rec: AccessRecord,
         via: Sequence[str],
         reader: object,
+        head: Callable[[], bytes] | None = None,  # made and sent with the first byte
     ) -> None:
         segs = self.cache.segments(meta, span.start, span.end, via, reader)
         async with aclosing(segs) as segments:
             async for seg in segments:
+                if head is not None:  # so a failure before the first byte gets 502/504
+                    await self._send_head(conn, head())
+                    head = None
                 if isinstance(seg, FileSlice) and not conn.tls:
                     body = SendfileBody(seg.fd, seg.offset, seg.length)
                     for piece in conn.proto.body(body):

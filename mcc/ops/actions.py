@@ -6,6 +6,7 @@ from typing import Any
 
 from ..engine.engine import Cache
 from ..errors import BadRequest
+from ..store.check import verify_live
 from .guards import check_pattern, check_url
 from .purge import PurgeTarget
 
@@ -53,13 +54,21 @@ async def purge(cache: Cache, doc: dict[str, Any]) -> dict[str, Any]:
     return {"purged": removed}
 
 
-async def verify(cache: Cache) -> dict[str, Any]:
-    """Check every blob of the running cache against its digest (no repair).
+async def verify(cache: Cache, doc: dict[str, Any]) -> dict[str, Any]:
+    """Check every blob of the running cache against its digest; with
+    ``{"repair": true}``, corrupt blobs are quarantined at once (no longer served;
+    their blocks are fetched again) and rows of missing blobs dropped.
 
     Returns:
       the ``mcc verify`` table as JSON: rows, and the clean, corrupt and missing counts.
+
+    Raises:
+      BadRequest: 400 when ``repair`` is not true or false.
     """
-    report = await cache.store.verify()
+    repair = doc.get("repair", False)
+    if not isinstance(repair, bool):
+        raise BadRequest('verify takes {"repair": true} or {"repair": false}')
+    report = await verify_live(cache.store, repair=repair)
     return {
         "rows": report.rows(),
         "clean": report.clean,

@@ -10,7 +10,8 @@ Endpoints:
   shows its progress in objects and bytes (rate, time left; see :mod:`mcc.ops.warm`).
 - ``POST /purge`` ``{"url": ...}``, ``{"prefix": "http://..."}`` or
   ``{"pattern": "host, host:port or *.suffix"}``.
-- ``POST /verify``: check every blob of the running cache (no repair).
+- ``POST /verify``: check every blob of the running cache; ``{"repair": true}``
+  quarantines corrupt blobs at once (no longer served, refetched).
 - ``GET /``: an HTML status page that refreshes itself.
 
 Who may ask, and what a request may carry, is :mod:`mcc.ops.guards` (Host check
@@ -180,7 +181,7 @@ class AdminServer:
         if path == "/purge":
             return 200, _JSON, _json(await self.purge(doc))
         if path == "/verify":
-            return 200, _JSON, _json(await self.verify())
+            return 200, _JSON, _json(await self.verify(doc))
         raise BadRequest(f"no such endpoint {path[:100]!r}", status_hint=404)
 
     async def _read(self, req: Request, path: str) -> tuple[int, str, bytes]:
@@ -243,9 +244,10 @@ class AdminServer:
         """
         return await actions.purge(self.cache, doc)
 
-    async def verify(self) -> dict[str, Any]:
-        """Check every blob of the running cache against its digest (no repair)."""
-        return await actions.verify(self.cache)
+    async def verify(self, doc: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Check every blob of the running cache against its digest; with
+        ``{"repair": true}``, quarantine corrupt blobs at once."""
+        return await actions.verify(self.cache, doc or {})
 
     def health(self) -> dict[str, Any]:
         """Readiness: every drive writable, the index answering; parents listed."""

@@ -19,9 +19,12 @@ A block fetch goes first to the peer that owns the block, when ``peers`` are set
 block's next owner is asked, and when no peer helps, the routes above are used.
 
 Connections are pooled per (host, port, TLS name, tunnel): a response read to its end
-on a keep-alive connection returns the connection to the pool; anything else closes it. A pooled
-connection the peer closed meanwhile fails before any response byte arrives; the
-request is then retried once on a fresh connection.
+on a keep-alive connection (HTTP/1.1, no ``Connection: close``) returns the connection
+to the pool; anything else closes it. A pooled connection idle for longer than
+``timeouts.pool_idle`` is closed rather than reused (origins close idle connections
+themselves, and a close that crosses our request loses it). A pooled connection the
+peer closed meanwhile fails before any response byte arrives; the request is then
+retried once on a fresh connection.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import socket
 import ssl
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Collection, Iterator, Sequence
 from contextlib import asynccontextmanager
 
 import h11
@@ -51,6 +54,7 @@ from .connection import (
     wire_headers,
 )
 from .peers import PEER_HEADER, Peers, peer_request
+from .progress import ProgressRules, Stalled
 from .tls import client_context
 from .urls import DEFAULT_PORTS, parse_http_url, parse_url, quote_target
 
@@ -109,6 +113,12 @@ class Upstream:
         scheme, host, port, _ = parse_url(url if url.endswith("/") else url + "/")
         tls_name = host if scheme == "https" else None
         return Route(url, host, port, proxy_form=True, is_parent=True, tls_name=tls_name)
+
+    @property
+    def progress_rules(self) -> ProgressRules:
+        """The progress guard's limits (``[timeouts]`` stall, min_rate, min_rate_window)."""
+        t = self._config.timeouts
+        return ProgressRules(t.stall, t.min_rate, t.min_rate_window)
 
     def tls_context(self) -> ssl.SSLContext:
         """The verifying client context (built once, on first use)."""
@@ -177,10 +187,12 @@ class Upstream:
     async def _connect(self, route: Route) -> Connection:
         key = route.pool_key
         idle = self._idle[key]
+        oldest = time.monotonic() - self._config.timeouts.pool_idle
         while idle:
             conn = idle.pop()
             if (
-                conn.h11.our_state is h11.IDLE
+                conn.idle_since >= oldest
+                and conn.h11.our_state is h11.IDLE
                 and conn.h11.their_state is h11.IDLE
                 and quiet(conn.stream)
             ):
@@ -247,6 +259,7 @@ class Upstream:
             conn.reusable_fresh = False
             idle = self._idle[conn.key]
             if len(idle) < self._config.limits.upstream_connections_per_host:
+                conn.idle_since = time.monotonic()
                 idle.append(conn)
                 return
         with trio.CancelScope(shield=True):
@@ -270,6 +283,8 @@ class Upstream:
         content_length: int | None = None,
         *,
         block: int | None = None,
+        avoid: Collection[str] = (),
+        stall: float | None = None,
     ) -> AsyncIterator[UpstreamResponse]:
         """Send one request upstream, trying routes in order; yields the response.
 
@@ -281,9 +296,13 @@ class Upstream:
           content_length: its Content-Length, or None for chunked.
           block: the index of the block asked for, when it is a block fetch: it goes to
             the block's owner among the peers first (see :mod:`mcc.upstream.peers`).
+          avoid: names of routes not to try (abandoned earlier as stalled).
+          stall: when set, a response head must come within this many seconds (or the
+            read timeout, if shorter); a route that misses it is abandoned.
 
         Raises:
           UpstreamError: no route answered.
+          Stalled: the last route tried sent no head in time, or every route is avoided.
         """
         scheme, host, port, target = parse_url(url)
         default = port == DEFAULT_PORTS[scheme]
@@ -300,7 +319,12 @@ class Upstream:
             base.append(("transfer-encoding", "chunked"))
         last_error: UpstreamError | None = None
         wire = wire_headers([("host", authority), *base])
+        head_timeout = self._config.timeouts.read
+        if stall is not None:
+            head_timeout = min(head_timeout, stall)
         for route in self._routes_for(url, block if body is None else None):
+            if route.name in avoid:
+                continue
             request_target = f"{scheme}://{authority}{target}" if route.proxy_form else target
             marks = wire_headers([(PEER_HEADER, self._config.node_id)]) if route.is_peer else []
             try:
@@ -328,9 +352,17 @@ class Upstream:
                                 await conn.send(h11.Data(data=chunk))
                         await conn.send(h11.EndOfMessage())
                     with map_errors(route, "waiting for the response"):
-                        event = await conn.next_event(self._config.timeouts.read)
-                        while isinstance(event, h11.InformationalResponse):
-                            event = await conn.next_event(self._config.timeouts.read)
+                        try:
+                            event = await conn.next_event(head_timeout)
+                            while isinstance(event, h11.InformationalResponse):
+                                event = await conn.next_event(head_timeout)
+                        except trio.TooSlowError:
+                            if stall is None:
+                                raise
+                            raise Stalled(
+                                f"{route.name}: no response within {head_timeout:g} s; abandoned",
+                                route=route.name,
+                            ) from None
                     if not isinstance(event, h11.Response):
                         raise UpstreamError(f"{route.name}: closed without a response")
                     if event.status_code > 599:  # RFC 9110 s15: three digits, 1xx-5xx
@@ -375,7 +407,8 @@ class Upstream:
                     reuse = response.complete and method != "HEAD"
                     await self._release(conn, reusable=reuse)
                 return
-        assert last_error is not None
+        if last_error is None:
+            raise Stalled(f"{url[:200]}: every route was abandoned as stalled")
         raise last_error
 
 

@@ -109,6 +109,9 @@ class Connection:
         self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
         self.reused = False
         self.reusable_fresh = False  # a body read past h11 ended cleanly
+        self.keep_alive = True  # the last response allows another request
+        self.idle_since = 0.0  # when it went into the pool (time.monotonic)
+        self._head = b""  # a response head's bytes as they arrive (line ends checked)
 
     async def send(self, event: h11.Event) -> None:
         data = self.h11.send(event)
@@ -120,11 +123,32 @@ class Connection:
             event = self.h11.next_event()
             if event is h11.NEED_DATA:
                 with trio.fail_after(read_timeout):
-                    data = await self.stream.receive_some(_RECEIVE_SIZE)
-                self.h11.receive_data(bytes(data))  # no copy for a plain socket's bytes
+                    data = bytes(await self.stream.receive_some(_RECEIVE_SIZE))
+                if self.h11.their_state is h11.SEND_RESPONSE:
+                    self._head += data
+                    _check_line_ends(self._head)
+                self.h11.receive_data(data)  # bytes(): no copy for a plain socket's bytes
                 continue
             assert not isinstance(event, type)  # PAUSED cannot happen: one request per cycle
+            if isinstance(event, h11.Response):
+                self._head = b""
             return event
+
+
+# The end of a response head as h11 finds it (a blank line, CR optional), and a line
+# feed with no CR before it.
+_HEAD_END = re.compile(rb"\n\r?\n")
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+
+
+def _check_line_ends(head: bytes) -> None:
+    """Refuse a response head with a bare LF (RFC 9112 s2.2 lets a recipient accept
+    one; mcc does not). Where intermediaries disagree on line ends, one reads a
+    field's value as the end of the head and the rest as the body: a response that
+    means two things is not cached or passed on."""
+    end = _HEAD_END.search(head)
+    if _BARE_LF.search(head, 0, end.end() if end else len(head)):
+        raise h11.RemoteProtocolError("a bare LF in the response head")
 
 
 class UpstreamResponse:
@@ -164,6 +188,16 @@ class UpstreamResponse:
         ]
         self._timeout = timeout
         self.complete = False
+        # RFC 9112 s9.3: HTTP/1.0 closes unless asked otherwise (h11 never keeps a 1.0
+        # connection), and "Connection: close" closes; h11 knows this for the bodies it
+        # frames, a body read past h11 (below) must remember it here
+        tokens = {
+            t.strip().lower()
+            for k, v in response.headers
+            if k.lower() == b"connection"
+            for t in v.split(b",")
+        }
+        conn.keep_alive = response.http_version == b"1.1" and b"close" not in tokens
         # Bodies framed by Content-Length are read straight from the socket, past h11:
         # h11 would copy each piece twice more (its receive buffer, then the event).
         # h11 is replaced by a fresh connection object once the body is complete.
@@ -284,7 +318,7 @@ class UpstreamResponse:
         self._direct_remaining = None
         # reusable only when nothing followed the body (we never pipeline upstream)
         self._conn.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
-        self._conn.reusable_fresh = not leftover
+        self._conn.reusable_fresh = not leftover and self._conn.keep_alive
 
     async def iter_body(self) -> AsyncIterator[bytes]:
         """Every remaining piece of the body."""

@@ -16,27 +16,35 @@ framing stays behind this line:
   allowlist; one that leaves it is :class:`~mcc.errors.NotCacheable` (the client is
   sent to it itself). ``Fetched.url`` is where the bytes came from.
 
+A 200 or 206 body is watched by the progress guard (:mod:`mcc.upstream.progress`):
+a body that stalls or crawls raises :class:`~mcc.upstream.progress.Stalled`, naming
+the route, and routes named in ``avoid`` are not asked at all.
+
 What the response *means* for the cache (may it be stored, did the object change)
 is not decided here: that is :mod:`mcc.policy`.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Collection, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
+from typing import TypeVar
 from urllib.parse import urljoin
 
 import attrs
+import trio
 
 from ..errors import NotCacheable, UpstreamError
 from ..headers import parse_content_range, parse_unsatisfied_range
 from .client import Upstream, UpstreamResponse, parse_http_url, quote_target
+from .progress import Progress, Stalled
 
 __all__ = ["MAX_REDIRECTS", "Conditions", "Fetched", "Fetcher"]
 
 # Redirects followed in a row before giving up (RFC 9110 s15.4 leaves it to us;
 # browsers use about 20; update CDNs use one or two).
 MAX_REDIRECTS = 5
+_T = TypeVar("_T")
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
@@ -83,6 +91,7 @@ class Fetched:
         self.size = size
         self._pos = first
         self._direct = resp.can_receive_into  # (the response forgets once complete)
+        self.progress: Progress | None = None  # the guard, for 200 and 206 bodies
 
     @property
     def route_name(self) -> str:
@@ -115,7 +124,8 @@ class Fetched:
         if want <= 0:
             await self._expect_end()
             return 0
-        n = await self._resp.receive_into(buf[:want])
+        n = await self._guarded(self._resp.receive_into(buf[:want]))
+        self._judge(n)
         if not n:
             self._check_short()
         self._pos += n
@@ -130,7 +140,8 @@ class Fetched:
         if self.stop is not None and self._pos >= self.stop:
             await self._expect_end()
             return b""
-        data = await self._resp.receive()
+        data = await self._guarded(self._resp.receive())
+        self._judge(len(data))
         if not data:
             self._check_short()
             return b""
@@ -142,11 +153,40 @@ class Fetched:
         self._pos += len(data)
         return data
 
+    async def _guarded(self, pending: Awaitable[_T]) -> _T:
+        """Await a receive under the progress guard's deadline.
+
+        Raises:
+          Stalled: no byte came by the deadline.
+        """
+        progress = self.progress
+        if progress is None:
+            return await pending
+        with trio.move_on_at(progress.deadline()):
+            return await pending
+        raise Stalled(
+            f"{self.route_name}: no byte for {progress.rules.stall:g} s at byte "
+            f"{self._pos}; abandoned",
+            route=self.route_name,
+        )
+
+    def _judge(self, n: int) -> None:
+        """Count ``n`` bytes received against the rate floor.
+
+        Raises:
+          Stalled: the body crawls below the floor.
+        """
+        if self.progress is None:
+            return
+        crawl = self.progress.received(n, trio.current_time())
+        if crawl is not None:
+            raise Stalled(f"{self.route_name}: {crawl}; abandoned", route=self.route_name)
+
     async def _expect_end(self) -> None:
         """At the promised end: the body must end here."""
         if self._resp.complete:
             return
-        extra = await self._resp.receive()
+        extra = await self._guarded(self._resp.receive())
         if extra or not self._resp.complete:
             raise UpstreamError(
                 f"{self.route_name}: body runs past byte {self._pos - 1}, the end of what "
@@ -178,6 +218,7 @@ class Fetcher:
         via: Sequence[str] = (),
         block: int | None = None,
         extra: Sequence[tuple[str, str]] = (),
+        avoid: Collection[str] = (),
     ) -> AsyncIterator[Fetched]:
         """GET bytes ``start..end`` (inclusive; ``end`` None: to the end) of ``url``.
 
@@ -187,6 +228,7 @@ class Fetcher:
           via: Via entries of the client request (for loop detection upstream).
           block: the block index, for routing to the peer that owns it.
           extra: more request fields (those selecting a variant, RFC 9111 s4.1).
+          avoid: names of routes not to ask (abandoned as stalled).
 
         Yields:
           The response; for 200 and 206 its body is vouched for (see the module).
@@ -194,20 +236,28 @@ class Fetcher:
 
         Raises:
           UpstreamError: no route answered, or a 206 answered another span.
+          Stalled: the head did not come within the stall timeout on the last route,
+            or every route is avoided.
           NotCacheable: a redirect leads off the allowlist.
         """
+        rules = self.upstream.progress_rules
         span = f"bytes={start}-" if end is None else f"bytes={start}-{end}"
         headers = [("range", span), *conditions.headers(), *(("via", v) for v in via), *extra]
         for hops in range(MAX_REDIRECTS + 1):
             async with AsyncExitStack() as stack:
                 resp = await stack.enter_async_context(
-                    self.upstream.request("GET", url, headers, block=block)
+                    self.upstream.request(
+                        "GET", url, headers, block=block, avoid=avoid, stall=rules.stall
+                    )
                 )
                 location = resp.header("location")
                 if resp.status in _REDIRECTS and location:
                     url = self.follow(url, location)
                     continue
-                yield self._vouch(resp, url, start, end, size)
+                got = self._vouch(resp, url, start, end, size)
+                if got.status in (200, 206):
+                    got.progress = Progress(rules, trio.current_time())
+                yield got
                 return
             del hops
         raise UpstreamError(f"{url}: more than {MAX_REDIRECTS} redirects", status_hint=508)

@@ -1,0 +1,63 @@
+"""Checking stored blobs while the node serves: one at a time (the background scrub,
+:mod:`mcc.engine.scrub`), or every one with repair (a live ``mcc verify --repair``).
+
+A blob found corrupt here is quarantined by the running node itself
+(:meth:`~mcc.store.store.Store.quarantine`): its cached fd is forgotten and its rows
+dropped, so it stops being served at once and its block is fetched again. Orphans
+and temp files are left alone: blobs being written show up as such.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from .store import Store
+from .verify import VerifyReport
+
+__all__ = ["blob_sizes", "check_blob", "verify_live"]
+
+log = logging.getLogger("mcc.store")
+
+
+def blob_sizes(store: Store) -> dict[str, int]:
+    """Every stored blob's digest, with its size."""
+    return store.index.all_digests()
+
+
+async def check_blob(store: Store, digest: str) -> bool | None:
+    """Re-hash one stored blob now (in a worker thread); a corrupt one is quarantined.
+
+    Returns:
+      True when it matches its digest, False when it did not (quarantined), None when
+      it is not there (evicted meanwhile).
+    """
+    if not store.blobs.exists(digest):
+        return None
+    if await trio.to_thread.run_sync(store.blobs.verify, digest):
+        return True
+    if not store.blobs.exists(digest):
+        return None
+    store.counters.corrupt_blocks += 1
+    log.warning("blob %s does not match its digest: quarantined, refetching", digest)
+    store.quarantine(digest)
+    return False
+
+
+async def verify_live(store: Store, *, repair: bool = False) -> VerifyReport:
+    """Check every blob while serving; with ``repair``, each corrupt blob (checked once
+    more) is quarantined and the rows of missing ones dropped.
+
+    Returns:
+      The report (``repaired`` set with ``repair``).
+    """
+    report = await store.verify()
+    if repair:
+        report.repaired = True
+        for digest in report.corrupt:
+            await check_blob(store, digest)
+        for digest in report.missing:
+            if not store.blobs.exists(digest):
+                store.quarantine(digest)  # (no file to move: its rows are dropped)
+    return report
