@@ -6,6 +6,13 @@ Starts an nginx origin, the nginx slice cache (the lancache configuration, with
 tcp_nopush and aio off) and mcc on loopback, then runs each scenario against both
 caches alternately for several rounds, reporting medians and the mcc/nginx ratio.
 Results go to ``benchmarks/results/latest.json`` and PNG plots beside it.
+
+Each wrk measurement also gives ``MB_per_cpu_s`` (bytes served per CPU-second of the
+serving processes: mcc and any children, or nginx's workers, as many as
+``Procs.mcc_workers``) and, for mcc, ``loop_lag_p99_ms`` and
+``loop_lag_max_ms``: the event loop's batch lengths during that run, read as the
+difference of ``mcc_loop_lag_seconds`` between two scrapes (each figure is the upper
+bound of its histogram bucket; ``inf`` past one second).
 """
 
 from __future__ import annotations
@@ -23,9 +30,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .harness import MiB, Procs, cpu_seconds, ensure_tools, make_data, rss_bytes, run_wrk
+from .harness import (
+    MiB,
+    Procs,
+    cpu_seconds,
+    ensure_tools,
+    loop_lag_between,
+    loop_lag_buckets,
+    make_data,
+    rss_bytes,
+    run_wrk,
+)
 
 HERE = Path(__file__).parent
+nan = float("nan")
 BIG = "/big.bin"
 SMALL_COUNT = 200
 SMALL_SIZE = 64 * 1024
@@ -88,13 +106,25 @@ class Suite:
 
     def wrk_measure(self, path: str, conns: int, script: str | None, env: dict[str, str]) -> Any:
         def measure(target: str) -> dict[str, float]:
+            lag0 = loop_lag_buckets(self.p.mcc_admin) if target == "mcc" else []
+            cpu0 = self.p.cpu_seconds(target)
             res = run_wrk(self.p.port(target), path, conns, self.seconds, script, env)
+            cpu = self.p.cpu_seconds(target) - cpu0
+            lag = (
+                loop_lag_between(lag0, loop_lag_buckets(self.p.mcc_admin))
+                if target == "mcc"
+                else (nan, nan)
+            )
+            served_mb = res.bytes_per_s / 1e6 * max(1, round(self.seconds))
             return {
                 "MBps": res.bytes_per_s / 1e6,
                 "rps": res.requests_per_s,
                 "p50_ms": res.p50_ms,
                 "p99_ms": res.p99_ms,
                 "errors": res.errors,
+                "MB_per_cpu_s": served_mb / cpu if cpu else nan,
+                "loop_lag_p99_ms": lag[0],
+                "loop_lag_max_ms": lag[1],
             }
 
         return measure
@@ -234,7 +264,12 @@ def report(results: dict[str, Row]) -> str:
         for k in keys:
             cells = "  ".join(f"{t}={med[t][k]:.1f}" for t in med)
             ratio = ""
-            if "mcc" in med and "nginx" in med and med["nginx"][k]:
+            if (
+                "mcc" in med
+                and "nginx" in med
+                and med["nginx"][k]
+                and med["nginx"][k] == med["nginx"][k]
+            ):
                 ratio = f"  mcc/nginx={med['mcc'][k] / med['nginx'][k]:.2f}x"
             if "origin" in med and med["origin"].get(k):
                 ratio += f"  mcc/origin={med['mcc'][k] / med['origin'][k]:.2f}x"
@@ -312,6 +347,17 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--big-size", type=int, default=1024, help="big file size in MiB")
     run.add_argument("--work", type=Path, default=HERE / "work")
     run.add_argument("--out", type=Path, default=HERE / "results")
+    run.add_argument(
+        "--mcc-source",
+        type=Path,
+        default=None,
+        help="run mcc from this checkout (e.g. a worktree of main, for before/after)",
+    )
+    run.add_argument(
+        "--access-log",
+        action="store_true",
+        help="both caches write access logs (nginx with buffer=64k flush=1s)",
+    )
     args = parser.parse_args(argv)
     chosen = SCENARIOS if args.scenario == "all" else tuple(args.scenario.split(","))
     ensure_tools()
@@ -320,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     big_size = args.big_size * MiB
     www = make_data(args.work, big_size, SMALL_COUNT, SMALL_SIZE)
     started = time.time()
-    with Procs(args.work, www) as procs:
+    with Procs(args.work, www, mcc_source=args.mcc_source, access_logs=args.access_log) as procs:
         procs.start_mcc(fresh=True)
         procs.start_nginx_cache(fresh=True)
         suite = Suite(procs, args.rounds, args.seconds, big_size)

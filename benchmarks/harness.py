@@ -6,6 +6,7 @@ Everything listens on 127.0.0.1 and is started and stopped by this module.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -26,6 +27,8 @@ __all__ = [
     "cpu_seconds",
     "ensure_tools",
     "free_port",
+    "loop_lag_between",
+    "loop_lag_buckets",
     "make_data",
     "rss_bytes",
     "run_wrk",
@@ -104,13 +107,13 @@ http {{
 # The lancache-style baseline: proxy_cache + slice 1m + proxy_cache_lock, one worker,
 # with tcp_nopush and aio off (both cost a lot on loopback: see shared/perf-notes.md).
 _NGINX_CACHE_CONF = """
-worker_processes 1;
+worker_processes {workers};
 daemon off;
 error_log {work}/nginx-cache.err warn;
 pid {work}/nginx-cache.pid;
 events {{ worker_connections 8192; }}
 http {{
-  access_log off;
+  {access_log}
   sendfile on; tcp_nopush off; aio off;
   keepalive_requests 100000;
   proxy_cache_path {cache} levels=1:2 keys_zone=c:64m max_size=40g inactive=7d
@@ -147,6 +150,8 @@ class Procs:
     mcc_admin: int = 0
     procs: dict[str, subprocess.Popen[bytes]] = attrs.field(factory=dict)
     mcc_workers: int = 1
+    mcc_source: Path | None = None  # another checkout's tree to run mcc from (before/after)
+    access_logs: bool = False  # both caches write access logs (nginx buffered, as mcc)
 
     def __enter__(self) -> Procs:
         self.start_origin()
@@ -156,9 +161,13 @@ class Procs:
         for name in list(self.procs):
             self.stop(name)
 
-    def _spawn(self, name: str, argv: list[str]) -> None:
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
         with open(self.work / f"{name}.out", "ab") as log:  # the child keeps its own copy
-            self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=log)
+            # cwd: the work directory, so that "-m mcc" imports the installed mcc (or
+            # mcc_source's), not whatever checkout is the current directory
+            self.procs[name] = subprocess.Popen(
+                argv, stdout=log, stderr=log, cwd=self.work, env=env
+            )
 
     def stop(self, name: str) -> None:
         proc = self.procs.pop(name, None)
@@ -196,7 +205,16 @@ class Procs:
         conf = self.work / "nginx-cache.conf"
         conf.write_text(
             _NGINX_CACHE_CONF.format(
-                work=self.work, cache=cache, port=self.nginx_port, origin_port=self.origin_port
+                work=self.work,
+                cache=cache,
+                port=self.nginx_port,
+                origin_port=self.origin_port,
+                workers=self.mcc_workers,  # as many processes as mcc serves with
+                access_log=(
+                    f"access_log {self.work}/nginx-access.log combined buffer=64k flush=1s;"
+                    if self.access_logs
+                    else "access_log off;"
+                ),
             )
         )
         self._spawn("nginx", [nginx_bin(), "-c", str(conf), "-p", str(self.work)])
@@ -207,6 +225,7 @@ class Procs:
         if fresh and cache.exists():
             shutil.rmtree(cache)
         self.mcc_port, self.mcc_admin = free_port(), free_port()
+        log = str(self.work / "mcc-access.log") if self.access_logs else ""
         argv = [
             sys.executable, "-m", "mcc", "serve",
             "--listen", f"127.0.0.1:{self.mcc_port}",
@@ -214,9 +233,12 @@ class Procs:
             "--origin", f"http://127.0.0.1:{self.origin_port}",
             "--allow-origin", f"127.0.0.1:{self.origin_port}",
             "--cache-dir", str(cache), "--max-size", "40GiB", "--min-free", "1GiB",
-            "--block-size", "1MiB", "--access-log", "", "--log-level", "warning", *extra,
+            "--block-size", "1MiB", "--access-log", log, "--log-level", "warning", *extra,
         ]  # fmt: skip
-        self._spawn("mcc", argv)
+        env = dict(os.environ)
+        if self.mcc_source is not None:  # its mcc/ comes first on the import path
+            env["PYTHONPATH"] = str(self.mcc_source)
+        self._spawn("mcc", argv, env)
         wait_http(self.mcc_port, "/s0.bin")
 
     def pid(self, name: str) -> int:
@@ -227,6 +249,21 @@ class Procs:
             if children:
                 return int(children[0])
         return proc.pid
+
+    def pids(self, name: str) -> list[int]:
+        """Every process doing the work: nginx's workers (not the master), or mcc's
+        process and its children (worker processes, when it has them)."""
+        proc = self.procs[name]
+        children = [
+            int(c) for c in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        ]
+        if name in ("nginx", "origin"):
+            return children or [proc.pid]
+        return [proc.pid, *children]
+
+    def cpu_seconds(self, name: str) -> float:
+        """CPU seconds used so far by every process of ``name`` (see :meth:`pids`)."""
+        return sum(cpu_seconds(pid) for pid in self.pids(name))
 
     def port(self, name: str) -> int:
         return {"mcc": self.mcc_port, "nginx": self.nginx_port, "origin": self.origin_port}[name]
@@ -298,6 +335,29 @@ def run_wrk(
         rps, bps, _ms(p50.group(1)) if p50 else float("nan"),
         _ms(p99.group(1)) if p99 else float("nan"), errors,
     )  # fmt: skip
+
+
+def loop_lag_buckets(admin_port: int) -> list[tuple[float, float]]:
+    """mcc's cumulative loop-lag histogram now: (upper bound in s, batches)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    pattern = r'^mcc_loop_lag_seconds_bucket\{le="([^"]+)"\} (\S+)$'
+    return [(float(le), float(n)) for le, n in re.findall(pattern, text, re.M)]
+
+
+def loop_lag_between(
+    before: list[tuple[float, float]], after: list[tuple[float, float]]
+) -> tuple[float, float]:
+    """p99 and maximum of the loop lag between two scrapes, in ms, each as the upper
+    bound of its histogram bucket (inf when past the last bound; nan with no data)."""
+    counts = [(le, a - b) for (le, a), (_, b) in zip(after, before, strict=True)]
+    total = counts[-1][1] if counts else 0
+    if not total:
+        return float("nan"), float("nan")
+    rank = math.ceil(0.99 * total)
+    p99 = next(le for le, n in counts if n >= rank)
+    top = next(le for le, n in counts if n >= total)
+    return p99 * 1000, top * 1000
 
 
 def cpu_seconds(pid: int) -> float:

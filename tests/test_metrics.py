@@ -37,6 +37,8 @@ FAMILIES: dict[str, tuple[str, frozenset[str]]] = {
     "mcc_internal_errors": ("counter", frozenset({"where"})),
     "mcc_parent_up": ("gauge", frozenset({"parent"})),
     "mcc_request_duration_seconds": ("histogram", frozenset()),
+    "mcc_loop_lag_seconds": ("histogram", frozenset()),
+    "mcc_loop_lag_recent_seconds": ("gauge", frozenset({"quantile"})),
 }
 
 

@@ -109,6 +109,11 @@ def cmd_stats(args: argparse.Namespace) -> int:
         ("open connections", str(s["openConnections"])),
         ("joined fetches", str(s["flightJoins"])),
     ]
+    lag = s.get("loopLag")
+    if lag:
+        rows.append(
+            ("loop lag (10 s p99 / max)", f"{lag['recentP99Ms']:.1f} / {lag['recentMaxMs']:.1f} ms")
+        )
     rows += [
         (f"drive {d['path']}", f"{human_size(d['bytes'])} of {human_size(d['capacity'])}")
         for d in s["drives"]

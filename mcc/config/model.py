@@ -244,7 +244,10 @@ class Config:
         flag="--access-log",
         metavar="PATH",
         help="access log file, '-' for standard error, '' for none",
-        doc='access log file; `-` standard error; `""` off',
+        doc=(
+            'access log file; `-` standard error; `""` off. Lines are buffered and written'
+            " at most 0.25 s after the response (or per 64 KiB), and on SIGHUP and shutdown"
+        ),
     )
     access_log_format: AccessLogFormat = knob(
         "kv",

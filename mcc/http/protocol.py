@@ -44,7 +44,7 @@ _SERVER_BYTES = SERVER_NAME.encode("ascii")
 _date_cache: tuple[int, str] = (0, "")
 
 
-def _http_date() -> str:
+def http_date() -> str:
     """The Date header value, formatted once per second."""
     global _date_cache
     now = int(time.time())
@@ -207,7 +207,7 @@ class ServerProtocol:
         Content-Disposition, obs-text); one that cannot is dropped, not fatal.
         """
         given = {name for name, _ in headers}
-        full = [] if "date" in given else [(b"Date", _http_date().encode("ascii"))]
+        full = [] if "date" in given else [(b"Date", http_date().encode("ascii"))]
         if "server" not in given:
             full.append((b"Server", _SERVER_BYTES))
         for name, value in headers:
@@ -220,6 +220,25 @@ class ServerProtocol:
         except ValueError:
             reason = b""
         return self._conn.send(h11.Response(status_code=status, headers=full, reason=reason)) or b""
+
+    def preformatted_head(self, status: int, content_length: int, head: bytes) -> bytes | None:
+        """Take ``head``, formatted elsewhere (a hit's template, :mod:`mcc.http.heads`),
+        as this response's head: h11 is told of a response with ``status`` and
+        ``content_length``, so it frames and checks the body and keeps the
+        connection's state as if it had written the head itself.
+
+        Returns:
+          ``head``, to be sent; None when h11 would have changed the head (the
+          client asked to close, or speaks HTTP/1.0): build it with
+          :meth:`response_head` then. Nothing is sent in that case.
+        """
+        conn = self._conn
+        if conn.their_http_version != b"1.1" or not conn._cstate.keep_alive:
+            return None
+        framing = [(b"content-length", b"%d" % content_length)]
+        # _parsed: the one field is ours and valid; h11's own rendering is dropped
+        conn.send(h11.Response(status_code=status, headers=framing, reason=b"", _parsed=True))
+        return head
 
     def body(self, data: Any) -> list[Any]:
         """Frame a body piece; ``data`` may be any object with ``__len__`` (for sendfile).
@@ -246,7 +265,7 @@ class ServerProtocol:
             reason = ""
         head = (
             f"HTTP/1.1 {status} {reason}\r\n"
-            f"Date: {_http_date()}\r\n"
+            f"Date: {http_date()}\r\n"
             f"Server: {SERVER_NAME}\r\n"
             "Content-Type: text/plain; charset=utf-8\r\n"
             f"Content-Length: {len(body)}\r\n"

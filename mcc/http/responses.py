@@ -18,7 +18,7 @@ import ipaddress
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import aclosing
 
 import trio
@@ -30,10 +30,20 @@ from ..ops.accesslog import AccessRecord
 from ..ops.outcome import Outcome, cache_status, served_outcome
 from ..policy import age, end_to_end, invalidated, replayed_fields
 from ..store.records import ObjectMeta
+from .heads import HeadTemplates
 from .protocol import END_OF_BODY, NEED_DATA, Request, ServerProtocol
 from .ranges import UNSATISFIABLE, ByteRange, content_range, if_range_matches, parse_range
 from .routing import OwnNames, route_request
-from .sendfile import SendfileBody, push, send_bytes, sendfile
+from .sendfile import (  # the closing helpers are re-exported for the server
+    ClientStream,
+    SendfileBody,
+    linger,
+    push,
+    send_bytes,
+    send_final,
+    send_quiet,
+    sendfile,
+)
 from .tls import file_pieces
 
 __all__ = [
@@ -51,10 +61,6 @@ __all__ = [
 log = logging.getLogger("mcc.http")
 
 RECEIVE_SIZE = 64 * 1024
-# After an error response: how long, and how many bytes, to keep reading before close
-# (nginx's lingering_close does the same, with 5 s).
-_LINGER_SECONDS = 2.0
-_LINGER_BYTES = 1024 * 1024
 # Bytes per send for in-memory chunks; a response is written in pieces this size so
 # the send timeout bounds the time any one piece may take (slow-reader floor).
 _SEND_PIECE = 256 * 1024
@@ -66,9 +72,6 @@ _REQUEST_HEADERS_FORWARDED_EXCLUDE = frozenset(
 
 class ClientGone(Exception):
     """The client stopped reading or closed; the connection is finished."""
-
-
-ClientStream = trio.SocketStream | trio.SSLStream[trio.SocketStream]
 
 
 class Conn:
@@ -98,6 +101,7 @@ class Responses:
 
     def __init__(self) -> None:
         self._misses: dict[str, int] = {}  # client address -> misses being answered
+        self.heads = HeadTemplates()
 
     async def _read_body(self, conn: Conn) -> AsyncIterator[bytes]:
         proto = conn.proto
@@ -134,10 +138,10 @@ class Responses:
             and not if_range_matches(if_range, meta.etag, meta.last_modified)
         ):
             ranges = None
-        headers = self._object_headers(meta)
         rec.fwd_status = found.upstream_status
         if ranges is UNSATISFIABLE:  # answered from the record alone: no block needed
             rec.status, rec.cache = 416, served_outcome(found.outcome, "hit").value
+            headers = self._object_headers(meta)
             headers.append(("content-range", f"bytes */{meta.size}"))
             self._add_cache_status(headers, rec)
             await self._send_simple(conn, 416, headers, b"")
@@ -147,11 +151,10 @@ class Responses:
         spans = ranges or ([ByteRange(0, meta.size - 1)] if meta.size else [])
         coverage = self.cache.coverage(meta, [(r.start, r.end) for r in spans])
         rec.cache = served_outcome(found.outcome, coverage).value
-        self._add_cache_status(headers, rec)
         slot = self._miss_slot(conn.peer) if coverage != "hit" else contextlib.nullcontext()
         with slot:
             return await self._send_cached(
-                conn, req, meta, ranges, spans, headers, rec, via, reader
+                conn, req, meta, ranges, spans, coverage == "hit", rec, via, reader
             )
 
     @contextlib.contextmanager
@@ -181,30 +184,53 @@ class Responses:
         meta: ObjectMeta,
         ranges: list[ByteRange],
         spans: list[ByteRange],
-        headers: list[tuple[str, str]],
+        stored: bool,
         rec: AccessRecord,
         via: Sequence[str],
         reader: object,
     ) -> bool:
         head_only = req.method == "HEAD"
         if len(ranges) > 1:
+            headers = self._object_headers(meta)
+            self._add_cache_status(headers, rec)
             return await self._send_multipart(
                 conn, meta, ranges, headers, head_only, rec, via, reader
             )
-        status = 206 if ranges else 200
-        if ranges:
-            headers.append(("content-range", content_range(ranges[0], meta.size)))
-        headers.append(("content-length", str(length := sum(r.length for r in spans))))
-        rec.status = status
+        status = rec.status = 206 if ranges else 200
+        crange = content_range(ranges[0], meta.size) if ranges else None
+        length = sum(r.length for r in spans)
+
+        def head() -> bytes:  # made when the first byte is ready (see _send_span)
+            return self._single_head(conn, meta, status, crange, length, stored, rec)
+
         if head_only or not length:
-            await self._send_all(conn, conn.proto.response_head(status, headers) + conn.proto.end())
+            await self._send_all(conn, head() + conn.proto.end())
             return True
-        await self._send_span(conn, meta, spans[0], rec, via, reader, head=(status, headers))
+        await self._send_span(conn, meta, spans[0], rec, via, reader, head=head)
         await self._send_all(conn, conn.proto.end())
         end = spans[0].end + 1
         if end % meta.block_size and end != meta.size:
             push(conn.sock)  # a range ending inside a block must not wait in the kernel
         return True
+
+    def _single_head(
+        self, conn: Conn, meta: ObjectMeta, status: int, crange: str | None, length: int,
+        stored: bool, rec: AccessRecord,
+    ) -> bytes:  # fmt: skip
+        """A 200/206 head: from the object's template when every block is stored
+        (:mod:`mcc.http.heads`), else (or when h11 must write it) built through h11."""
+        value = cache_status(self.config.node_id, rec.cache, rec.fwd_status)
+        if stored:
+            head = self.heads.hit_head(
+                conn.proto, meta, status, cache_status=value, content_range=crange,
+                length=length, object_headers=self._object_headers,
+            )  # fmt: skip
+            if head is not None:
+                return head
+        headers = self._object_headers(meta)
+        headers += [("cache-status", value)] if value is not None else []
+        headers += [("content-range", crange)] if crange is not None else []
+        return conn.proto.response_head(status, [*headers, ("content-length", str(length))])
 
     def _add_cache_status(self, headers: list[tuple[str, str]], rec: AccessRecord) -> None:
         """Cache-Status (RFC 9211), derived from the request's outcome record."""
@@ -233,13 +259,13 @@ class Responses:
         rec: AccessRecord,
         via: Sequence[str],
         reader: object,
-        head: tuple[int, list[tuple[str, str]]] | None = None,  # sent with the first byte
+        head: Callable[[], bytes] | None = None,  # made and sent with the first byte
     ) -> None:
         segs = self.cache.segments(meta, span.start, span.end, via, reader)
         async with aclosing(segs) as segments:
             async for seg in segments:
                 if head is not None:  # so a failure before the first byte gets 502/504
-                    await self._send_head(conn, conn.proto.response_head(*head))
+                    await self._send_head(conn, head())
                     head = None
                 if isinstance(seg, FileSlice) and not conn.tls:
                     body = SendfileBody(seg.fd, seg.offset, seg.length)
@@ -415,36 +441,3 @@ def _first_byte(range_header: str | None) -> int:
     first = range_header.split("=", 1)[1].split(",")[0].strip()
     start = first.split("-")[0].strip()
     return int(start) if start.isdigit() and len(start) < 19 else 0
-
-
-async def send_final(stream: ClientStream, data: bytes) -> None:
-    """Send a last response on a connection about to close; a client gone is fine."""
-    try:
-        with trio.move_on_after(_LINGER_SECONDS):
-            await stream.send_all(data)
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-        pass
-
-
-async def send_quiet(stream: ClientStream, data: bytes) -> None:
-    """Send a final response and close gently (see :func:`_linger`)."""
-    await send_final(stream, data)
-    await linger(stream)
-
-
-async def linger(stream: ClientStream) -> None:
-    """Close gently: stop sending, and read (and drop) what the client still sends for
-    a moment, so that unread request bytes do not make the kernel reset the connection
-    before the client has read the last response."""
-    try:
-        with trio.move_on_after(_LINGER_SECONDS):
-            if isinstance(stream, trio.SocketStream):  # TLS has no half-close
-                await stream.send_eof()
-            drained = 0
-            while drained < _LINGER_BYTES:
-                chunk = await stream.receive_some(65536)
-                if not chunk:
-                    break
-                drained += len(chunk)
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-        pass

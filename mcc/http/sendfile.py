@@ -1,6 +1,7 @@
 """Writing to a client socket: heads with MSG_MORE, bodies with zero-copy sendfile.
 
-Only this module and ``server.py`` touch client sockets.
+Only this module and ``server.py`` touch client sockets. The closing helpers
+(:func:`send_final`, :func:`send_quiet`, :func:`linger`) live here too.
 """
 
 from __future__ import annotations
@@ -11,7 +12,23 @@ import socket
 
 import trio
 
-__all__ = ["SendfileBody", "push", "send_bytes", "sendfile"]
+__all__ = [
+    "ClientStream",
+    "SendfileBody",
+    "linger",
+    "push",
+    "send_bytes",
+    "send_final",
+    "send_quiet",
+    "sendfile",
+]
+
+ClientStream = trio.SocketStream | trio.SSLStream[trio.SocketStream]
+
+# After an error response: how long, and how many bytes, to keep reading before close
+# (nginx's lingering_close does the same, with 5 s).
+_LINGER_SECONDS = 2.0
+_LINGER_BYTES = 1024 * 1024
 
 _HAS_MSG_MORE = hasattr(socket, "MSG_MORE")
 
@@ -81,3 +98,36 @@ async def sendfile(sock: trio.socket.SocketType, body: SendfileBody) -> int:
         remaining -= n
         sent_total += n
     return sent_total
+
+
+async def send_final(stream: ClientStream, data: bytes) -> None:
+    """Send a last response on a connection about to close; a client gone is fine."""
+    try:
+        with trio.move_on_after(_LINGER_SECONDS):
+            await stream.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
+
+
+async def send_quiet(stream: ClientStream, data: bytes) -> None:
+    """Send a final response and close gently (see :func:`_linger`)."""
+    await send_final(stream, data)
+    await linger(stream)
+
+
+async def linger(stream: ClientStream) -> None:
+    """Close gently: stop sending, and read (and drop) what the client still sends for
+    a moment, so that unread request bytes do not make the kernel reset the connection
+    before the client has read the last response."""
+    try:
+        with trio.move_on_after(_LINGER_SECONDS):
+            if isinstance(stream, trio.SocketStream):  # TLS has no half-close
+                await stream.send_eof()
+            drained = 0
+            while drained < _LINGER_BYTES:
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    break
+                drained += len(chunk)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass

@@ -34,7 +34,7 @@ import trio
 from ..config import Config
 from ..engine.engine import Cache
 from ..errors import BadRequest, NotCacheable, UpstreamError, VersionChanged
-from ..ops.accesslog import AccessRecord, write_access
+from ..ops.accesslog import AccessRecord, run_access_flusher, write_access
 from ..ops.metrics import Metrics
 from ..upstream.peers import NODE_HEADER, PEER_HEADER, answering_peer
 from .protocol import CLOSED, NEED_DATA, Request
@@ -101,6 +101,7 @@ class Server(Responses):
         """Use a reloaded config for new requests (listen and node_id stay as they were);
         the TLS certificate is read again (a renewed one, or new paths)."""
         self.config = config
+        self.heads.clear()  # hit heads are formatted afresh under the new config
         if self.certificate is not None:
             try:
                 self.certificate.reload(config.tls_cert, config.tls_key)
@@ -146,6 +147,8 @@ class Server(Responses):
         listeners = await self.listen()
         try:
             async with trio.open_nursery() as conns:
+                conns.start_soon(self.metrics.loop_lag.run)  # these two end with the
+                conns.start_soon(run_access_flusher)  # connections (the last lines written)
                 async with trio.open_nursery() as accept:
                     self._accept_scope = accept.cancel_scope
                     for lst in listeners:

@@ -15,6 +15,7 @@ Every label set stays bounded whatever clients send: hosts are capped when count
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 
 from prometheus_client.exposition import generate_latest
@@ -27,6 +28,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from ..engine.engine import Cache
+from .looplag import RECENT_SECONDS
 from .metrics import MAX_HOST_LABELS, OTHER, Metrics, fold_tail
 
 __all__ = ["CONTENT_TYPE", "NodeCollector", "node_registry", "render"]
@@ -157,6 +159,23 @@ class NodeCollector(Collector):
             buckets=m.durations.cumulative(),
             sum_value=m.durations.sum,
         )
+
+        lag = m.loop_lag
+        yield HistogramMetricFamily(
+            "mcc_loop_lag_seconds",
+            "How late the event loop woke the lag probe (a stall every request waits out).",
+            buckets=lag.cumulative(),
+            sum_value=lag.sum,
+        )
+        recent = lag.recent(time.monotonic())
+        window = GaugeMetricFamily(
+            "mcc_loop_lag_recent_seconds",
+            f"Loop lag over the last {RECENT_SECONDS:.0f} s: 99th percentile and maximum.",
+            labels=["quantile"],
+        )
+        window.add_metric(["0.99"], recent.p99)
+        window.add_metric(["1"], recent.max)
+        yield window
 
     def _internal_errors(self) -> list[tuple[str, int]]:
         """Contained errors per boundary: engine and http from the cache, admin and warm

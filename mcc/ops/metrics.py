@@ -21,6 +21,7 @@ from typing import assert_never
 import attrs
 
 from ..origins import OriginPolicy, split_host_port
+from .looplag import LoopLag
 from .outcome import Outcome, outcome_of
 
 __all__ = [
@@ -200,6 +201,7 @@ class Metrics:
         self.bytes_by_url: dict[str, int] = defaultdict(int)
         self._labels: dict[str, str | None] = {}
         self._history: deque[_Second] = deque(maxlen=HISTORY_SECONDS)
+        self.loop_lag = LoopLag()  # fed by the server's probe task
 
     def record(
         self, cache_status: str, nbytes: int, duration: float, host: str | None, url: str

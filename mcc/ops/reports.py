@@ -65,6 +65,7 @@ def summary(cache: Cache, metrics: Metrics, open_connections: Callable[[], int])
         "peerReceivedBytes": upstream.peers.received_bytes,
         "flightJoins": stats.flight_joins,
         "openConnections": open_connections(),
+        "loopLag": _loop_lag(m),
     }
 
 
@@ -95,4 +96,14 @@ def _ratios(hit_bytes: int, miss_bytes: int, hit_req: int, miss_req: int) -> dic
         "missRequests": miss_req,
         "hitRatioBytes": round(hit_bytes / total_b, 4) if total_b else None,
         "hitRatioRequests": round(hit_req / total_r, 4) if total_r else None,
+    }
+
+
+def _loop_lag(m: Metrics) -> dict[str, float]:
+    """The loop-lag probe's recent p99 and maximum, and its maximum since start, in ms."""
+    recent = m.loop_lag.recent(time.monotonic())
+    return {
+        "recentP99Ms": round(recent.p99 * 1000, 2),
+        "recentMaxMs": round(recent.max * 1000, 2),
+        "maxMs": round(m.loop_lag.max * 1000, 2),
     }
