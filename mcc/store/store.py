@@ -175,9 +175,7 @@ class Store:
         return self.index.get_blocks(meta.key, meta.version, first, last)
 
     def readable(self, digest: str) -> bool:
-        """True when a stored blob can be read now: an fd to it is open, or its file is
-        there (one ``lstat``). A blob lost from disk under its index row is not: the
-        request that finds it is a partial hit, not a hit."""
+        """True when a stored blob can be read now (an fd is open, or its file is there)."""
         return self.blobs.is_open(digest) or self.blobs.size_of(digest) is not None
 
     def writer(self) -> BlockWriter:
