@@ -5,11 +5,29 @@ from __future__ import annotations
 import re
 
 __all__ = [
+    "HOP_BY_HOP",
     "canonical_name",
     "parse_cache_control",
     "parse_content_range",
     "parse_unsatisfied_range",
 ]
+
+# RFC 9110 s7.6.1: hop-by-hop fields, meaningful for one connection only: never
+# stored nor passed on (nor any field that Connection names).
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authentication-info",
+        "proxy-authorization",
+        "proxy-connection",  # not standard, but sent by old clients and proxies
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
 
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _UNSATISFIED = re.compile(r"^bytes \*/(\d+)$")

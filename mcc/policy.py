@@ -38,7 +38,7 @@ from collections.abc import Sequence
 import attrs
 
 from . import refresh_defaults
-from .headers import parse_cache_control
+from .headers import HOP_BY_HOP, parse_cache_control
 from .store.records import ObjectMeta, make_version
 
 __all__ = [
@@ -69,22 +69,6 @@ __all__ = [
 
 Headers = Sequence[tuple[str, str]]
 
-# RFC 9110 s7.6.1: hop-by-hop fields, meaningful for one connection only: never
-# stored nor passed on (nor any field that Connection names).
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authentication-info",
-        "proxy-authorization",
-        "proxy-connection",  # not standard, but sent by old clients and proxies
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
 # Fields the cache writes itself for each response it sends: the length and range of
 # what it sends, Age (RFC 9111 s5.1), computed from the record (:func:`age`), and
 # Cache-Status (RFC 9211), which tells how the caches on the way handled one response.

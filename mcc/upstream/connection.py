@@ -25,6 +25,7 @@ import h11
 import trio
 
 from ..errors import Refused, UpstreamError
+from ..headers import HOP_BY_HOP
 from .tls import describe_tls_error, is_verify_error
 
 __all__ = [
@@ -48,21 +49,6 @@ MAX_RESPONSE_HEAD = 64 * 1024
 # RFC 9110 s5.1 (field-name is a token) and s5.5 (no control character but HTAB in a value).
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
-
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authentication-info",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
 
 
 def body_length(response: UpstreamResponse) -> int:
