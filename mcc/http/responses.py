@@ -47,7 +47,6 @@ from .sendfile import (  # the closing helpers are re-exported for the server
 from .tls import file_pieces
 
 __all__ = [
-    "SAFE_METHODS",
     "ClientGone",
     "ClientStream",
     "Conn",
@@ -64,7 +63,6 @@ RECEIVE_SIZE = 64 * 1024
 # Bytes per send for in-memory chunks; a response is written in pieces this size so
 # the send timeout bounds the time any one piece may take (slow-reader floor).
 _SEND_PIECE = 256 * 1024
-SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 _REQUEST_HEADERS_FORWARDED_EXCLUDE = frozenset(
     {"host", "connection", "keep-alive", "te", "upgrade", "proxy-connection", "proxy-authorization"}
 )
