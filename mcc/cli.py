@@ -144,6 +144,18 @@ FLAGS: tuple[tuple[str, str, dict[str, Any], str], ...] = (
         "check blobs against their digest when read (default first)",
     ),
     (
+        "--commit-interval",
+        "commit_interval",
+        {"metavar": "DURATION"},
+        "group commit: longest a stored block waits for others to share its fsyncs (default 2ms)",
+    ),
+    (
+        "--commit-batch",
+        "commit_batch",
+        {"type": int, "metavar": "N"},
+        "group commit: most blocks made durable together (default 64)",
+    ),
+    (
         "--heuristic-max",
         "freshness.heuristic_max",
         {"metavar": "DURATION"},
@@ -290,6 +302,12 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         help="never go to the origin directly when every parent is down",
     )
+    p.add_argument(
+        "--no-durable",
+        action="store_true",
+        default=None,
+        help="skip the fsyncs that make stored blocks survive a power loss (benchmarks)",
+    )
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -305,6 +323,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
             out[key] = value
     if args.no_origin_fallback:
         out["origin_fallback"] = False
+    if args.no_durable:
+        out["durable"] = False
     if args.refresh_pattern:
         out["refresh_patterns"] = [_refresh_rule(item) for item in args.refresh_pattern]
     if args.canonical_host:

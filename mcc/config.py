@@ -155,6 +155,11 @@ class Config:
     limits: Limits = Limits()
     freshness: Freshness = Freshness()
     refresh_patterns: tuple[RefreshRule, ...] = ()
+    # a committed block survives a power loss (blob, folder and index fsynced in
+    # batches); off: a power loss may cost a refetch of what was stored since the start
+    durable: bool = True
+    commit_interval: float = 0.002  # group commit: longest wait for more blocks to join
+    commit_batch: int = 64  # group commit: most blocks in one batch (a full one goes now)
 
     def origin_policy(self) -> OriginPolicy:
         """The compiled allowlist (``--origin``'s host is allowed too)."""
@@ -318,6 +323,10 @@ def check_config(config: Config) -> list[str]:
     b = config.block_size
     if b & (b - 1) or not MIN_BLOCK_SIZE <= b <= MAX_BLOCK_SIZE:
         problems.append(f"block_size: {b} is not a power of two between 64 KiB and 64 MiB")
+    if config.commit_batch < 1:
+        problems.append(f"commit_batch: {config.commit_batch} is less than 1")
+    if not 0 <= config.commit_interval <= 1:
+        problems.append(f"commit_interval: {config.commit_interval}s is not between 0s and 1s")
     if config.admin_token and len(config.admin_token) < 16:
         problems.append("admin_token: must be at least 16 characters (or empty for none)")
     if not config.admin_token and config.admin_listen.host not in ("127.0.0.1", "::1", "localhost"):

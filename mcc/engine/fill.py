@@ -211,7 +211,16 @@ class Filling(EngineParts):
         try:
             await self.memory.take(_RECEIVE_BUFFER)
             try:
-                await self._receive_body(meta, fetch, got, by_index, deferred)
+                # complete blocks are committed in tasks of their own, so the body keeps
+                # coming while the store makes one durable (and blocks share its fsyncs)
+                failed: Exception | None = None
+                async with trio.open_nursery() as commits:
+                    try:
+                        await self._receive_body(meta, fetch, got, by_index, deferred, commits)
+                    except Exception as exc:  # raised below, whole, not in a group
+                        failed = exc
+                if failed is not None:
+                    raise failed
             finally:
                 self.memory.give(_RECEIVE_BUFFER)
             unfinished = [f for f in fetch.flights if not f.finished]
@@ -220,8 +229,9 @@ class Filling(EngineParts):
                     f"{meta.key}: body ended before block {unfinished[0].key.index}"
                 )
             # a body without Content-Length ended as promised: now its blocks may be stored
-            while deferred:
-                await self._commit(meta, deferred.pop(0))
+            async with trio.open_nursery() as commits:
+                while deferred:
+                    commits.start_soon(self._commit, meta, deferred.pop(0))
         except BaseException:
             for flight in deferred or ():  # readers had the bytes; the store does not
                 self._retire(flight)
@@ -234,6 +244,7 @@ class Filling(EngineParts):
         got: Fetched,
         by_index: dict[int, Flight],
         deferred: list[Flight] | None,
+        commits: trio.Nursery,
     ) -> None:
         buf = memoryview(bytearray(_RECEIVE_BUFFER)) if got.can_receive_into else None
         pos = got.first
@@ -246,7 +257,7 @@ class Filling(EngineParts):
                 return
             if pos + len(chunk) > meta.size:
                 raise UpstreamError(f"{meta.key}: body runs past the object's {meta.size} bytes")
-            pos = await self._place(meta, fetch, by_index, chunk, pos, deferred)
+            pos = await self._place(meta, fetch, by_index, chunk, pos, deferred, commits)
 
     async def _place(
         self,
@@ -256,10 +267,12 @@ class Filling(EngineParts):
         view: memoryview,
         pos: int,
         deferred: list[Flight] | None,
+        commits: trio.Nursery,
     ) -> int:
         """Write a piece of body at object byte ``pos`` into the flights it covers,
         claiming blocks it starts that are neither stored nor in flight; a flight
-        completed by it is stored now (``deferred`` is None) or once the body ended."""
+        completed by it is committed now, in a task in ``commits`` (``deferred`` is
+        None), or once the body ended."""
         B = meta.block_size
         while view:
             idx = pos // B
@@ -278,7 +291,7 @@ class Filling(EngineParts):
                     flight.feed(view[have - pos : take])
                     if flight.complete:
                         if deferred is None:
-                            await self._commit(meta, flight)
+                            commits.start_soon(self._commit, meta, flight)
                         else:
                             deferred.append(flight)
             pos += take
