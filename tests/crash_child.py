@@ -1,6 +1,8 @@
 """A process that fills a store and dies at a chosen commit step, recording its fsyncs.
 
-Run as ``python -m tests.crash_child RECORD CACHE_DIR STEP BLOCKS DURABLE``. Every
+Run as ``python -m tests.crash_child RECORD CACHE_DIR STEP BLOCKS DURABLE``, or as
+``python -m tests.crash_child serve RECORD COMMITTED MCC-SERVE-ARGS...`` for a whole
+node that appends ``<key> <block>`` to COMMITTED each time a block's commit ends. Every
 ``os.fsync`` it makes is appended to RECORD as ``<inode> <length>``; with that list,
 :func:`power_loss` then does to the cache what a power cut does to a file system that
 keeps unsynced data in its own cache (the failure measured in issue 22): each file is
@@ -101,5 +103,26 @@ def _main(record: Path, cache_dir: Path, step: str, blocks: int, durable: bool) 
     os._exit(0)  # a crash after the last commit: nothing closed
 
 
+def _serve(record: Path, committed: Path, argv: list[str]) -> int:
+    _record_fsyncs(record)
+    from mcc.cli import main
+    from mcc.store.records import ObjectMeta
+    from mcc.store.store import Store
+
+    out = os.open(committed, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    commit = Store.commit
+
+    async def committing(self: Store, meta: ObjectMeta, idx: int, source: object) -> bool:
+        ok = await commit(self, meta, idx, source)  # type: ignore[arg-type]
+        if ok:
+            os.write(out, f"{meta.key} {idx}\n".encode())
+        return ok
+
+    Store.commit = committing  # type: ignore[method-assign]
+    return main(argv)
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "serve":
+        sys.exit(_serve(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4:]))
     _main(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5] == "1")

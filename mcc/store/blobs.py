@@ -1,10 +1,12 @@
 """Blob files named by the BLAKE3 digest of their content.
 
-Theory of operation: a blob is written to ``<drive>/tmp/`` and renamed to
-``<drive>/blobs/<d[0:2]>/<d[2:4]>/<digest>``, so a blob file is either whole or
-absent: a crash mid-write leaves only a temp file, which :meth:`BlobStore.sweep_tmp`
-removes at the next start. The digest is the name, so equal blocks under different
-URLs are one file, and a reader can check a blob against its name at any time.
+Theory of operation: a blob is written to ``<drive>/tmp/``, fsynced (a durable
+store) and renamed to ``<drive>/blobs/<d[0:2]>/<d[2:4]>/<digest>``, so a blob file is
+either whole or absent: a crash mid-write leaves only a temp file, which
+:meth:`BlobStore.sweep_tmp` removes at the next start. The rename itself lasts once
+its folder is fsynced, which the store's group commit does (:mod:`.commits`). The
+digest is the name, so equal blocks under different URLs are one file, and a reader
+can check a blob against its name at any time.
 
 A blob lives on one drive, chosen by weighted rendezvous hashing of its digest over
 the drives (weight = the drive's ``max_size``): the choice is stable across restarts
