@@ -8,9 +8,12 @@ flights; it runs as a task in the engine's nursery, never a reader's, so a reade
 hanging up cannot fail the others. The body comes from
 :meth:`~mcc.upstream.fetch.Fetcher.fetch`, which vouches that every byte lies in the
 span asked; this module only places bytes into flights and hands complete blocks to
-the store. A broken fetch resumes where its bytes stopped (If-Range), within
-``upstream_retries``; an object that changed upstream fails its flights with
-:class:`~mcc.errors.VersionChanged`, never mixing versions.
+the store, each in a task of the fill's own nursery: the body keeps coming while the
+store makes a block durable, and the block's flight stays in the table (serving its
+readers from its file) until that commit ends. A broken fetch resumes where its
+bytes stopped (If-Range), within ``upstream_retries``; an object that changed
+upstream fails its flights with :class:`~mcc.errors.VersionChanged`, never mixing
+versions.
 
 A fetch whose readers all left is an *orphan*; it keeps going (so the block is
 stored) unless more than ``max_orphan_flights`` orphans exist.

@@ -79,6 +79,8 @@ class BlobStore:
             d.root.mkdir(parents=True, exist_ok=True)
             for sub in ("blobs", "tmp", "quarantine"):
                 _real_dir(d.root / sub)
+            if durable:  # their names, on a new drive
+                fsync_dir(d.root)
         self.durable = durable
         self.fault: FaultHook | None = None  # tests: called at each commit step
         self._made_dirs: set[Path] = set()
