@@ -1,6 +1,7 @@
 """The cold path with durable commits on and off: MB/s of misses, side by side.
 
     python -m benchmarks.durability [--size 64MiB] [--rounds 3] [--clients 1,4]
+                                    [--baseline /path/to/main/checkout]
 
 Starts the test origin (``fixtures/origin.py``) in this process and, for each round
 and each setting, a fresh ``mcc serve`` on an empty cache directory under
@@ -8,12 +9,13 @@ and each setting, a fresh ``mcc serve`` on an empty cache directory under
 fsyncs reach a real disk, not a tmpfs): ``durable`` (the default: each block's blob
 fsynced, folders and index WAL fsynced per group commit), the same with group commit
 off (``--commit-batch 1``: every block pays its own folder and WAL fsyncs) and
-``--no-durable``. Each
-client fetches its own object of ``--size`` whole, cold, through mcc; MB/s is the sum
-of bytes over the wall time until the last client's last byte, plus the time until
-every block has its index row (the index read, read-only, every 5 ms). The settings
-alternate within each round; the report gives the median of ``--rounds`` and the
-on/off ratio. Results go to ``benchmarks/results/durability.json``.
+``--no-durable``; with ``--baseline DIR``, also the mcc of another checkout (say the
+main branch, before durable commits) as it is. Each client fetches its own object of
+``--size`` whole, cold, through mcc; MB/s is the sum of bytes over the wall time until
+the last client's last byte, plus the time until every block has its index row (the
+index read, read-only, every 5 ms). The settings alternate within each round; the
+report gives the median of ``--rounds`` and each setting's ratio to ``not durable``.
+Results go to ``benchmarks/results/durability.json``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import os
 import random
 import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -98,7 +101,13 @@ def _stored_blocks(cache_dir: Path) -> int:
 
 
 async def _one(
-    origin: Origin, work: Path, extra: list[str], clients: int, size: int, block: int
+    origin: Origin,
+    work: Path,
+    extra: list[str],
+    clients: int,
+    size: int,
+    block: int,
+    code: Path | None = None,
 ) -> float:
     """One cold run of one setting: MB/s until every client is served and every block
     is stored."""
@@ -110,7 +119,8 @@ async def _one(
         "--allow-origin", origin.authority, "--access-log", "", "--log-level", "warning",
         "--max-size", "100GiB", "--min-free", "0", *extra,
     ]  # fmt: skip
-    proc = await trio.lowlevel.open_process(argv)
+    env = None if code is None else {**os.environ, "PYTHONPATH": str(code)}
+    proc = await trio.lowlevel.open_process(argv, env=env)
     try:
         await _wait_port(port)
         tag = random.getrandbits(64)  # fresh URLs: every byte is a miss
@@ -142,10 +152,15 @@ async def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             origin.put(f"/o{c}.bin", random.Random(c).randbytes(args.size))
         await nursery.start(origin.serve)
         for clients in args.clients:
-            runs: dict[str, list[float]] = {name: [] for name in SETTINGS}
+            settings: dict[str, tuple[list[str], Path | None]] = {
+                name: (extra, None) for name, extra in SETTINGS.items()
+            }
+            if args.baseline is not None:  # another checkout's mcc (e.g. main), as it is
+                settings[f"baseline {args.baseline}"] = ([], args.baseline)
+            runs: dict[str, list[float]] = {name: [] for name in settings}
             for _ in range(args.rounds):
-                for name, extra in SETTINGS.items():
-                    mbs = await _one(origin, work, extra, clients, args.size, 1024 * 1024)
+                for name, (extra, code) in settings.items():
+                    mbs = await _one(origin, work, extra, clients, args.size, 1 << 20, code)
                     runs[name].append(mbs)
             med = {name: statistics.median(v) for name, v in runs.items()}
             base = med["not durable"]
@@ -162,6 +177,13 @@ async def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             )
         nursery.cancel_scope.cancel()
     return rows
+
+
+def _head(checkout: Path) -> str:
+    r = subprocess.run(
+        ["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True
+    )
+    return r.stdout.strip() or "unknown"
 
 
 def _size(text: str) -> int:
@@ -183,6 +205,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--work", type=Path, default=Path.cwd(), help="folder for the cache directories"
     )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also run the mcc of another checkout (its folder put first on PYTHONPATH)",
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="mcc-bench-durability-", dir=args.work) as tmp:
         rows = trio.run(_run, args, Path(tmp))
@@ -192,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         "python": sys.version.split()[0],
         "size": args.size,
         "rounds": args.rounds,
+        "baseline_commit": _head(args.baseline) if args.baseline is not None else None,
         **rows,
     }
     out = HERE / "results" / "durability.json"

@@ -157,6 +157,16 @@ class Filling(EngineParts):
     ) -> None:
         """Request what ``fetch``'s flights still lack, resuming after failures with
         bounded retries; a failure that remains is handed to every waiter."""
+        # complete blocks are committed in tasks of their own: the body keeps coming
+        # while the store makes one durable (blocks share its fsyncs), and the upstream
+        # connection goes back to its pool without waiting for them; this fetch ends
+        # (wait_idle) once they are all stored
+        async with trio.open_nursery() as commits:
+            await self._fetch_attempts(meta, fetch, via, commits)
+
+    async def _fetch_attempts(
+        self, meta: ObjectMeta, fetch: Fetch, via: tuple[str, ...], commits: trio.Nursery
+    ) -> None:
         retries = self.config.limits.upstream_retries
         conditions = Conditions(if_range=meta.strong_etag or meta.last_modified)
         for attempt in range(retries + 1):
@@ -186,7 +196,7 @@ class Filling(EngineParts):
                         raise UpstreamError(
                             f"{meta.key}: upstream answered {got.status} to a block fetch"
                         )
-                    await self._fill(meta, fetch, got)
+                    await self._fill(meta, fetch, got, commits)
                 return
             except VersionChanged as exc:
                 log.info("%s changed upstream: dropping version %s", meta.key, meta.version)
@@ -200,12 +210,15 @@ class Filling(EngineParts):
                 log.info("retrying %s bytes=%d-%d after: %s", meta.source, start, end, exc)
                 await trio.sleep(backoff(attempt))
 
-    async def _fill(self, meta: ObjectMeta, fetch: Fetch, got: Fetched) -> None:
+    async def _fill(
+        self, meta: ObjectMeta, fetch: Fetch, got: Fetched, commits: trio.Nursery
+    ) -> None:
         """Cut ``got``'s body (object bytes ``got.first`` to ``got.stop``, vouched for
         by the fetcher) into ``fetch``'s flights.
 
         Blocks the body passes that no flight claims are claimed on the way when they
         are neither stored nor in flight (an origin that ignores Range sends them all).
+        Complete blocks are committed in tasks started in ``commits``.
         """
         by_index = {f.key.index: f for f in fetch.flights}
         # Blocks of a body not framed by Content-Length (chunked, close-delimited) are
@@ -214,16 +227,7 @@ class Filling(EngineParts):
         try:
             await self.memory.take(_RECEIVE_BUFFER)
             try:
-                # complete blocks are committed in tasks of their own, so the body keeps
-                # coming while the store makes one durable (and blocks share its fsyncs)
-                failed: Exception | None = None
-                async with trio.open_nursery() as commits:
-                    try:
-                        await self._receive_body(meta, fetch, got, by_index, deferred, commits)
-                    except Exception as exc:  # raised below, whole, not in a group
-                        failed = exc
-                if failed is not None:
-                    raise failed
+                await self._receive_body(meta, fetch, got, by_index, deferred, commits)
             finally:
                 self.memory.give(_RECEIVE_BUFFER)
             unfinished = [f for f in fetch.flights if not f.finished]
@@ -232,9 +236,8 @@ class Filling(EngineParts):
                     f"{meta.key}: body ended before block {unfinished[0].key.index}"
                 )
             # a body without Content-Length ended as promised: now its blocks may be stored
-            async with trio.open_nursery() as commits:
-                while deferred:
-                    commits.start_soon(self._commit, meta, deferred.pop(0))
+            while deferred:
+                commits.start_soon(self._commit, meta, deferred.pop(0))
         except BaseException:
             for flight in deferred or ():  # readers had the bytes; the store does not
                 self._retire(flight)
