@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 import attrs
@@ -201,7 +202,7 @@ class Procs:
         self._spawn("nginx", [nginx_bin(), "-c", str(conf), "-p", str(self.work)])
         wait_http(self.nginx_port, "/s0.bin")
 
-    def start_mcc(self, fresh: bool = False) -> None:
+    def start_mcc(self, fresh: bool = False, extra: Sequence[str] = ()) -> None:
         cache = self.work / "mcc-cache"
         if fresh and cache.exists():
             shutil.rmtree(cache)
@@ -213,7 +214,7 @@ class Procs:
             "--origin", f"http://127.0.0.1:{self.origin_port}",
             "--allow-origin", f"127.0.0.1:{self.origin_port}",
             "--cache-dir", str(cache), "--max-size", "40GiB", "--min-free", "1GiB",
-            "--block-size", "1MiB", "--access-log", "", "--log-level", "warning",
+            "--block-size", "1MiB", "--access-log", "", "--log-level", "warning", *extra,
         ]  # fmt: skip
         self._spawn("mcc", argv)
         wait_http(self.mcc_port, "/s0.bin")

@@ -10,7 +10,8 @@ The public API, all an embedder needs::
 from ._version import __version__
 from .config import Config, Drive, HostPort, Limits, Timeouts, load_config
 from .engine.blocks import ObjectMeta
-from .engine.engine import Cache, FileSlice, ObjectInfo, Statistics, open_cache
+from .engine.engine import Cache, FileSlice, ObjectInfo, Statistics
+from .engine.opening import open_cache
 from .errors import (
     BadRequest,
     ConfigError,

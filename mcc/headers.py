@@ -66,11 +66,26 @@ def parse_cache_control(value: str | None) -> dict[str, str | None]:
     out: dict[str, str | None] = {}
     if not value:
         return out
-    for part in value.split(","):
+    for part in _split_list(value):
         name, sep, arg = part.strip().partition("=")
         if name:
             out[name.strip().lower()] = arg.strip().strip('"') if sep else None
     return out
+
+
+def _split_list(value: str) -> list[str]:
+    """The members of a comma list, a comma inside a quoted string not splitting
+    (``no-cache="a, b"``, RFC 9110 s5.6.1); linear in the value's length."""
+    parts: list[str] = []
+    start, quoted = 0, False
+    for i, c in enumerate(value):
+        if c == '"':
+            quoted = not quoted
+        elif c == "," and not quoted:
+            parts.append(value[start:i])
+            start = i + 1
+    parts.append(value[start:])
+    return parts
 
 
 def canonical_name(name: str) -> str:

@@ -3,10 +3,18 @@
 Nothing here does I/O; the engine asks, the store keeps, the upstream fetches.
 
 **Storing** (section 3): :func:`refusal` says why a response must not be stored
-(status, ``no-store``, ``private``, ``Vary`` on anything but Accept-Encoding), and
-:data:`KEPT_HEADERS` which header fields are kept with it. A 304 updates the stored
-fields (section 4.3.4, :func:`refreshed`). :func:`version_change` says when an answer
-to a block fetch shows the object changed upstream.
+(status, ``no-store``, unqualified ``private``, ``Vary: *``). A response that
+varies on request fields is stored as one of its object's variants, under a secondary
+key (:func:`variant_key`) made from the request fields it varies on.
+:func:`stored_fields` says which header fields are kept with it (section 3.1): every
+end-to-end field (:func:`end_to_end` drops the hop-by-hop ones of RFC 9110 section
+7.6.1 and those Connection names), except the ones the cache writes
+itself per response (:data:`SELF_WRITTEN`) and those named by ``no-cache="..."`` or
+``private="..."``. The record keeps the *corrected initial age* (section 4.2.3) under
+``age``; it is an input of the Age sent on hits, never replayed as is. A 304 (or a
+same-version 200/206) updates the stored fields (sections 3.2 and 4.3.4,
+:func:`refreshed`). :func:`version_change` says when an answer to a block fetch shows
+the object changed upstream.
 
 **Freshness** (section 4.2): how long a stored response may be used unchecked.
 Lifetime, in order of precedence:
@@ -24,6 +32,7 @@ from __future__ import annotations
 import email.utils
 import fnmatch
 import math
+import urllib.parse
 from collections.abc import Sequence
 
 import attrs
@@ -34,34 +43,59 @@ from .store.records import ObjectMeta, make_version
 
 __all__ = [
     "DEFAULT_REFRESH_RULES",
-    "KEPT_HEADERS",
+    "HOP_BY_HOP",
+    "SELF_WRITTEN",
     "RefreshRule",
     "age",
+    "corrected_initial_age",
+    "end_to_end",
     "freshness_lifetime",
+    "invalidated",
     "is_fresh",
     "matching_rule",
     "may_serve_stale",
+    "object_key",
     "record",
     "refreshed",
     "refusal",
+    "replayed_fields",
+    "selecting_fields",
+    "stored_fields",
+    "variant_key",
+    "variant_names",
+    "vary_names",
     "version_change",
 ]
 
 Headers = Sequence[tuple[str, str]]
 
-# Upstream header fields kept with an object and replayed to clients.
-KEPT_HEADERS = frozenset(
+# RFC 9110 s7.6.1: hop-by-hop fields, meaningful for one connection only: never
+# stored nor passed on (nor any field that Connection names).
+HOP_BY_HOP = frozenset(
     {
-        "cache-control",
-        "expires",
-        "content-disposition",
-        "content-language",
-        "content-encoding",
-        "x-content-type-options",
-        "date",  # with "age": inputs of the freshness computation, not replayed
-        "age",
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authentication-info",
+        "proxy-authorization",
+        "proxy-connection",  # not standard, but sent by old clients and proxies
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
     }
 )
+# Fields the cache writes itself for each response it sends: the length and range of
+# what it sends, Age (RFC 9111 s5.1), computed from the record (:func:`age`), and
+# Cache-Status (RFC 9211), which tells how the caches on the way handled one response.
+SELF_WRITTEN = frozenset(
+    {"content-length", "content-range", "age", "cache-status", "accept-ranges"}
+)
+# Fields the record keeps in attributes of their own (ObjectMeta.etag, ...), not among
+# its header fields; an update never changes them (a 304 confirms the version).
+_OWN_ATTRIBUTES = frozenset({"etag", "last-modified", "content-type"})
+# The record's own field holding the corrected initial age (RFC 9111 s4.2.3).
+_AGE = "age"
 # Statuses a cache stores here (RFC 9111 s3: only complete 200s and 206s of a range).
 STORABLE_STATUSES = frozenset({200, 206})
 # Vary on these request fields leaves every variant the same bytes for mcc, which
@@ -78,17 +112,115 @@ def _first(headers: Headers, name: str) -> str | None:
     return None
 
 
+def _joined(headers: Headers, name: str) -> str | None:
+    """Every value of field ``name`` as one comma list (RFC 9110 s5.3), or None."""
+    values = [v for k, v in headers if k == name]
+    return ", ".join(values) if values else None
+
+
+def _field_names(arg: str | None) -> set[str]:
+    """The field names of a qualified ``no-cache="a, b"`` / ``private="a"`` (lower case)."""
+    return {n.strip().lower() for n in (arg or "").split(",") if n.strip()}
+
+
+def end_to_end(headers: Headers) -> list[tuple[str, str]]:
+    """``headers`` without the hop-by-hop fields (RFC 9110 s7.6.1): those of
+    :data:`HOP_BY_HOP` and every field the Connection field names."""
+    named = _field_names(_joined(headers, "connection"))
+    return [(k, v) for k, v in headers if k not in HOP_BY_HOP and k not in named]
+
+
+def corrected_initial_age(headers: Headers, now: float) -> int:
+    """RFC 9111 s4.2.3: how old a response received ``now`` already is: the larger of
+    its Age and the time since its Date (the request's delay is not known here and
+    counted as zero)."""
+    age_value = _seconds(_first(headers, _AGE)) or 0.0
+    date = _date(_first(headers, "date"))
+    apparent = max(0.0, now - date) if date is not None else 0.0
+    return int(max(age_value, apparent))
+
+
+def stored_fields(headers: Headers, now: float) -> tuple[tuple[str, str], ...]:
+    """The header fields kept with a response received ``now`` (RFC 9111 s3.1): every
+    end-to-end field but :data:`SELF_WRITTEN` and those a qualified ``no-cache`` or
+    ``private`` names (RFC 9111 s5.2.2.4, s5.2.2.7), then the record's own ``age``."""
+    cc = parse_cache_control(_joined(headers, "cache-control"))
+    withheld = _field_names(cc.get("no-cache")) | _field_names(cc.get("private"))
+    kept = tuple(
+        (k, v) for k, v in end_to_end(headers) if k not in SELF_WRITTEN and k not in withheld
+    )
+    return (*kept, (_AGE, str(corrected_initial_age(headers, now))))
+
+
+def replayed_fields(meta: ObjectMeta) -> list[tuple[str, str]]:
+    """The stored fields sent with a response built from the record (the Age and the
+    framing fields are the sender's to add)."""
+    return [(k, v) for k, v in meta.headers if k not in SELF_WRITTEN]
+
+
 def refusal(status: int, headers: Headers) -> str | None:
     """Why a response to a discovery must not be stored, or None when it may be."""
     if status not in STORABLE_STATUSES:
         return f"upstream answered {status}"
-    cc = parse_cache_control(_first(headers, "cache-control"))
-    if "no-store" in cc or "private" in cc:
+    cc = parse_cache_control(_joined(headers, "cache-control"))
+    # a qualified private="field" only keeps that field out (see stored_fields)
+    if "no-store" in cc or ("private" in cc and cc["private"] is None):
         return "upstream said no-store or private"
-    vary = {v.strip().lower() for v in (_first(headers, "vary") or "").split(",") if v.strip()}
-    if vary - HARMLESS_VARY:
-        return f"upstream varies on {', '.join(sorted(vary))}"
+    if vary_names(headers) is None:
+        return "upstream varies on *"  # RFC 9111 s4.1: never matches a later request
     return None
+
+
+# The mark between an object's key and the request fields that select one of its
+# variants (RFC 9111 s4.1): ``http://h/x#vary;accept-language=de``. A fragment never
+# reaches upstream, so no URL asked for can name a variant key.
+_VARIANT_MARK = "#vary;"
+
+
+def vary_names(headers: Headers) -> tuple[str, ...] | None:
+    """The request fields a response varies on (sorted, lower case, those in
+    :data:`HARMLESS_VARY` left out), or None for ``Vary: *``."""
+    names = _field_names(_joined(headers, "vary"))
+    if "*" in names:
+        return None
+    return tuple(sorted(names - HARMLESS_VARY))
+
+
+def variant_key(key: str, names: Sequence[str], request: Headers) -> str:
+    """The secondary key of the variant of ``key`` that a request with fields
+    ``request`` selects, when the response varies on ``names`` (RFC 9111 s4.1: values
+    compared after joining repeated fields; an absent field is its own value)."""
+    parts = []
+    for name in names:
+        value = _joined(request, name)
+        shown = "" if value is None else "=" + urllib.parse.quote(" ".join(value.split()), safe="")
+        parts.append(name + shown)
+    return key.split(_VARIANT_MARK, 1)[0] + _VARIANT_MARK + ";".join(parts)
+
+
+def selecting_fields(key: str) -> list[tuple[str, str]]:
+    """The request fields a variant key was made from (sent upstream with every
+    request for that variant's bytes); none for a plain key."""
+    _, mark, rest = key.partition(_VARIANT_MARK)
+    if not mark:
+        return []
+    out = []
+    for part in rest.split(";"):
+        name, sep, value = part.partition("=")
+        if name and sep:
+            out.append((name, urllib.parse.unquote(value)))
+    return out
+
+
+def object_key(key: str) -> str:
+    """The key of the object a (variant) key belongs to."""
+    return key.split(_VARIANT_MARK, 1)[0]
+
+
+def variant_names(key: str) -> tuple[str, ...]:
+    """The field names a variant key selects on (empty for a plain key)."""
+    _, mark, rest = key.partition(_VARIANT_MARK)
+    return tuple(p.partition("=")[0] for p in rest.split(";") if p) if mark else ()
 
 
 def record(
@@ -103,7 +235,7 @@ def record(
         etag=etag,
         last_modified=lm,
         content_type=_first(headers, "content-type"),
-        headers=tuple((k, v) for k, v in headers if k in KEPT_HEADERS),
+        headers=tuple((k, v) for k, v in stored_fields(headers, now) if k not in _OWN_ATTRIBUTES),
         fetched_at=now,
         fetch_url=fetch_url,
         block_size=block_size,
@@ -111,12 +243,52 @@ def record(
 
 
 def refreshed(stale: ObjectMeta, headers: Headers, now: float) -> ObjectMeta:
-    """``stale`` updated by a 304 (RFC 9111 s4.3.4): confirmed now, with the 304's
-    kept header fields replacing the stored ones of the same name."""
-    updated = {k for k, _ in headers if k in KEPT_HEADERS}
+    """``stale`` updated by a 304, or by a 200/206 of the same version (RFC 9111 s3.2,
+    s4.3.4): confirmed now, each field the answer would store replacing every stored
+    field of that name, the others kept. The validators that name the version stay."""
+    fresh = [(k, v) for k, v in stored_fields(headers, now) if k not in _OWN_ATTRIBUTES]
+    updated = {k for k, _ in fresh}
     kept = tuple((k, v) for k, v in stale.headers if k not in updated)
-    kept += tuple((k, v) for k, v in headers if k in KEPT_HEADERS)
-    return attrs.evolve(stale, headers=kept, fetched_at=now)
+    return attrs.evolve(stale, headers=(*kept, *fresh), fetched_at=now)
+
+
+# RFC 9110 s9.2.1: methods that do not change the resource; the others invalidate.
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+# Fields of an unsafe method's answer naming other URLs it changed (RFC 9111 s4.4).
+_INVALIDATING_FIELDS = ("location", "content-location")
+
+
+def invalidated(method: str, url: str, status: int, headers: Headers) -> list[str]:
+    """The URLs a response to ``method url`` makes stale (RFC 9111 s4.4): for an
+    unsafe method answered with a non-error status, the target and the URLs in
+    Location and Content-Location that have the target's origin (scheme, host, port),
+    relative references resolved against the target. A value that does not parse is
+    skipped."""
+    if method in SAFE_METHODS or not 200 <= status < 400:
+        return []
+    out = [url]
+    origin = _origin_of(url)
+    for name in _INVALIDATING_FIELDS:
+        for value in (v for k, v in headers if k == name):
+            try:
+                target = urllib.parse.urljoin(url, value.strip()).split("#", 1)[0]
+            except ValueError:
+                continue
+            if origin is not None and _origin_of(target) == origin and target not in out:
+                out.append(target)
+    return out
+
+
+def _origin_of(url: str) -> tuple[str, str, int] | None:
+    try:
+        parts = urllib.parse.urlsplit(url)
+        scheme = parts.scheme.lower()
+        port = parts.port or {"http": 80, "https": 443}.get(scheme)
+    except ValueError:
+        return None
+    if port is None or not parts.hostname:
+        return None
+    return scheme, parts.hostname.lower(), port
 
 
 def version_change(meta: ObjectMeta, status: int, headers: Headers) -> str | None:
@@ -154,6 +326,7 @@ class RefreshRule:
     immutable: bool = False
 
     def matches(self, url: str) -> bool:
+        url = url.split(_VARIANT_MARK, 1)[0]  # a variant follows its object's rule
         path = url.split("://", 1)[-1].partition("/")[2].split("?")[0]
         return fnmatch.fnmatchcase(url, self.match) or fnmatch.fnmatchcase("/" + path, self.match)
 
@@ -178,10 +351,7 @@ def matching_rule(url: str, rules: Sequence[RefreshRule] = ()) -> RefreshRule | 
 
 
 def _header(meta: ObjectMeta, name: str) -> str | None:
-    for k, v in meta.headers:
-        if k == name:
-            return v
-    return None
+    return _joined(meta.headers, name) if name == "cache-control" else _first(meta.headers, name)
 
 
 def _date(value: str | None) -> float | None:
@@ -205,7 +375,7 @@ def freshness_lifetime(
     """Seconds the stored response stays fresh after it was fetched."""
     cc = parse_cache_control(_header(meta, "cache-control"))
     lifetime: float | None = None
-    if "no-cache" in cc:
+    if "no-cache" in cc and cc["no-cache"] is None:  # no-cache="f" only withholds f
         lifetime = 0.0
     if lifetime is None:
         lifetime = _seconds(cc.get("s-maxage")) if "s-maxage" in cc else None
@@ -235,7 +405,8 @@ def freshness_lifetime(
 
 
 def age(meta: ObjectMeta, now: float) -> float:
-    """The response's current age: upstream's Age when fetched, plus time since."""
+    """The response's current age (RFC 9111 s4.2.3): its corrected initial age when
+    received, plus the time it has been stored since."""
     return (_seconds(_header(meta, "age")) or 0.0) + max(0.0, now - meta.fetched_at)
 
 

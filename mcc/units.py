@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 
 __all__ = ["format_duration", "format_size", "human_size", "parse_duration", "parse_size"]
 
@@ -23,7 +24,16 @@ _SIZE_UNITS = {
     "tib": 1024**4,
 }
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
-_DURATION_UNITS = {"": 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+# Decimal, so that "59ms" is the float nearest 0.059 (59 * 0.001 is 0.059000000000000004,
+# and a config written by `mcc config show` must read back to the same values).
+_DURATION_UNITS = {
+    "": Decimal(1),
+    "ms": Decimal("0.001"),
+    "s": Decimal(1),
+    "m": Decimal(60),
+    "h": Decimal(3600),
+    "d": Decimal(86400),
+}
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$")
 
 
@@ -70,7 +80,7 @@ def parse_duration(value: object) -> float:
     if isinstance(value, str):
         m = _DURATION_RE.match(value)
         if m and m.group(2) in _DURATION_UNITS:
-            return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+            return float(Decimal(m.group(1)) * _DURATION_UNITS[m.group(2)])
     raise ValueError(f"{value!r} is not a duration (use e.g. 10, '10s', '500ms' or '5m')")
 
 

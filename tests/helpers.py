@@ -56,6 +56,8 @@ async def run_node(cache_dir: Path, **overrides: Any) -> AsyncIterator[Node]:
     overrides.setdefault("admin_listen", "127.0.0.1:0")
     overrides.setdefault("block_size", "64KiB")
     overrides.setdefault("node_id", "node")
+    if overrides["node_id"] is None:  # the default node id (host name and listen port)
+        del overrides["node_id"]
     overrides.setdefault("access_log", "")
     async with mcc.open_cache(cache_dir=cache_dir, **overrides) as cache:
         server = Server(cache.config, cache)

@@ -13,9 +13,11 @@ from mcc.config import (
     HostPort,
     Limits,
     Timeouts,
+    config_as_raw,
     config_to_toml,
     load_config,
     structure_config,
+    with_overrides,
 )
 from mcc.errors import ConfigError
 from mcc.units import format_duration, format_size, parse_duration, parse_size
@@ -156,3 +158,36 @@ def test_access_log_format_is_checked() -> None:
     assert load_config().access_log_format == "kv"
     with pytest.raises(ConfigError, match="access_log_format: 'apache' is not one of kv"):
         load_config(overrides={"access_log_format": "apache"})
+
+
+def test_overrides_apply_to_a_config_without_toml() -> None:
+    base = load_config(EXAMPLE)
+    changed = with_overrides(
+        base, {"timeouts": {"connect": "2s"}, "parents": [], "block_size": "4MiB"}
+    )
+    assert changed.timeouts.connect == 2.0
+    assert changed.timeouts.read == base.timeouts.read  # the table is merged key by key
+    assert changed.parents == () and changed.block_size == 4 * 1024 * 1024
+    assert (
+        attrs.evolve(
+            changed, timeouts=base.timeouts, parents=base.parents, block_size=base.block_size
+        )
+        == base
+    )
+    assert with_overrides(base, {}) is base
+    with pytest.raises(ConfigError, match=r"limits\.max_ranges: 0 is less than 1"):
+        with_overrides(base, {"limits": {"max_ranges": 0}})
+
+
+def test_plain_values_structure_back_to_the_same_config() -> None:
+    for c in (load_config(), load_config(EXAMPLE)):
+        assert structure_config(config_as_raw(c)) == c
+        assert structure_config(config_as_raw(c, human=True)) == c
+
+
+@given(st.integers(min_value=0, max_value=10**9))
+def test_durations_in_ms_read_back_exactly(ms: int) -> None:
+    # regression: "59ms" was read as 59 * 0.001 = 0.059000000000000004, so a config
+    # written by `mcc config show` did not read back to the same timeouts
+    assert parse_duration(f"{ms}ms") == ms / 1000
+    assert parse_duration(format_duration(ms / 1000)) == ms / 1000

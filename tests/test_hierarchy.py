@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -47,6 +49,46 @@ async def test_three_level_chain_stores_at_every_level(origin: Origin, tmp_path:
         n = len(origin.requests)
         r = await get(c.port, url)
         assert r.header("cache-status") == "child; hit" and len(origin.requests) == n
+
+
+async def test_chain_on_one_host_with_default_node_ids_stores_at_every_level(
+    origin: Origin, tmp_path: Path
+) -> None:
+    """Regression: the default node id was the bare host name, so nodes on one host
+    took each other's Via token for a forwarding loop (508) and the child went
+    around them to the origin, storing at no parent."""
+    origin.put("/f.bin", DATA)
+    allow = [origin.authority]
+    ports = [free_port() for _ in range(3)]
+
+    def node(name: str, port: int, *parents: Node) -> Any:
+        return run_node(
+            tmp_path / name,
+            allow_origins=allow,
+            listen=[f"127.0.0.1:{port}"],
+            node_id=None,
+            parents=[p.url for p in parents],
+        )
+
+    async with (
+        node("gp", ports[0]) as gp,
+        node("p", ports[1], gp) as p,
+        node("c", ports[2], p) as c,
+    ):
+        ids = {n.server.config.node_id for n in (gp, p, c)}
+        host = socket.gethostname().split(".")[0]
+        assert ids == {f"{host}:{port}" for port in ports}
+        url = origin.url("/f.bin")
+        r = await get(c.port, url)
+        assert r.status == 200 and r.body == DATA
+        for n in (gp, p, c):
+            await n.cache.wait_idle()
+        blocks = -(-len(DATA) // 65536)
+        for n in (gp, p, c):
+            assert _stored_blocks(n, url) == blocks, n.server.config.node_id
+        assert origin.count("/f.bin") <= blocks + 1
+        via = f"1.1 {host}:{ports[2]}, 1.1 {host}:{ports[1]}, 1.1 {host}:{ports[0]}"
+        assert origin.requests[-1].headers.get("via") == via
 
 
 async def test_dead_parent_is_skipped_for_the_next(origin: Origin, tmp_path: Path) -> None:

@@ -77,7 +77,7 @@ def test_the_request_counts_have_one_field_per_outcome() -> None:
     assert [n for _, n in counts.by_outcome()] == list(range(1, len(Outcome) + 1))
     assert [o for o, _ in counts.by_outcome()] == list(Outcome)
     assert len(attrs.fields(RequestCounts)) == len(Outcome)
-    assert counts.not_hit == counts.miss + counts.partial + counts.pass_
+    assert counts.not_hit == counts.miss + counts.partial + counts.revalidated + counts.pass_
 
 
 def test_a_misspelt_counter_is_an_error_not_an_empty_series() -> None:

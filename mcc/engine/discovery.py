@@ -20,6 +20,7 @@ import logging
 import time
 from collections.abc import Sequence
 
+import attrs
 import trio
 
 from .. import policy
@@ -27,8 +28,9 @@ from ..errors import NotCacheable, Refused, UpstreamError
 from ..store.records import ObjectMeta
 from ..upstream.fetch import Conditions, Fetched
 from ..upstream.peers import peer_request
-from .fill import Filling, backoff
+from .fill import backoff
 from .flight import Fetch
+from .variants import Varies, Varying
 
 __all__ = ["Discovering", "Discovery"]
 
@@ -53,6 +55,7 @@ class Discovery:
         self.meta: ObjectMeta | None = None
         self.error: Exception | None = None
         self.outcome = "miss"  # or "revalidated" (304) or "changed" (a new version)
+        self.upstream_status = 0  # the status of upstream's answer (304, 200, 206...)
 
     async def wait(self) -> ObjectMeta:
         await self.done.wait()
@@ -61,12 +64,14 @@ class Discovery:
         assert self.error is not None
         if isinstance(self.error, UpstreamError):
             raise type(self.error)(str(self.error), status_hint=self.error.status_hint)
+        if isinstance(self.error, Varies):
+            raise Varies(self.error.names)
         if isinstance(self.error, NotCacheable):
             raise NotCacheable(str(self.error))
         raise UpstreamError(f"discovery failed: {self.error}")
 
 
-class Discovering(Filling):
+class Discovering(Varying):
     """The engine's discoveries (see the module)."""
 
     def _init_discovery(self) -> None:
@@ -182,12 +187,20 @@ class Discovering(Filling):
     ) -> None:
         block = asked // B if disc.via_peer else None
         fetch_cm = self.fetcher.fetch(
-            url, asked, asked + B - 1, conditions=conditions, via=via, block=block
+            url,
+            asked,
+            asked + B - 1,
+            conditions=conditions,
+            via=via,
+            block=block,
+            extra=policy.selecting_fields(key),
         )
         async with self._fetch_slots, fetch_cm as got:
             self.counters.upstream_fetches += 1
+            disc.upstream_status = got.status
+            now = time.time()
             if got.status == 304 and stale is not None:
-                meta = policy.refreshed(stale, got.headers, time.time())
+                meta = policy.refreshed(stale, got.headers, now)
                 self._adopt(meta)
                 disc.meta, disc.outcome = meta, "revalidated"
                 disc.done.set()
@@ -199,7 +212,10 @@ class Discovering(Filling):
                 raise UpstreamError(f"{url}: upstream answered {got.status} to revalidation")
             meta = self._record(key, got, B)
             if stale is not None and meta.version == stale.version:
-                disc.outcome = "revalidated"  # upstream resent the same version
+                # upstream resent the same version: its fields update the stored ones
+                # (RFC 9111 s3.2), the blocks stay
+                meta = attrs.evolve(policy.refreshed(stale, got.headers, now), fetch_url=got.url)
+                disc.outcome = "revalidated"
             elif stale is not None:
                 disc.outcome = "changed"
             self._adopt(meta)
@@ -241,6 +257,11 @@ class Discovering(Filling):
         refusal = policy.refusal(got.status, got.headers)
         if refusal is not None:
             raise NotCacheable(refusal)
+        names = policy.vary_names(got.headers)
+        if names and names != policy.variant_names(key):
+            raise Varies(names)  # the lookup asks again for the request's variant
+        if names:
+            self._admit_variant(key)
         if got.size is None:
             raise NotCacheable("upstream sent no Content-Length")
         return policy.record(
@@ -255,7 +276,8 @@ class Discovering(Filling):
     async def _discover_by_head(
         self, url: str, key: str, size: int | None, block_size: int, via: tuple[str, ...]
     ) -> ObjectMeta:
-        async with self._fetch_slots, self.fetcher.head(url, via=via) as got:
+        head = self.fetcher.head(url, via=via, extra=policy.selecting_fields(key))
+        async with self._fetch_slots, head as got:
             self.counters.upstream_fetches += 1
             meta = self._record(key, got, block_size)
         if size is not None and size != meta.size:

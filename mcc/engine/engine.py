@@ -15,28 +15,27 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
-from contextlib import aclosing, asynccontextmanager
-from pathlib import Path
-from typing import Any
+from collections.abc import AsyncGenerator, Callable, Sequence
+from contextlib import aclosing
 
 import attrs
 import trio
 
-from ..config import Config, Drive, structure_config
-from ..errors import BadRequest, RangeNotSatisfiable, UpstreamError
+from ..config import Config
+from ..errors import BadRequest, NotCacheable, RangeNotSatisfiable, UpstreamError
 from ..policy import age, freshness_lifetime, may_serve_stale
-from ..store.blobs import BlobStore, DriveInfo
+from ..policy import object_key as policy_object_key
+from ..store.blobs import BlobStore
 from ..store.index import Index
-from ..store.lock import lock_drives
 from ..store.records import ObjectMeta
 from ..store.store import Store
 from ..upstream.client import DEFAULT_PORTS, Upstream, parse_url
 from .blocks import block_bounds, block_count, blocks_for_range
 from .discovery import Discovering
 from .flight import FileSlice, Flight
+from .variants import Varies
 
-__all__ = ["Cache", "FileSlice", "Lookup", "ObjectInfo", "Statistics", "open_cache"]
+__all__ = ["Cache", "FileSlice", "Lookup", "ObjectInfo", "Statistics"]
 
 log = logging.getLogger("mcc.engine")
 
@@ -74,6 +73,7 @@ class Lookup:
 
     meta: ObjectMeta
     outcome: str
+    upstream_status: int = 0  # the status of upstream's answer, when it was asked
 
 
 @attrs.frozen
@@ -96,7 +96,7 @@ class Statistics:
 
 
 class Cache(Discovering):
-    """The cache engine. Make one with :func:`open_cache`.
+    """The cache engine. Make one with :func:`mcc.engine.opening.open_cache`.
 
     Args:
       config: the node's configuration.
@@ -184,6 +184,8 @@ class Cache(Discovering):
         first_byte: int | None = None,
         via: Sequence[str] = (),
         reader: object | None = None,
+        request: Sequence[tuple[str, str]] = (),
+        _again: bool = True,
     ) -> Lookup:
         """The record of ``url``'s current version, asking upstream when the object is
         unknown (discovery) or stale (revalidation), and how it was obtained.
@@ -196,18 +198,15 @@ class Cache(Discovering):
             forwarding loop through other caches is detected).
           reader: any object naming the request, passed to :meth:`segments` too; the
             block a discovery fetches then counts as this reader's own, not a join.
+          request: the request's header fields (selecting a variant, RFC 9111 s4.1).
 
         Raises:
           BadRequest: the URL is not allowed (403) or malformed (400).
           NotCacheable: upstream's answer must not be stored; forward instead.
           UpstreamError: upstream failed (and no stale copy may stand in).
         """
-        key = self.resolve(url)
-        meta = self._metas.get(key)
-        if meta is None:
-            meta = self.store.get_object(key)
-            if meta is not None:
-                self._metas.put(meta)
+        key = self._variant_of(self.resolve(url), request)
+        meta = self._record_of(key)
         if first_byte is not None:
             size = meta.block_size if meta is not None else self.config.block_size
             hint_block = first_byte // size
@@ -220,6 +219,14 @@ class Cache(Discovering):
         disc = self._discovery_for(url, key, hint_block, via, meta, reader)
         try:
             found = await disc.wait()
+        except Varies as varies:  # the first answer varies: ask for this request's variant
+            if not _again:
+                raise NotCacheable(str(varies)) from None
+            self._mark_varying(policy_object_key(key), varies.names)
+            return await self.lookup(
+                url, first_byte=first_byte, hint_block=hint_block, via=via, reader=reader,
+                request=request, _again=False,
+            )  # fmt: skip
         except UpstreamError:
             rules = self.config.refresh_patterns
             if meta is not None and may_serve_stale(
@@ -229,7 +236,7 @@ class Cache(Discovering):
                 return Lookup(meta, "stale")
             raise
         await self._wait_peer_discovery(key, disc)
-        return Lookup(found, disc.outcome)
+        return Lookup(found, disc.outcome, disc.upstream_status)
 
     def _fresh_until(self, meta: ObjectMeta) -> float:
         """When ``meta`` stops being fresh (memoised: parsing dates on every hit costs)."""
@@ -313,6 +320,9 @@ class Cache(Discovering):
     async def purge(self, url: str) -> bool:
         """Forget ``url`` and delete its blobs no other object shares; True if it was stored."""
         key = self.resolve(url)
+        for variant in self._variants(key):
+            self._metas.pop(variant)
+            await self.store.forget_object(variant)
         self._metas.pop(key)
         return await self.store.forget_object(key)
 
@@ -410,72 +420,3 @@ def _pread_all(s: FileSlice) -> bytes:
     if len(out) != s.length:
         raise UpstreamError(f"blob is shorter than expected ({len(out)} < {s.length} bytes)")
     return out
-
-
-def drive_infos(drives: tuple[Drive, ...]) -> list[DriveInfo]:
-    """The store's view of the configured drives."""
-    return [DriveInfo(Path(d.path), d.max_size, d.min_free) for d in drives]
-
-
-@asynccontextmanager
-async def open_cache(config: Config | None = None, **overrides: Any) -> AsyncIterator[Cache]:
-    """Open a cache for use as a library.
-
-    Args:
-      config: a full :class:`~mcc.config.Config`; or None for the defaults.
-      **overrides: config keys to change (``block_size=``, ``allow_origins=`` ...);
-        ``cache_dir=`` is short for one drive at that folder.
-
-    Yields:
-      The :class:`Cache`; its fetches stop when the block exits.
-
-    Raises:
-      ConfigError: a bad override, one line per problem.
-    """
-    if overrides or config is None:
-        raw: dict[str, Any] = {}
-        if config is not None:
-            raw = _config_as_raw(config)
-        cache_dir = overrides.pop("cache_dir", None)
-        if cache_dir is not None:
-            raw["drives"] = [{"path": str(cache_dir)}]
-        raw.update(overrides)
-        config = structure_config(raw)
-    # one process per cache directory (raises CacheLocked naming the holder's PID)
-    with lock_drives(Path(d.path) for d in config.drives):
-        async with _opened(config) as cache:
-            yield cache
-
-
-@asynccontextmanager
-async def _opened(config: Config) -> AsyncIterator[Cache]:
-    store = Store(
-        drive_infos(config.drives),
-        block_size=config.block_size,
-        verify_on_read=config.verify_on_read,
-        durable=config.durable,
-        commit_interval=config.commit_interval,
-        commit_batch=config.commit_batch,
-    )
-    upstream = Upstream(config)
-    try:
-        async with trio.open_nursery() as nursery:
-            cache = Cache(config, nursery, store=store, upstream=upstream)
-            nursery.start_soon(store.run_maintenance)
-            nursery.start_soon(upstream.peers.run)
-            try:
-                yield cache
-            finally:
-                nursery.cancel_scope.cancel()
-    finally:
-        with trio.CancelScope(shield=True):
-            await upstream.aclose()
-        store.close()
-
-
-def _config_as_raw(config: Config) -> dict[str, Any]:
-    import tomllib
-
-    from ..config import config_to_toml
-
-    return dict(tomllib.loads(config_to_toml(config)))

@@ -186,6 +186,7 @@ class Filling(EngineParts):
                         conditions=conditions,
                         via=via,
                         block=todo[0].key.index,
+                        extra=policy.selecting_fields(meta.key),
                     ) as got,
                 ):
                     self.counters.upstream_fetches += 1

@@ -198,14 +198,18 @@ class ServerProtocol:
     # -- output --------------------------------------------------------------------
 
     def response_head(self, status: int, headers: Sequence[tuple[str, str]]) -> bytes:
-        """The bytes of a response head (Date and Server added).
+        """The bytes of a response head (Date and Server added unless given: an
+        origin's are passed on).
 
         Every header name goes out in its canonical case (``Content-Length``, ``ETag``):
         h11 writes names as handed to it, and some clients match them case-sensitively.
         Values travel as the latin-1 bytes they came as (an origin's UTF-8
         Content-Disposition, obs-text); one that cannot is dropped, not fatal.
         """
-        full = [(b"Date", _http_date().encode("ascii")), (b"Server", _SERVER_BYTES)]
+        given = {name for name, _ in headers}
+        full = [] if "date" in given else [(b"Date", _http_date().encode("ascii"))]
+        if "server" not in given:
+            full.append((b"Server", _SERVER_BYTES))
         for name, value in headers:
             try:
                 full.append((canonical_name(name).encode("ascii"), value.encode("latin-1")))

@@ -27,7 +27,8 @@ from ..config import Config
 from ..engine.engine import Cache, FileSlice
 from ..errors import BadRequest
 from ..ops.accesslog import AccessRecord
-from ..policy import age
+from ..ops.outcome import Outcome, cache_status, served_outcome
+from ..policy import age, end_to_end, invalidated, replayed_fields
 from ..store.records import ObjectMeta
 from .protocol import END_OF_BODY, NEED_DATA, Request, ServerProtocol
 from .ranges import UNSATISFIABLE, ByteRange, content_range, if_range_matches, parse_range
@@ -121,7 +122,9 @@ class Responses:
         first = _first_byte(req.header("range"))
         via = req.header_list("via")
         reader = object()  # this request, for telling its own fetches from joined ones
-        found = await cache.lookup(url, first_byte=first, via=via, reader=reader)
+        found = await cache.lookup(
+            url, first_byte=first, via=via, reader=reader, request=req.headers
+        )
         meta = found.meta
         ranges = parse_range(req.header("range"), meta.size, self.config.limits.max_ranges)
         if_range = req.header("if-range")
@@ -132,17 +135,20 @@ class Responses:
         ):
             ranges = None
         headers = self._object_headers(meta)
-        if ranges is UNSATISFIABLE:
-            rec.status, rec.cache = 416, "hit"
+        rec.fwd_status = found.upstream_status
+        if ranges is UNSATISFIABLE:  # answered from the record alone: no block needed
+            rec.status, rec.cache = 416, served_outcome(found.outcome, "hit").value
             headers.append(("content-range", f"bytes */{meta.size}"))
+            self._add_cache_status(headers, rec)
             await self._send_simple(conn, 416, headers, b"")
             return True
         if not isinstance(ranges, list):
             ranges = []
         spans = ranges or ([ByteRange(0, meta.size - 1)] if meta.size else [])
-        rec.cache = self._cache_status(meta, spans)
-        headers.append(("cache-status", self._cache_status_header(rec.cache, found.outcome)))
-        slot = self._miss_slot(conn.peer) if rec.cache != "hit" else contextlib.nullcontext()
+        coverage = self.cache.coverage(meta, [(r.start, r.end) for r in spans])
+        rec.cache = served_outcome(found.outcome, coverage).value
+        self._add_cache_status(headers, rec)
+        slot = self._miss_slot(conn.peer) if coverage != "hit" else contextlib.nullcontext()
         with slot:
             return await self._send_cached(
                 conn, req, meta, ranges, spans, headers, rec, via, reader
@@ -203,21 +209,14 @@ class Responses:
             push(conn.sock)  # a range ending inside a block must not wait in the kernel
         return True
 
-    def _cache_status(self, meta: ObjectMeta, spans: Sequence[ByteRange]) -> str:
-        return self.cache.coverage(meta, [(r.start, r.end) for r in spans])
-
-    def _cache_status_header(self, status: str, outcome: str) -> str:
-        """RFC 9211 Cache-Status for a response built from the store."""
-        node = self.config.node_id
-        if outcome == "stale":
-            return f"{node}; hit; detail=stale-if-error"
-        if outcome == "revalidated":
-            return f"{node}; fwd=stale; fwd-status=304" + ("" if status == "hit" else "; stored")
-        if status == "hit":
-            return f"{node}; hit"
-        return f"{node}; fwd={status}; stored"
+    def _add_cache_status(self, headers: list[tuple[str, str]], rec: AccessRecord) -> None:
+        """Cache-Status (RFC 9211), derived from the request's outcome record."""
+        value = cache_status(self.config.node_id, rec.cache, rec.fwd_status)
+        if value is not None:
+            headers.append(("cache-status", value))
 
     def _object_headers(self, meta: ObjectMeta) -> list[tuple[str, str]]:
+        """The stored fields replayed (the origin's Date kept), and Age (RFC 9111 s4.2.3)."""
         headers = [("accept-ranges", "bytes")]
         if meta.content_type:
             headers.append(("content-type", meta.content_type))
@@ -225,7 +224,7 @@ class Responses:
             headers.append(("etag", meta.etag))
         if meta.last_modified:
             headers.append(("last-modified", meta.last_modified))
-        headers += [(k, v) for k, v in meta.headers if k not in ("date", "age")]
+        headers += replayed_fields(meta)
         headers.append(("age", str(int(age(meta, time.time())))))
         return headers
 
@@ -322,15 +321,16 @@ class Responses:
             if not req.has_body:
                 async for _ in self._read_body(conn):
                     pass
-            out = [(k, v) for k, v in resp.headers if k not in ("content-length", "date", "server")]
+            out = [(k, v) for k, v in end_to_end(resp.headers) if k != "content-length"]
             resp_len = resp.header("content-length")
             # HEAD answers carry the length of the body they omit; 204/304 carry none
             if resp_len is not None and (req.method == "HEAD" or resp.status not in (204, 304)):
                 out.append(("content-length", resp_len))
-            out.append(("cache-status", f"{self.config.node_id}; fwd=uri-miss"))
-            rec.status = resp.status
-            if req.method not in SAFE_METHODS and resp.status < 400:
-                await self.cache.purge(url)  # RFC 9111 s4.4: unsafe methods invalidate
+            rec.status = rec.fwd_status = resp.status
+            self._add_cache_status(out, rec)
+            for stale in invalidated(req.method, url, resp.status, resp.headers):
+                with contextlib.suppress(BadRequest):  # a Location that is no URL of ours
+                    await self.cache.purge(stale)  # RFC 9111 s4.4: unsafe methods invalidate
             await self._send_all(conn, conn.proto.response_head(resp.status, out))
             async for chunk in resp.iter_body():
                 for framed in conn.proto.body(chunk):
@@ -366,7 +366,7 @@ class Responses:
             rec.cache = "aborted"
             raise ClientGone()
         rec.status = status
-        rec.cache = rec.cache or "error"
+        rec.cache = Outcome.ERROR.value  # whatever was planned, the answer is an error
         await send_final(conn.stream, data)
         conn.linger = True
         return False

@@ -11,7 +11,8 @@ from collections.abc import Callable
 import trio
 
 from ..config import Config
-from ..engine.engine import open_cache
+from ..engine.opening import open_cache
+from ..memory import periodic_trim
 from ..ops.accesslog import configure_logging
 from ..ops.admin import AdminServer
 from ..ops.daemon import banner, reload
@@ -34,6 +35,7 @@ async def _main(config: Config, load: Callable[[], Config] | None = None) -> int
                 sys.stderr.write(f"mcc: {exc.strerror}\n")
                 nursery.cancel_scope.cancel()
                 return 1
+            nursery.start_soon(periodic_trim)
             stored = [cache.store.stored_bytes_on(i) for i in range(len(config.drives))]
             for line in banner(config, ports + server.tls_ports, admin_port, stored):
                 log.info("%s", line)

@@ -353,7 +353,7 @@ class Server(Responses):
         ) as exc:
             log.debug("%s: connection ended while answering: %r", conn.peer, exc)
             rec.status = rec.status or 499
-            rec.cache = rec.cache or "aborted"
+            rec.cache = "aborted"  # whatever was planned, the response broke off
             raise ClientGone() from None
         except Exception:
             # a bug of ours: this request fails cleanly (500, or a cut connection when

@@ -38,8 +38,9 @@ class AccessRecord:
     range: str = "-"
     status: int = 0
     bytes: int = 0
-    cache: str = ""
+    cache: str = ""  # the outcome (mcc.ops.outcome): Cache-Status and counters derive from it
     duration: float = 0.0
+    fwd_status: int = 0  # the status upstream answered, when asked (Cache-Status fwd-status)
     target: str = ""  # the request-target as sent (the combined format's request line)
     http_version: str = "1.1"
     referer: str = "-"

@@ -13,7 +13,6 @@ server's cache status word, turned into an :class:`Outcome` by a table.
 from __future__ import annotations
 
 import bisect
-import enum
 import time
 from collections import defaultdict, deque
 from collections.abc import Iterable
@@ -22,6 +21,7 @@ from typing import assert_never
 import attrs
 
 from ..origins import OriginPolicy, split_host_port
+from .outcome import Outcome, outcome_of
 
 __all__ = [
     "DURATION_BUCKETS",
@@ -62,29 +62,6 @@ _MAX_URL_KEY = 1024
 _MAX_LABEL_CACHE = 4096
 
 
-class Outcome(enum.Enum):
-    """What a response was, as ``mcc_requests_total{cache=...}`` counts it (the value
-    is the label)."""
-
-    HIT = "hit"  # every byte from the store
-    MISS = "miss"  # fetched upstream (and stored)
-    PARTIAL = "partial"  # some blocks stored, the rest fetched
-    PASS = "pass"  # forwarded unstored (unsafe methods, no-store, Authorization...)
-    ERROR = "error"  # answered with an error status, or anything not listed here
-    ABORTED = "aborted"  # the client left, or a response broke off, before the end
-
-
-# The server's cache status word -> the outcome it counts as. Words not in the table
-# ("health" and "purge" answers of the main listener, "" for a request refused before
-# routing) count as ERROR, as they always have.
-_OUTCOME_OF_STATUS: dict[str, Outcome] = {o.value: o for o in Outcome}
-
-
-def outcome_of(cache_status: str) -> Outcome:
-    """The :class:`Outcome` a server cache status word (``AccessRecord.cache``) counts as."""
-    return _OUTCOME_OF_STATUS.get(cache_status, Outcome.ERROR)
-
-
 @attrs.define
 class RequestCounts:
     """Responses by :class:`Outcome` (``pass_``: ``pass`` is a keyword)."""
@@ -92,6 +69,8 @@ class RequestCounts:
     hit: int = 0
     miss: int = 0
     partial: int = 0
+    revalidated: int = 0
+    stale: int = 0
     pass_: int = 0
     error: int = 0
     aborted: int = 0
@@ -105,6 +84,10 @@ class RequestCounts:
                 self.miss += 1
             case Outcome.PARTIAL:
                 self.partial += 1
+            case Outcome.REVALIDATED:
+                self.revalidated += 1
+            case Outcome.STALE:
+                self.stale += 1
             case Outcome.PASS:
                 self.pass_ += 1
             case Outcome.ERROR:
@@ -116,9 +99,9 @@ class RequestCounts:
 
     @property
     def not_hit(self) -> int:
-        """Responses that went upstream: misses, partial hits and passes (the
-        summary's ``missRequests``)."""
-        return self.miss + self.partial + self.pass_
+        """Responses that went upstream: misses, partial hits, revalidations and
+        passes (the summary's ``missRequests``)."""
+        return self.miss + self.partial + self.revalidated + self.pass_
 
     def by_outcome(self) -> list[tuple[Outcome, int]]:
         """Every outcome with its count, in :class:`Outcome` order."""
@@ -126,6 +109,8 @@ class RequestCounts:
             (Outcome.HIT, self.hit),
             (Outcome.MISS, self.miss),
             (Outcome.PARTIAL, self.partial),
+            (Outcome.REVALIDATED, self.revalidated),
+            (Outcome.STALE, self.stale),
             (Outcome.PASS, self.pass_),
             (Outcome.ERROR, self.error),
             (Outcome.ABORTED, self.aborted),
@@ -136,7 +121,7 @@ class RequestCounts:
 class ServedBytes:
     """Body bytes sent to clients, by where they came from."""
 
-    cache: int = 0  # hits
+    cache: int = 0  # hits, revalidated and stale responses (bodies from the store)
     upstream: int = 0  # everything else (misses, partial hits, passes, errors)
 
     @property
@@ -179,7 +164,9 @@ class DurationHistogram:
 
 
 # Outcomes the summary counts as misses (they cost an upstream request).
-_WENT_UPSTREAM = frozenset((Outcome.MISS, Outcome.PARTIAL, Outcome.PASS))
+_WENT_UPSTREAM = frozenset((Outcome.MISS, Outcome.PARTIAL, Outcome.REVALIDATED, Outcome.PASS))
+# Outcomes whose body came from the store.
+_FROM_STORE = frozenset((Outcome.HIT, Outcome.REVALIDATED, Outcome.STALE))
 
 
 class _Second:
@@ -229,7 +216,7 @@ class Metrics:
         """
         outcome = outcome_of(cache_status)
         self.requests.add(outcome)
-        if outcome is Outcome.HIT:
+        if outcome in _FROM_STORE:
             self.served.cache += nbytes
         else:
             self.served.upstream += nbytes

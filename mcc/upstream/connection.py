@@ -54,6 +54,7 @@ HOP_BY_HOP = frozenset(
         "connection",
         "keep-alive",
         "proxy-authenticate",
+        "proxy-authentication-info",
         "proxy-authorization",
         "proxy-connection",
         "te",
@@ -149,10 +150,17 @@ class UpstreamResponse:
         self.route = route
         self.status = response.status_code
         self.reason = response.reason.decode("latin-1")
+        # RFC 9110 s7.6.1: hop-by-hop fields go, and so does every field Connection names
+        named = {
+            n.strip().lower()
+            for k, v in response.headers
+            if k == b"connection"
+            for n in v.decode("latin-1").split(",")
+        }
         self.headers = [
             (k.decode("latin-1"), v.decode("latin-1"))
             for k, v in response.headers
-            if k.decode("latin-1") not in HOP_BY_HOP
+            if k.decode("latin-1") not in HOP_BY_HOP and k.decode("latin-1") not in named
         ]
         self._timeout = timeout
         self.complete = False

@@ -177,6 +177,7 @@ class Fetcher:
         conditions: Conditions = Conditions(),
         via: Sequence[str] = (),
         block: int | None = None,
+        extra: Sequence[tuple[str, str]] = (),
     ) -> AsyncIterator[Fetched]:
         """GET bytes ``start..end`` (inclusive; ``end`` None: to the end) of ``url``.
 
@@ -185,6 +186,7 @@ class Fetcher:
           conditions: validators (If-Range, If-None-Match, If-Modified-Since).
           via: Via entries of the client request (for loop detection upstream).
           block: the block index, for routing to the peer that owns it.
+          extra: more request fields (those selecting a variant, RFC 9111 s4.1).
 
         Yields:
           The response; for 200 and 206 its body is vouched for (see the module).
@@ -195,7 +197,7 @@ class Fetcher:
           NotCacheable: a redirect leads off the allowlist.
         """
         span = f"bytes={start}-" if end is None else f"bytes={start}-{end}"
-        headers = [("range", span), *conditions.headers(), *(("via", v) for v in via)]
+        headers = [("range", span), *conditions.headers(), *(("via", v) for v in via), *extra]
         for hops in range(MAX_REDIRECTS + 1):
             async with AsyncExitStack() as stack:
                 resp = await stack.enter_async_context(
@@ -211,9 +213,11 @@ class Fetcher:
         raise UpstreamError(f"{url}: more than {MAX_REDIRECTS} redirects", status_hint=508)
 
     @asynccontextmanager
-    async def head(self, url: str, *, via: Sequence[str] = ()) -> AsyncIterator[Fetched]:
+    async def head(
+        self, url: str, *, via: Sequence[str] = (), extra: Sequence[tuple[str, str]] = ()
+    ) -> AsyncIterator[Fetched]:
         """HEAD ``url`` (redirects followed as by :meth:`fetch`); no body."""
-        headers = [("via", v) for v in via]
+        headers = [*(("via", v) for v in via), *extra]
         for _ in range(MAX_REDIRECTS + 1):
             async with AsyncExitStack() as stack:
                 resp = await stack.enter_async_context(self.upstream.request("HEAD", url, headers))
