@@ -7,6 +7,7 @@ import re
 __all__ = [
     "HOP_BY_HOP",
     "canonical_name",
+    "is_digits",
     "parse_cache_control",
     "parse_content_range",
     "parse_unsatisfied_range",
@@ -117,3 +118,9 @@ def canonical_name(name: str) -> str:
     if len(_canonical_memo) < _CANONICAL_MEMO_MAX:
         _canonical_memo[name] = out
     return out
+
+
+def is_digits(text: str) -> bool:
+    """True when ``text`` is one or more ASCII digits: ``str.isdigit`` alone also takes
+    characters like "²" that ``int()`` then refuses (a crash on a header value)."""
+    return text.isascii() and text.isdigit()

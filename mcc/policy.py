@@ -38,7 +38,7 @@ from collections.abc import Sequence
 import attrs
 
 from . import refresh_defaults
-from .headers import HOP_BY_HOP, parse_cache_control
+from .headers import HOP_BY_HOP, is_digits, parse_cache_control
 from .store.records import ObjectMeta, make_version
 
 __all__ = [
@@ -288,7 +288,7 @@ def version_change(meta: ObjectMeta, status: int, headers: Headers) -> str | Non
         return f"validator changed from {meta.last_modified}"
     if status == 200:
         length = _first(headers, "content-length")
-        if length is not None and length.isdigit() and int(length) != meta.size:
+        if length is not None and is_digits(length) and int(length) != meta.size:
             return f"length changed from {meta.size} to {length}"
     if status in GONE_STATUSES:
         return f"upstream now answers {status}"
@@ -348,7 +348,7 @@ def _date(value: str | None) -> float | None:
 
 
 def _seconds(value: str | None) -> float | None:
-    if value is None or not value.strip().isdigit():
+    if value is None or not is_digits(value.strip()):
         return None
     return float(value.strip())
 

@@ -142,6 +142,8 @@ async def test_each_block_crosses_the_origin_once_from_its_owner(
         for m in members:
             r = await get(m.node.port, url)
             assert r.body == data
+        for m in members:  # blocks are stored (durably) after their bytes went out
+            await m.node.cache.wait_idle()
         assert origin.count("/f.bin") == 12
         for rq in origin.requests:
             block = int(rq.headers["range"].split("=")[1].split("-")[0]) // 65536
@@ -223,6 +225,8 @@ async def test_cluster_summary_and_stats_add_up_the_nodes(origin: Origin, tmp_pa
     async with cluster(tmp_path, origin, peers=True, block_size="64KiB") as members:
         for m in members:
             assert (await get(m.node.port, url)).body == data
+        for m in members:  # a fetch's bytes are counted when it ends, after its commits
+            await m.node.cache.wait_idle()
         doc = json.loads(
             (
                 await get(

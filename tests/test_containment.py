@@ -326,6 +326,9 @@ async def test_unique_long_urls_keep_the_index_within_max_size(
         allow_origins=[origin.authority],
         block_size="64KiB",
         drives=[{"path": str(tmp_path), "max_size": max_size}],
+        # a group commit lands its rows at once: 64 rows of 12 KB keys would be a
+        # fifth of this tiny max_size before eviction sees them
+        commit_batch=4,
     ) as cache:
         for i in range(3000):
             url = origin.url(f"/q?{i}-" + "x" * 6000)

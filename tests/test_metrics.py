@@ -33,6 +33,7 @@ FAMILIES: dict[str, tuple[str, frozenset[str]]] = {
     "mcc_evictions": ("counter", frozenset()),
     "mcc_corrupt_blocks": ("counter", frozenset()),
     "mcc_store_failures": ("counter", frozenset()),
+    "mcc_store_recovered": ("gauge", frozenset({"kind"})),
     "mcc_open_connections": ("gauge", frozenset()),
     "mcc_internal_errors": ("counter", frozenset({"where"})),
     "mcc_parent_up": ("gauge", frozenset({"parent"})),

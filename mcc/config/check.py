@@ -51,6 +51,10 @@ def check_config(config: Config) -> list[str]:
     problems += _check_drives(config)
     if not 0 <= config.readahead_blocks <= 64:
         problems.append(f"readahead_blocks: {config.readahead_blocks} is not between 0 and 64")
+    if config.commit_batch < 1:
+        problems.append(f"commit_batch: {config.commit_batch} is less than 1")
+    if not 0 <= config.commit_interval <= 1:
+        problems.append(f"commit_interval: {config.commit_interval}s is not between 0s and 1s")
     problems += _check_hosts(config)
     if not config.node_id or not all(c.isalnum() or c in "-_.:" for c in config.node_id):
         problems.append(

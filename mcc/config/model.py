@@ -278,6 +278,30 @@ class Config:
         "table of `match`, `max_age`, `min_age`, `immutable`",
         default_doc="none (the shipped defaults apply)",
     )
+    durable: bool = knob(
+        True,
+        flag="--no-durable",
+        kind="off",
+        help="skip the fsyncs that make stored blocks survive a power loss (benchmarks)",
+        doc="a stored block survives a power loss: blob, folder and index fsynced before "
+        'the index calls it stored (see "Durability"); `false` skips the fsyncs '
+        "(benchmarks, throw-away caches)",
+    )
+    commit_interval: float = knob(
+        0.002,
+        flag="--commit-interval",
+        unit="duration",
+        help="group commit: longest a stored block waits for others to share its fsyncs (0s-1s)",
+        doc="group commit: longest a completed block waits for others to share its fsyncs "
+        "(`0s`: flush at once; blocks completed meanwhile form the next batch)",
+    )
+    commit_batch: int = knob(
+        64,
+        flag="--commit-batch",
+        metavar="N",
+        help="group commit: most blocks made durable together",
+        doc="group commit: most blocks made durable together; a full batch goes without waiting",
+    )
 
     def origin_policy(self) -> OriginPolicy:
         """The compiled allowlist (``--origin``'s host is allowed too)."""

@@ -242,9 +242,11 @@ class Discovering(Varying):
             broken: UpstreamError | None = None
             with fetch.cancel_scope:
                 try:
-                    await self._fill(meta, fetch, got)
-                except UpstreamError as exc:
-                    broken = exc
+                    async with trio.open_nursery() as commits:  # see Filling._fill
+                        try:
+                            await self._fill(meta, fetch, got, commits)
+                        except UpstreamError as exc:
+                            broken = exc
                 except BaseException:
                     self._end_fetch(meta, fetch)
                     raise

@@ -9,9 +9,12 @@ flights; it runs as a task in the engine's nursery, never a reader's, so a reade
 hanging up cannot fail the others. The body comes from
 :meth:`~mcc.upstream.fetch.Fetcher.fetch`, which vouches that every byte lies in the
 span asked; this module only places bytes into flights and hands complete blocks to
-the store. A broken fetch resumes where its bytes stopped (If-Range), within
-``upstream_retries``; an object that changed upstream fails its flights with
-:class:`~mcc.errors.VersionChanged`, never mixing versions.
+the store, each in a task of the fill's own nursery: the body keeps coming while the
+store makes a block durable, and the block's flight stays in the table (serving its
+readers from its file) until that commit ends. A broken fetch resumes where its
+bytes stopped (If-Range), within ``upstream_retries``; an object that changed
+upstream fails its flights with :class:`~mcc.errors.VersionChanged`, never mixing
+versions.
 
 An origin that ignores Range answers a block fetch with the whole object (200): that
 body streams once into every block it passes that is neither stored nor in flight,
@@ -39,10 +42,11 @@ from ..upstream.fetch import Conditions, Fetched
 from ..upstream.progress import Stalled
 from .blocks import block_bounds
 from .flight import Fetch, Flight, FlightKey
-from .parts import EngineParts, Stream
+from .parts import Stream
 from .readahead import Window, host_of
+from .streams import Streaming
 
-__all__ = ["MAX_RANGELESS", "MAX_ROUTE_MOVES", "Filling"]
+__all__ = ["MAX_ROUTE_MOVES", "Filling"]
 
 log = logging.getLogger("mcc.engine")
 
@@ -55,8 +59,6 @@ _BACKOFF_BASE = 0.1
 _BACKOFF_CAP = 2.0
 # Stalled routes one fetch may leave behind for the next (peers, parents, the origin).
 MAX_ROUTE_MOVES = 8
-# Objects remembered as sent whole by their origin (a few dozen bytes each).
-MAX_RANGELESS = 4096
 
 
 # The window of one-block reads (most requests): read-ahead off, so never changed.
@@ -68,7 +70,7 @@ def backoff(attempt: int) -> float:
     return float(min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempt))
 
 
-class Filling(EngineParts):
+class Filling(Streaming):
     """The engine's block fills (see the module)."""
 
     # -- claims: plain synchronous bookkeeping, no await between look and change -----
@@ -140,17 +142,6 @@ class Filling(EngineParts):
         flight.waiters += 1
         return flight, joined
 
-    def _join_stream(self, meta: ObjectMeta, flight: Flight) -> bool:
-        """Hand ``flight`` to the whole-object body under way, if it has not passed the
-        block's start yet; True when it did."""
-        stream = self._streams.get((meta.key, meta.version))
-        if stream is None or stream.pos > flight.start or stream.fetch.cancel_scope.cancel_called:
-            return False
-        stream.fetch.add(flight)
-        stream.by_index[flight.key.index] = flight
-        self._orphans.discard(stream.fetch)
-        return True
-
     def _new_flight(self, meta: ObjectMeta, idx: int, reader: object | None) -> Flight:
         """A flight for block ``idx``, registered in the table (no fetch attached yet)."""
         b_start, b_end = block_bounds(idx, meta.block_size, meta.size)
@@ -210,6 +201,21 @@ class Filling(EngineParts):
         it resumes on the next route (no retry spent: moving on is not asking again),
         and fails once none is left. ``avoid`` names routes abandoned before (by the
         discovery that started the fetch)."""
+        # complete blocks are committed in tasks of their own: the body keeps coming
+        # while the store makes one durable (blocks share its fsyncs), and the upstream
+        # connection goes back to its pool without waiting for them; this fetch ends
+        # (wait_idle) once they are all stored
+        async with trio.open_nursery() as commits:
+            await self._fetch_attempts(meta, fetch, via, avoid, commits)
+
+    async def _fetch_attempts(
+        self,
+        meta: ObjectMeta,
+        fetch: Fetch,
+        via: tuple[str, ...],
+        avoid: frozenset[str],
+        commits: trio.Nursery,
+    ) -> None:
         retries = self.config.limits.upstream_retries
         avoided = set(avoid)
         conditions = Conditions(if_range=meta.strong_etag or meta.last_modified)
@@ -245,7 +251,7 @@ class Filling(EngineParts):
                         raise UpstreamError(
                             f"{meta.key}: upstream answered {got.status} to a block fetch"
                         )
-                    await self._fill(meta, fetch, got)
+                    await self._fill(meta, fetch, got, commits)
                 return
             except VersionChanged as exc:
                 log.info("%s changed upstream: dropping version %s", meta.key, meta.version)
@@ -267,12 +273,15 @@ class Filling(EngineParts):
                 attempt += 1
         fetch.fail_unfinished(UpstreamError(f"{meta.key}: gave up after every route"))
 
-    async def _fill(self, meta: ObjectMeta, fetch: Fetch, got: Fetched) -> None:
+    async def _fill(
+        self, meta: ObjectMeta, fetch: Fetch, got: Fetched, commits: trio.Nursery
+    ) -> None:
         """Cut ``got``'s body (object bytes ``got.first`` to ``got.stop``, vouched for
         by the fetcher) into ``fetch``'s flights.
 
         Blocks the body passes that no flight claims are claimed on the way when they
         are neither stored nor in flight (an origin that ignores Range sends them all).
+        Complete blocks are committed in tasks started in ``commits``.
         """
         by_index = {f.key.index: f for f in fetch.flights}
         stream = self._stream_for(meta, fetch, got, by_index)
@@ -282,7 +291,7 @@ class Filling(EngineParts):
         try:
             await self.memory.take(_RECEIVE_BUFFER)
             try:
-                await self._receive_body(meta, fetch, got, by_index, deferred, stream)
+                await self._receive_body(meta, fetch, got, by_index, deferred, commits, stream)
             finally:
                 self.memory.give(_RECEIVE_BUFFER)
                 self._end_stream(meta, fetch)
@@ -296,7 +305,7 @@ class Filling(EngineParts):
             for flight in deferred or ():
                 flight.vouch()
             while deferred:
-                await self._commit(meta, deferred.pop(0))
+                commits.start_soon(self._commit, meta, deferred.pop(0))
         except BaseException as exc:
             # A body not framed by Content-Length that failed vouches for none of its
             # bytes (garbage inside it shows only as a body running long at its end):
@@ -308,31 +317,6 @@ class Filling(EngineParts):
                     self._retire(flight)
             raise
 
-    def _stream_for(
-        self, meta: ObjectMeta, fetch: Fetch, got: Fetched, by_index: dict[int, Flight]
-    ) -> Stream | None:
-        """Register ``got`` as a whole-object body others may join (a 200), or drop the
-        registration a remembered object's fetch made (a 206: Range honoured now).
-        Synchronous: readers see it before the first byte is placed."""
-        slot = (meta.key, meta.version)
-        if got.status != 200:
-            self._end_stream(meta, fetch)
-            self._rangeless.pop(slot, None)
-            return None
-        self._rangeless[slot] = None
-        self._rangeless.move_to_end(slot)
-        while len(self._rangeless) > MAX_RANGELESS:
-            self._rangeless.popitem(last=False)
-        stream = Stream(fetch, by_index, got.first)
-        self._streams[slot] = stream
-        return stream
-
-    def _end_stream(self, meta: ObjectMeta, fetch: Fetch) -> None:
-        slot = (meta.key, meta.version)
-        stream = self._streams.get(slot)
-        if stream is not None and stream.fetch is fetch:
-            del self._streams[slot]
-
     async def _receive_body(
         self,
         meta: ObjectMeta,
@@ -340,6 +324,7 @@ class Filling(EngineParts):
         got: Fetched,
         by_index: dict[int, Flight],
         deferred: list[Flight] | None,
+        commits: trio.Nursery,
         stream: Stream | None,
     ) -> None:
         buf = memoryview(bytearray(_RECEIVE_BUFFER)) if got.can_receive_into else None
@@ -353,7 +338,7 @@ class Filling(EngineParts):
                 return
             if pos + len(chunk) > meta.size:
                 raise UpstreamError(f"{meta.key}: body runs past the object's {meta.size} bytes")
-            pos = await self._place(meta, fetch, by_index, chunk, pos, deferred, stream)
+            pos = await self._place(meta, fetch, by_index, chunk, pos, deferred, commits, stream)
 
     async def _place(
         self,
@@ -363,12 +348,14 @@ class Filling(EngineParts):
         view: memoryview,
         pos: int,
         deferred: list[Flight] | None,
+        commits: trio.Nursery,
         stream: Stream | None = None,
     ) -> int:
         """Write a piece of body at object byte ``pos`` into the flights it covers,
         claiming blocks it starts that are neither stored nor in flight; a flight
-        completed by it is stored now (``deferred`` is None) or once the body ended.
-        ``stream.pos`` follows (before any wait, so a block joins only while unpassed)."""
+        completed by it is committed now, in a task in ``commits`` (``deferred`` is
+        None), or once the body ended. ``stream.pos`` follows (before any wait, so a
+        block joins only while unpassed)."""
         B = meta.block_size
         while view:
             idx = pos // B
@@ -397,7 +384,7 @@ class Filling(EngineParts):
             if completed is None:
                 continue
             if deferred is None:
-                await self._commit(meta, completed)
+                commits.start_soon(self._commit, meta, completed)
             else:
                 deferred.append(completed)
         return pos

@@ -61,6 +61,9 @@ async def _opened(config: Config) -> AsyncIterator[Cache]:
         drive_infos(config.drives),
         block_size=config.block_size,
         verify_on_read=config.verify_on_read,
+        durable=config.durable,
+        commit_interval=config.commit_interval,
+        commit_batch=config.commit_batch,
     )
     upstream = Upstream(config)
     try:

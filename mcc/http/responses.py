@@ -26,6 +26,7 @@ import trio
 from ..config import Config
 from ..engine.engine import Cache, FileSlice
 from ..errors import BadRequest
+from ..headers import is_digits
 from ..ops.accesslog import AccessRecord
 from ..ops.outcome import Outcome, cache_status, served_outcome
 from ..policy import age, end_to_end, invalidated, replayed_fields
@@ -341,7 +342,7 @@ class Responses:
             url,
             headers,
             body=body,
-            content_length=int(length) if length and length.isdigit() else None,
+            content_length=int(length) if length and is_digits(length) else None,
         ) as resp:
             if not req.has_body:
                 async for _ in self._read_body(conn):
@@ -438,4 +439,4 @@ def _first_byte(range_header: str | None) -> int:
         return 0
     first = range_header.split("=", 1)[1].split(",")[0].strip()
     start = first.split("-")[0].strip()
-    return int(start) if start.isdigit() and len(start) < 19 else 0
+    return int(start) if is_digits(start) and len(start) < 19 else 0

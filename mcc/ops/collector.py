@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 
+import attrs
 from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
@@ -133,6 +134,15 @@ class NodeCollector(Collector):
             "Blocks that could not be written (ENOSPC...).",
             stats.store_failures,
         )
+        recovered = GaugeMetricFamily(
+            "mcc_store_recovered",
+            "What the start-up recovery repaired: temp files and orphan blobs removed, "
+            "index rows dropped for a missing or short blob.",
+            labels=["kind"],
+        )
+        for kind, n in attrs.asdict(cache.store.recovery).items():
+            recovered.add_metric([kind], n)
+        yield recovered
         yield GaugeMetricFamily(
             "mcc_open_connections", "Client connections open now.", self._open_connections()
         )

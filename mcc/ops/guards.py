@@ -33,6 +33,7 @@ import trio
 
 from ..config import Config
 from ..errors import BadRequest
+from ..headers import is_digits
 from ..http.protocol import CLOSED, END_OF_BODY, NEED_DATA, Request, ServerProtocol
 from ..origins import split_host_port
 from .client import ADMIN_HEADER
@@ -220,7 +221,7 @@ async def read_request(
         elif isinstance(event, Request):
             req = event
             declared = req.header("content-length") or ""
-            if declared.isdigit() and int(declared) > MAX_BODY:
+            if is_digits(declared) and int(declared) > MAX_BODY:
                 raise BadRequest(f"request body over {MAX_BODY} bytes", status_hint=413)
         elif isinstance(event, bytes):
             body += event

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..engine.engine import Cache
+from ..store.check import health as store_health
 from .metrics import WINDOW_SECONDS, Metrics
 
 __all__ = ["health", "summary"]
@@ -76,7 +77,7 @@ def health(cache: Cache) -> dict[str, Any]:
       the ``GET /health`` document; ``ready`` is false when a drive cannot be
       written or the index fails.
     """
-    probes, index_ok = cache.store.health()
+    probes, index_ok = store_health(cache.store)
     drives = [{"path": str(path), "writable": ok} for path, ok in probes]
     parents = cache.upstream.parent_health()
     ready = index_ok and all(d["writable"] for d in drives)

@@ -1,10 +1,12 @@
 """Blob files named by the BLAKE3 digest of their content.
 
-Theory of operation: a blob is written to ``<drive>/tmp/`` and renamed to
-``<drive>/blobs/<d[0:2]>/<d[2:4]>/<digest>``, so a blob file is either whole or
-absent: a crash mid-write leaves only a temp file, which :meth:`BlobStore.sweep_tmp`
-removes at the next start. The digest is the name, so equal blocks under different
-URLs are one file, and a reader can check a blob against its name at any time.
+Theory of operation: a blob is written to ``<drive>/tmp/``, fsynced (a durable
+store) and renamed to ``<drive>/blobs/<d[0:2]>/<d[2:4]>/<digest>``, so a blob file is
+either whole or absent: a crash mid-write leaves only a temp file, which
+:meth:`BlobStore.sweep_tmp` removes at the next start. The rename itself lasts once
+its folder is fsynced, which the store's group commit does (:mod:`.commits`). The
+digest is the name, so equal blocks under different URLs are one file, and a reader
+can check a blob against its name at any time.
 
 A blob lives on one drive, chosen by weighted rendezvous hashing of its digest over
 the drives (weight = the drive's ``max_size``): the choice is stable across restarts
@@ -22,13 +24,21 @@ import secrets
 import shutil
 import stat
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Literal
 
 import attrs
 import blake3
 
-__all__ = ["BlobStore", "BlockWriter", "DriveInfo", "digest_of"]
+__all__ = ["BlobStore", "BlockWriter", "DriveInfo", "FaultHook", "Step", "digest_of", "fsync_dir"]
+
+# The steps of a commit a fault hook is called at (tests crash the store there):
+# "written": the temp file is written and fsynced, not yet renamed;
+# "renamed": the blob is under its name, its folder not yet fsynced, no index row;
+# "indexed": the batch's rows are in the index (visible), the WAL not yet fsynced.
+Step = Literal["written", "renamed", "indexed"]
+FaultHook = Callable[[Step], None]
 
 _READ_CHUNK = 1024 * 1024
 # Blob fds kept open for reuse: enough for a hot set, far below the fd limit.
@@ -54,12 +64,14 @@ class BlobStore:
 
     Args:
       drives: the drives, each with a root folder (created if missing).
+      durable: fsync each blob file before it is renamed into place (off: the page
+        cache alone carries it; a power loss may leave it empty under its name).
 
     Raises:
       OSError: when a drive folder cannot be created.
     """
 
-    def __init__(self, drives: Sequence[DriveInfo]) -> None:
+    def __init__(self, drives: Sequence[DriveInfo], *, durable: bool = True) -> None:
         if not drives:
             raise ValueError("drives: at least one drive is needed")
         self.drives = tuple(drives)
@@ -67,6 +79,10 @@ class BlobStore:
             d.root.mkdir(parents=True, exist_ok=True)
             for sub in ("blobs", "tmp", "quarantine"):
                 _real_dir(d.root / sub)
+            if durable:  # their names, on a new drive
+                fsync_dir(d.root)
+        self.durable = durable
+        self.fault: FaultHook | None = None  # tests: called at each commit step
         self._made_dirs: set[Path] = set()
         self._roots = [str(d.root) for d in self.drives]
         # Open blob fds kept for reuse (sendfile takes an explicit offset, so one fd
@@ -105,10 +121,18 @@ class BlobStore:
         Raises:
           OSError: ENOSPC and friends; no partial blob is ever left under its name.
         """
+        return self.put_durably(data)[0]
+
+    def put_durably(self, data: bytes | bytearray | memoryview) -> tuple[str, tuple[Path, ...]]:
+        """:meth:`put`, also returning the folders to fsync for its name to last.
+
+        Raises:
+          OSError: as :meth:`put`.
+        """
         writer = self.writer(self.drive_for(digest_of(data)))
         try:
             writer.write(data)
-            return writer.commit()
+            return writer.commit(), writer.dirs
         finally:
             writer.close()
 
@@ -120,28 +144,39 @@ class BlobStore:
         """
         return BlockWriter(self, drive or self.drives[0])
 
-    def _install(self, tmp: Path, fd: int, digest: str, length: int) -> None:
+    def _install(self, tmp: Path, fd: int, digest: str, length: int) -> tuple[Path, ...]:
         """Move a written temp file to the blob path of ``digest``. A file already
         there is kept only when it is that blob (its length and digest checked: a
-        planted or torn file is replaced, never trusted by name)."""
+        planted or torn file is replaced, never trusted by name).
+
+        Returns:
+          The folders whose entries changed (to fsync for the blob's name to last).
+        """
         final = self.path(digest)
+        dirs = [final.parent]
         if final.parent not in self._made_dirs:
             _real_dir(final.parent.parent)
             _real_dir(final.parent)
             self._made_dirs.add(final.parent)
+            dirs += [final.parent.parent, final.parent.parent.parent]
         if self._holds(final, digest, length):
             tmp.unlink()
-            return
+            return tuple(dirs)
         target = self.drive_for(digest).root
         if tmp.parent.parent != target:  # another drive: copy onto it first
             copy = _exclusive_temp(target / "tmp")
             try:
                 _copy_fd(fd, copy[1], length)
+                if self.durable:
+                    os.fsync(copy[1])
             finally:
                 os.close(copy[1])
             tmp.unlink()
             tmp = copy[0]
+        if self.fault is not None:
+            self.fault("written")
         os.replace(tmp, final)
+        return tuple(dirs)
 
     def _holds(self, path: Path, digest: str, length: int) -> bool:
         try:
@@ -149,7 +184,11 @@ class BlobStore:
         except OSError:
             return False
         try:
-            return os.fstat(fd).st_size == length and self.verify(digest, fd)
+            if os.fstat(fd).st_size != length or not self.verify(digest, fd):
+                return False
+            if self.durable:  # it may be a blob whose rename is not durable yet
+                os.fsync(fd)
+            return True
         finally:
             os.close(fd)
 
@@ -277,14 +316,15 @@ class BlobStore:
                     pass
         return removed
 
-    def iter_blob_files(self) -> Iterator[tuple[str, float]]:
-        """Every blob file on any drive as (digest, modification time)."""
+    def iter_blob_files(self) -> Iterator[tuple[str, float, int]]:
+        """Every blob file on any drive as (digest, modification time, length)."""
         for d in self.drives:
             for p in (d.root / "blobs").glob("*/*/*"):
                 try:
-                    yield p.name, p.lstat().st_mtime
+                    st = p.lstat()
                 except FileNotFoundError:
                     continue
+                yield p.name, st.st_mtime, st.st_size
 
     def iter_digests(self) -> Iterator[str]:
         """Every blob digest present on any drive (walks the folders)."""
@@ -312,6 +352,7 @@ class BlockWriter:
         self.path, self.fd = _exclusive_temp(drive.root / "tmp")
         self.length = 0
         self.digest: str | None = None
+        self.dirs: tuple[Path, ...] = ()  # after commit(): the folders to fsync
         self._closed = False
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
@@ -327,8 +368,9 @@ class BlockWriter:
             view = view[n:]
 
     def commit(self) -> str:
-        """Hash the file and install it as a blob; returns the digest (blocking: run
-        it in a worker thread). The fd stays open and readable.
+        """Hash the file, fsync it (when the store is durable) and install it as a
+        blob; returns the digest (blocking: run it in a worker thread). The fd stays
+        open and readable. The blob's name is durable once :attr:`dirs` are fsynced.
 
         Raises:
           OSError: the blob could not be installed; the temp file is left to close().
@@ -342,8 +384,12 @@ class BlockWriter:
             h.update(chunk)
             offset += len(chunk)
         digest = str(h.hexdigest())
-        self._store._install(self.path, self.fd, digest, self.length)
+        if self._store.durable:
+            os.fsync(self.fd)
+        self.dirs = self._store._install(self.path, self.fd, digest, self.length)
         self.digest = digest
+        if self._store.fault is not None:
+            self._store.fault("renamed")
         return digest
 
     def close(self) -> None:
@@ -371,6 +417,15 @@ def _real_dir(path: Path) -> None:
             return
         path.unlink()  # a symlink (to anywhere) or a file: not ours to write through
     path.mkdir(exist_ok=True)
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a folder, so the entries renamed or created in it survive a power loss."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _exclusive_temp(folder: Path) -> tuple[Path, int]:

@@ -9,14 +9,17 @@ and temp files are left alone: blobs being written show up as such.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
+from pathlib import Path
 
 import trio
 
 from .store import Store
-from .verify import VerifyReport
+from .verify import VerifyReport, verify_cache
 
-__all__ = ["blob_sizes", "check_blob", "verify_live"]
+__all__ = ["blob_sizes", "check_blob", "health", "verify_live"]
 
 log = logging.getLogger("mcc.store")
 
@@ -52,7 +55,9 @@ async def verify_live(store: Store, *, repair: bool = False) -> VerifyReport:
     Returns:
       The report (``repaired`` set with ``repair``).
     """
-    report = await store.verify()
+    report = await trio.to_thread.run_sync(
+        functools.partial(verify_cache, list(store.blobs.drives), store.index.path, lock=False)
+    )
     if repair:
         report.repaired = True
         for digest in report.corrupt:
@@ -61,3 +66,25 @@ async def verify_live(store: Store, *, repair: bool = False) -> VerifyReport:
             if not store.blobs.exists(digest):
                 store.quarantine(digest)  # (no file to move: its rows are dropped)
     return report
+
+
+def health(store: Store) -> tuple[list[tuple[Path, bool]], bool]:
+    """Whether each drive takes a write (a probe file in its temp folder), and
+    whether the index answers."""
+    drives = []
+    for d in store.blobs.drives:
+        ok = True
+        probe = d.root / "tmp" / f".health.{os.getpid()}"
+        try:
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError:
+            ok = False
+        drives.append((d.root, ok))
+    try:
+        store.index.stored_bytes()
+        store.index.setting("block_size")
+        index_ok = True
+    except Exception:
+        index_ok = False
+    return drives, index_ok

@@ -3,11 +3,12 @@
 Theory of operation: sqlite in WAL mode with ``synchronous=NORMAL``: a commit is a
 sequential append to the WAL with no fsync, so a process crash (``kill -9``) loses
 nothing committed and a power loss loses at most the last commits, never the
-database's consistency. The ordering rules that keep the index and the blob files
-in step across a crash:
+database's consistency (the schema itself is created durably: :mod:`.schema`).
+Block rows are made durable in batches by :meth:`Index.sync` (the store's group
+commit, :mod:`.commits`). The ordering rules that keep index and blob files in step:
 
-- a block row is inserted only after its blob file was renamed into place, so a
-  crash in between leaves an orphan blob (reclaimed later), never a row without a blob;
+- a block row is inserted only after its blob file is durable under its name, so a
+  crash leaves an orphan blob (reclaimed later), never a row without a blob;
 - a blob file is deleted only after its last row is gone, with the same result.
 
 Each call is one short transaction, so the engine calls it directly on the trio
@@ -23,64 +24,21 @@ from __future__ import annotations
 import errno
 import functools
 import json
+import os
 import sqlite3
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from .records import ObjectMeta
+from .schema import SCHEMA_VERSION, Tx, open_database
 
 __all__ = ["SCHEMA_VERSION", "Index"]
 
-SCHEMA_VERSION = 3
-# Bytes a checkpointed WAL file keeps (it counts against the drive's max_size).
-_WAL_LIMIT = 4 * 1024 * 1024
 # Objects whose block maps are kept in memory (least recently used dropped first).
 _MAP_CACHE_OBJECTS = 4096
-
-# Migrations: MIGRATIONS[n] turns a schema-n database into schema n+1. A cache
-# written by an older mcc is upgraded in place when opened; a newer one is refused.
-MIGRATIONS: dict[int, str] = {
-    # 2: least-recently-used eviction walks blobs per drive by access time
-    1: "CREATE INDEX IF NOT EXISTS blobs_by_drive_access ON blobs (drive, last_access);",
-    # 3: each object keeps the URL it is fetched from (after redirects) and the block
-    # size it was cut at; 0 means "the directory's block size before schema 3", which
-    # the store records in the settings (table meta) when it migrates
-    2: "ALTER TABLE objects ADD COLUMN fetch_url TEXT;"
-    "ALTER TABLE objects ADD COLUMN block_size INTEGER NOT NULL DEFAULT 0;",
-}
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS objects (
-    key TEXT PRIMARY KEY,
-    version TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    etag TEXT,
-    last_modified TEXT,
-    content_type TEXT,
-    headers TEXT NOT NULL,
-    fetched_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS blocks (
-    key TEXT NOT NULL,
-    version TEXT NOT NULL,
-    idx INTEGER NOT NULL,
-    digest TEXT NOT NULL,
-    PRIMARY KEY (key, version, idx)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS blocks_by_digest ON blocks (digest);
-CREATE TABLE IF NOT EXISTS blobs (
-    digest TEXT PRIMARY KEY,
-    size INTEGER NOT NULL,
-    last_access REAL NOT NULL,
-    drive INTEGER NOT NULL
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS blobs_by_access ON blobs (last_access);
-"""
-# _SCHEMA is schema 1; MIGRATIONS bring it to SCHEMA_VERSION.
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -120,34 +78,7 @@ class Index:
         # Access times waiting for flush_touches() (one transaction per interval
         # instead of one per read).
         self._touched: dict[str, float] = {}
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA foreign_keys=OFF")
-        self._db.execute("PRAGMA wal_autocheckpoint=0")  # see checkpoint()
-        # a checkpointed WAL is cut back to this size instead of keeping its peak
-        self._db.execute(f"PRAGMA journal_size_limit={_WAL_LIMIT}")
-        self._db.executescript(_SCHEMA)  # idempotent; executescript commits by itself
-        with self._tx():
-            row = self._db.execute("SELECT value FROM meta WHERE name='schema'").fetchone()
-            if row is None:
-                self._db.execute("INSERT INTO meta (name, value) VALUES ('schema', '1')")
-                version = 1
-            else:
-                version = int(row[0])
-        self.migrated_from = version
-        if version > SCHEMA_VERSION:
-            raise sqlite3.DatabaseError(
-                f"{path}: index schema {version} is newer than this mcc understands "
-                f"({SCHEMA_VERSION})"
-            )
-        while version < SCHEMA_VERSION:
-            with self._tx():
-                for statement in MIGRATIONS[version].split(";"):
-                    if statement.strip():
-                        self._db.execute(statement)
-                version += 1
-                self._db.execute("UPDATE meta SET value=? WHERE name='schema'", (str(version),))
+        self._db, self.migrated_from = open_database(path)
         self._load_usage()
 
     def setting(self, name: str) -> str | None:
@@ -168,7 +99,7 @@ class Index:
     def file_bytes(self) -> int:
         """The bytes the index's rows take: its database's pages in use (free pages
         are reused, so this is what grows). Its WAL is not counted: it is cut back to
-        ``_WAL_LIMIT`` after each checkpoint, every few seconds."""
+        ``WAL_LIMIT`` after each checkpoint, every few seconds."""
         pages = self._db.execute("PRAGMA page_count").fetchone()[0]
         free = self._db.execute("PRAGMA freelist_count").fetchone()[0]
         size = self._db.execute("PRAGMA page_size").fetchone()[0]
@@ -180,8 +111,8 @@ class Index:
         row = self._db.execute("SELECT value FROM meta WHERE name='schema'").fetchone()
         return int(row[0])
 
-    def _tx(self) -> _Tx:
-        return _Tx(self._db, self._after_rollback)
+    def _tx(self) -> Tx:
+        return Tx(self._db, self._after_rollback)
 
     def _after_rollback(self) -> None:
         # the in-memory mirrors may have moved with the statements rolled back
@@ -314,30 +245,58 @@ class Index:
           e.g. it changed upstream while the block was in flight; else the digests no
           longer referenced (a block re-stored with other bytes frees its old blob).
         """
+        return self.add_blocks([(key, version, idx, digest, size, drive)])[0]
+
+    @_writes
+    def add_blocks(
+        self, rows: Sequence[tuple[str, str, int, str, int, int]]
+    ) -> list[list[str] | None]:
+        """Record many blocks, each ``(key, version, idx, digest, size, drive)`` as in
+        :meth:`add_block`, in one transaction (a group commit); one result per row."""
         with self._tx():
-            row = self._db.execute("SELECT version FROM objects WHERE key=?", (key,)).fetchone()
-            if row is None or row[0] != version:
-                return None
-            old = self._db.execute(
-                "SELECT digest FROM blocks WHERE key=? AND version=? AND idx=?", (key, version, idx)
-            ).fetchone()
-            self._db.execute(
-                "INSERT OR REPLACE INTO blocks VALUES (?, ?, ?, ?)", (key, version, idx, digest)
-            )
-            known = self._db.execute("SELECT 1 FROM blobs WHERE digest=?", (digest,)).fetchone()
-            self._db.execute(
-                "INSERT INTO blobs VALUES (?, ?, ?, ?) ON CONFLICT(digest) DO UPDATE "
-                "SET last_access=excluded.last_access",
-                (digest, size, time.time(), drive),
-            )
-            if known is None:
-                self._usage[drive] = self._usage.get(drive, 0) + size
-            blocks = self._maps.get((key, version))
-            if blocks is not None:
-                blocks[idx] = digest
-            if old is not None and old[0] != digest:
-                return self._unreferenced([old[0]])
-            return []
+            return [self._add_block_row(*row) for row in rows]
+
+    def _add_block_row(
+        self, key: str, version: str, idx: int, digest: str, size: int, drive: int
+    ) -> list[str] | None:
+        row = self._db.execute("SELECT version FROM objects WHERE key=?", (key,)).fetchone()
+        if row is None or row[0] != version:
+            return None
+        old = self._db.execute(
+            "SELECT digest FROM blocks WHERE key=? AND version=? AND idx=?", (key, version, idx)
+        ).fetchone()
+        self._db.execute(
+            "INSERT OR REPLACE INTO blocks VALUES (?, ?, ?, ?)", (key, version, idx, digest)
+        )
+        known = self._db.execute("SELECT 1 FROM blobs WHERE digest=?", (digest,)).fetchone()
+        self._db.execute(
+            "INSERT INTO blobs VALUES (?, ?, ?, ?) ON CONFLICT(digest) DO UPDATE "
+            "SET last_access=excluded.last_access",
+            (digest, size, time.time(), drive),
+        )
+        if known is None:
+            self._usage[drive] = self._usage.get(drive, 0) + size
+        blocks = self._maps.get((key, version))
+        if blocks is not None:
+            blocks[idx] = digest
+        if old is not None and old[0] != digest:
+            return self._unreferenced([old[0]])
+        return []
+
+    def sync(self) -> None:
+        """Make every commit so far durable: fsync the WAL, as ``synchronous=FULL``
+        does at each commit (blocking: call it from a worker thread). Commits run
+        with ``NORMAL``, so this is how a batch of block rows becomes durable at one
+        fsync. A WAL just reset by a checkpoint holds nothing to sync: the checkpoint
+        fsynced the database with those rows already."""
+        try:
+            fd = os.open(f"{self.path}-wal", os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def get_blocks(self, key: str, version: str, first: int, last: int) -> dict[int, str]:
         """Digests of the stored blocks ``first..last`` (inclusive) of ``key``/``version``."""
@@ -462,36 +421,3 @@ class Index:
     def stored_bytes(self) -> int:
         """Total size of the blobs the index knows."""
         return sum(self._usage.values())
-
-
-class _Tx:
-    """BEGIN; then COMMIT on success, ROLLBACK on any exception.
-
-    The connection runs with ``isolation_level=None`` (sqlite3 opens no transaction
-    by itself), so each multi-statement change is wrapped in one of these.
-    """
-
-    def __init__(self, db: sqlite3.Connection, on_rollback: Callable[[], None]) -> None:
-        self._db = db
-        self._on_rollback = on_rollback
-
-    def __enter__(self) -> sqlite3.Connection:
-        self._db.execute("BEGIN")
-        return self._db
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is None:
-            try:
-                self._db.execute("COMMIT")
-                return
-            except sqlite3.Error:
-                self._rollback()  # a failed COMMIT (disk full) may leave it open
-                raise
-        self._rollback()
-
-    def _rollback(self) -> None:
-        try:
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
-        finally:
-            self._on_rollback()  # the in-memory mirrors may have moved

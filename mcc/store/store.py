@@ -21,7 +21,11 @@ blocks, never of SQL or paths.
   against the first drive, and a record left with no block goes with its last blob.
 - **Reads are checked** per ``verify_on_read``: a blob that fails its digest is
   quarantined and its rows dropped, so the block is fetched again.
-- :meth:`Store.reconcile` makes index and files agree after an unclean stop.
+- **A committed block survives a power loss** when ``durable`` is on: its blob is
+  fsynced before the rename, its folder and the index's WAL after, in batches
+  (:mod:`.commits`).
+- :meth:`Store.reconcile` makes index and files agree after an unclean stop
+  (:mod:`.recovery`: what it finds, why, and the counts in :attr:`Store.recovery`).
 
 Everything here runs on the trio thread except what is marked as blocking I/O, which
 goes to worker threads (hashing, installing, deleting batches, checkpoints).
@@ -30,9 +34,7 @@ goes to worker threads (hashing, installing, deleting batches, checkpoints).
 from __future__ import annotations
 
 import errno
-import functools
 import logging
-import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -42,9 +44,10 @@ import attrs
 import trio
 
 from .blobs import BlobStore, BlockWriter, DriveInfo
+from .commits import GroupCommit
 from .index import Index
 from .records import ObjectMeta
-from .verify import VerifyReport, verify_cache
+from .recovery import RecoveryCounts, reconcile
 
 __all__ = ["Store", "StoreCounters"]
 
@@ -57,9 +60,6 @@ LOW_WATER = 0.90
 _EVICT_BATCH = 256
 # How often access times are written and the index's WAL checkpointed (see index.py).
 _CHECKPOINT_SECONDS = 2.0
-# Seconds before the start that a blob file must be older than to count as an orphan:
-# file times are coarser than time.time() (a kernel tick).
-_RECONCILE_MARGIN = 2.0
 
 
 @attrs.define
@@ -80,6 +80,8 @@ class Store:
       block_size: the block size for new objects (and, in a new or pre-schema-3
         directory, the size recorded as the directory's).
       verify_on_read: ``always``, ``first`` (once per blob per start) or ``never``.
+      durable: a committed block survives a power loss (fsyncs, see :mod:`.commits`).
+      commit_interval / commit_batch: the group commit's window (seconds) and size.
 
     Raises:
       OSError: a drive folder cannot be created.
@@ -87,13 +89,22 @@ class Store:
     """
 
     def __init__(
-        self, drives: Sequence[DriveInfo], *, block_size: int, verify_on_read: str = "first"
+        self,
+        drives: Sequence[DriveInfo],
+        *,
+        block_size: int,
+        verify_on_read: str = "first",
+        durable: bool = True,
+        commit_interval: float = 0.002,
+        commit_batch: int = 64,
     ) -> None:
-        self.blobs = BlobStore(drives)
-        swept = self.blobs.sweep_tmp()
-        if swept:
-            log.info("removed %d temp files left by an earlier crash", swept)
+        self.blobs = BlobStore(drives, durable=durable)
+        # start-up recovery, counted (temp files now, the rest in reconcile())
+        self.recovery = RecoveryCounts(temp_files=self.blobs.sweep_tmp())
         self.index = Index(Path(drives[0].root) / "index.sqlite3")
+        self.commits = GroupCommit(
+            self.index, durable=durable, interval=commit_interval, batch=commit_batch
+        )
         self.block_size = block_size
         self.verify_on_read = verify_on_read
         self.counters = StoreCounters()
@@ -110,7 +121,7 @@ class Store:
                 self.directory_block_size,
                 block_size,
             )
-        self._started = time.time()
+        self.started = time.time()
         self._verified: set[str] = set()
         self._pinned: dict[str, int] = {}
         self._evict_wanted = trio.Event()
@@ -161,7 +172,7 @@ class Store:
         """Forget ``key`` and delete the blobs no other object shares; True if it was
         stored."""
         known = self.index.get_object(key) is not None
-        await self._delete(self.index.delete_object(key))
+        await self.delete_blobs(self.index.delete_object(key))
         return known
 
     def object_keys(self) -> list[str]:
@@ -195,31 +206,36 @@ class Store:
           True when the block is stored; False when it could not be (counted, logged)
           or its version is no longer current.
         """
-        digest: str | None = None
-        try:
-            if isinstance(source, BlockWriter):
-                digest = await trio.to_thread.run_sync(source.commit)
-                length = source.length
-            else:
-                digest = await trio.to_thread.run_sync(self.blobs.put, source)
-                length = len(source)
-            drive = self.blobs.drive_index(digest)
-            freed = self.index.add_block(meta.key, meta.version, idx, digest, length, drive)
-        except OSError as exc:
-            self.counters.store_failures += 1
-            log.warning("could not store block %d of %s: %s", idx, meta.key, exc)
-            if digest is not None and not self.index.is_referenced(digest):
-                await self._delete([digest])
-            return False
-        if freed is None:  # the version is gone already
-            if not self.index.is_referenced(digest):
-                await self._delete([digest])
-            return False
-        self.counters.blocks_stored += 1
-        self._verified.add(digest)
-        self._maybe_evict(drive)
-        await self._delete(freed)
-        return True
+        # shielded: a few fsyncs at most, and a flight must not outlive its commit
+        with trio.CancelScope(shield=True):
+            digest: str | None = None
+            try:
+                if isinstance(source, BlockWriter):
+                    digest = await trio.to_thread.run_sync(source.commit)
+                    length, dirs = source.length, source.dirs
+                else:
+                    put = await trio.to_thread.run_sync(self.blobs.put_durably, source)
+                    digest, dirs = put[0], put[1]
+                    length = len(source)
+                drive = self.blobs.drive_index(digest)
+                row = (meta.key, meta.version, idx, digest, length, drive)
+                freed = await self.commits.commit(row, dirs)
+            except OSError as exc:
+                self.counters.store_failures += 1
+                log.warning("could not store block %d of %s: %s", idx, meta.key, exc)
+                if digest is not None and not self.index.is_referenced(digest):
+                    await self.delete_blobs([digest])
+                return False
+            if freed is None:  # the version is gone already
+                if not self.index.is_referenced(digest):
+                    await self.delete_blobs([digest])
+                return False
+            self.counters.blocks_stored += 1
+            self._verified.add(digest)
+            self._maybe_evict(drive)
+            await self.delete_blobs(freed)
+            return True
+        return False  # not reached: a shielded scope is never cancelled
 
     async def open_block(self, digest: str) -> int | None:
         """An fd of a stored blob, checked against its name per ``verify_on_read``;
@@ -295,35 +311,6 @@ class Store:
         """Bytes of blobs on every drive."""
         return self.index.stored_bytes()
 
-    def health(self) -> tuple[list[tuple[Path, bool]], bool]:
-        """Whether each drive takes a write (a probe file in its temp folder), and
-        whether the index answers."""
-        drives = []
-        for d in self.blobs.drives:
-            ok = True
-            probe = d.root / "tmp" / f".health.{os.getpid()}"
-            try:
-                probe.write_bytes(b"ok")
-                probe.unlink()
-            except OSError:
-                ok = False
-            drives.append((d.root, ok))
-        try:
-            self.index.stored_bytes()
-            self.index.setting("block_size")
-            index_ok = True
-        except Exception:
-            index_ok = False
-        return drives, index_ok
-
-    async def verify(self) -> VerifyReport:
-        """Check every blob against its digest while serving (no repair: blobs being
-        written or evicted meanwhile may show up as orphans or missing)."""
-        drives = list(self.blobs.drives)
-        return await trio.to_thread.run_sync(
-            functools.partial(verify_cache, drives, self.index.path, lock=False)
-        )
-
     def _drop(self, digest: str) -> None:
         self._verified.discard(digest)
         try:
@@ -358,31 +345,14 @@ class Store:
             self._maybe_evict(0)  # the index grows too
 
     async def reconcile(self) -> tuple[int, int]:
-        """Make the index and the blob files agree after a crash: drop index rows whose
-        blob is missing, delete blob files no row names (older than this start, so a
-        blob being written now is never taken for an orphan).
+        """Make the index and the blob files agree after a crash (see
+        :func:`.recovery.reconcile`); the first run's counts go to :attr:`recovery`.
 
         Returns:
           (rows dropped, orphan files deleted).
         """
-        indexed = self.index.all_digests()  # before the walk: later rows are not judged
-        files = await trio.to_thread.run_sync(lambda: dict(self.blobs.iter_blob_files()))
-        dropped = 0
-        for digest in indexed:
-            if digest not in files and not self.blobs.exists(digest):
-                self.index.drop_digest(digest)
-                dropped += 1
-        before = self._started - _RECONCILE_MARGIN
-        orphans = [d for d, mtime in files.items() if d not in indexed and mtime < before]
-        orphans = [d for d in orphans if not self.index.is_referenced(d)]
-        await self._delete(orphans)
-        if dropped or orphans:
-            log.info(
-                "reconciled the cache: %d index rows without blob dropped, %d orphan blobs deleted",
-                dropped,
-                len(orphans),
-            )
-        return dropped, len(orphans)
+        first = not self._reconciled.is_set()
+        return await reconcile(self, self.recovery if first else None)
 
     async def evict(self) -> int:
         """Bring every drive above its high-water mark (or below its min_free) down to
@@ -394,7 +364,7 @@ class Store:
         evicted = 0
         for i, drive in enumerate(self.blobs.drives):
             used = self.used_bytes_on(i)
-            free = await trio.to_thread.run_sync(self.blobs.free_space, drive)
+            free = self.blobs.free_space(drive)  # one statvfs: never queued behind fsyncs
             target = used
             if used > drive.max_size * HIGH_WATER:
                 target = int(drive.max_size * LOW_WATER)
@@ -419,7 +389,7 @@ class Store:
                     if used <= target:
                         batch = batch[: batch.index((digest, size)) + 1]
                         break
-                await self._delete([d for d, _ in batch])
+                await self.delete_blobs([d for d, _ in batch])
         if evicted:
             self.counters.evictions += evicted
             log.info("evicted %d blobs to stay under max_size/min_free", evicted)
@@ -442,7 +412,7 @@ class Store:
             self._forget_blob(d)
             self.blobs.delete(d)
 
-    async def _delete(self, digests: list[str]) -> None:
+    async def delete_blobs(self, digests: list[str]) -> None:
         """Delete blobs in a worker thread (eviction and other batches)."""
         for d in digests:
             self._forget_blob(d)

@@ -101,7 +101,7 @@ def _walk(
     report = VerifyReport(repaired=repair)
     try:
         indexed = index.all_digests()
-        on_disk = {d for d, _ in blobs.iter_blob_files()}
+        on_disk = {d for d, *_ in blobs.iter_blob_files()}
         total = sum(indexed.values())
         done = 0
         for digest, size in sorted(indexed.items()):

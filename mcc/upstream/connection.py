@@ -25,7 +25,7 @@ import h11
 import trio
 
 from ..errors import Refused, UpstreamError
-from ..headers import HOP_BY_HOP
+from ..headers import HOP_BY_HOP, is_digits
 from .tls import describe_tls_error, is_verify_error
 
 __all__ = [
@@ -53,7 +53,7 @@ _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 def body_length(response: UpstreamResponse) -> int:
     length = response.header("content-length")
-    return int(length) if length is not None and length.isdigit() else 0
+    return int(length) if length is not None and is_digits(length) else 0
 
 
 class ByteCounter(Protocol):

@@ -35,7 +35,7 @@ import attrs
 import trio
 
 from ..errors import NotCacheable, UpstreamError
-from ..headers import parse_content_range, parse_unsatisfied_range
+from ..headers import is_digits, parse_content_range, parse_unsatisfied_range
 from .client import Upstream, UpstreamResponse, parse_http_url, quote_target
 from .progress import Progress, Stalled
 
@@ -276,7 +276,7 @@ class Fetcher:
                     url = self.follow(url, location)
                     continue
                 length = resp.header("content-length")
-                size = int(length) if length is not None and length.isdigit() else None
+                size = int(length) if length is not None and is_digits(length) else None
                 yield Fetched(resp, url, 0, 0, size)
                 return
         raise UpstreamError(f"{url}: more than {MAX_REDIRECTS} redirects", status_hint=508)
@@ -326,6 +326,6 @@ class Fetcher:
             return Fetched(resp, url, first, last + 1, total)
         if resp.status == 200:
             length = resp.header("content-length")
-            whole = int(length) if length is not None and length.isdigit() else None
+            whole = int(length) if length is not None and is_digits(length) else None
             return Fetched(resp, url, 0, whole if whole is not None else size, whole)
         return Fetched(resp, url, start, start, None)

@@ -47,6 +47,7 @@ import trio
 from blake3 import blake3
 
 from ..config import Config
+from ..headers import is_digits
 from ..origins import split_host_port
 
 __all__ = [
@@ -305,7 +306,7 @@ class Peers:
                 head = await _read_all(stream)
         status, headers = _parse_head(head)
         admin_port = headers.get("x-mcc-admin-port", "")
-        if status is None or not admin_port.isdigit():
+        if status is None or not is_digits(admin_port):
             raise ValueError("its /health answer names no admin port")
         auth = f"authorization: Bearer {token}\r\n" if token else ""
         with trio.fail_after(CHECK_TIMEOUT * 2):
@@ -336,7 +337,7 @@ def _parse_head(data: bytes) -> tuple[int | None, dict[str, str]]:
     head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1")
     lines = head.split("\r\n")
     parts = lines[0].split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not is_digits(parts[1]):
         return None, {}
     headers = {}
     for line in lines[1:]:
