@@ -283,15 +283,17 @@ class BlobStore:
         finally:
             os.close(own)
 
-    def quarantine(self, digest: str) -> None:
-        """Move a corrupt blob aside (kept for inspection, never served)."""
+    def quarantine(self, digest: str) -> bool:
+        """Move a corrupt blob aside (kept for inspection, never served); True when
+        there was a file to move."""
         self.forget_fd(digest)
         src = self.path(digest)
         dst = self.drive_for(digest).root / "quarantine" / digest
         try:
             os.replace(src, dst)
         except FileNotFoundError:
-            pass
+            return False
+        return True
 
     def delete(self, digest: str) -> int:
         """Remove a blob; returns the bytes freed (0 when it was already gone). Safe in

@@ -42,9 +42,7 @@ async def check_blob(store: Store, digest: str) -> bool | None:
         return True
     if not store.blobs.exists(digest):
         return None
-    store.counters.corrupt_blocks += 1
-    log.warning("blob %s does not match its digest: quarantined, refetching", digest)
-    store.quarantine(digest)
+    store.condemn(digest, "does not match its digest")
     return False
 
 

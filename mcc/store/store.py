@@ -252,18 +252,14 @@ class Store:
             if exc.errno != errno.ELOOP:
                 raise
             # something planted a symlink where the blob was: never read through it
-            self.counters.corrupt_blocks += 1
-            log.warning("blob %s is a symlink on disk: quarantined, refetching", digest)
-            self.quarantine(digest)
+            self.condemn(digest, "is a symlink on disk")
             return None
         mode = self.verify_on_read
         if mode == "always" or (mode == "first" and digest not in self._verified):
             ok = await trio.to_thread.run_sync(self.blobs.verify, digest, fd)
             if not ok:
                 self.blobs.release(digest, fd)
-                self.counters.corrupt_blocks += 1
-                log.warning("blob %s does not match its digest: quarantined, refetching", digest)
-                self.quarantine(digest)
+                self.condemn(digest, "does not match its digest")
                 return None
             self._verified.add(digest)
         return fd
@@ -272,10 +268,19 @@ class Store:
         """Hand back an fd from :meth:`open_block`."""
         self.blobs.release(digest, fd)
 
-    def quarantine(self, digest: str) -> None:
-        """Stop serving a blob found corrupt: moved aside, its rows dropped."""
-        self.blobs.quarantine(digest)
+    def quarantine(self, digest: str) -> bool:
+        """Stop serving a blob found corrupt: moved aside, its rows dropped; True
+        when its file was there to move."""
+        moved = self.blobs.quarantine(digest)
         self._drop(digest)
+        return moved
+
+    def condemn(self, digest: str, why: str) -> None:
+        """Quarantine a blob found corrupt, counted and logged once however many
+        checks (a read, the scrub) found it at the same time."""
+        if self.quarantine(digest):
+            self.counters.corrupt_blocks += 1
+            log.warning("blob %s %s: quarantined, refetching", digest, why)
 
     @contextmanager
     def pin(self, digest: str) -> Iterator[None]:
