@@ -218,8 +218,7 @@ class BlobStore:
         return entry[0]
 
     def is_open(self, digest: str) -> bool:
-        """True when an fd of the blob is cached (its bytes readable, even if the file
-        was removed since)."""
+        """True when an fd of the blob is cached (readable even if the file is gone)."""
         return digest in self._fds
 
     def release(self, digest: str, fd: int) -> None:
@@ -284,8 +283,7 @@ class BlobStore:
             os.close(own)
 
     def quarantine(self, digest: str) -> bool:
-        """Move a corrupt blob aside (kept for inspection, never served); True when
-        there was a file to move."""
+        """Move a corrupt blob aside (kept, never served); True when it was there."""
         self.forget_fd(digest)
         src = self.path(digest)
         dst = self.drive_for(digest).root / "quarantine" / digest
