@@ -37,7 +37,7 @@ import trio
 
 from fixtures.origin import Origin
 
-from .harness import free_port
+from .harness import fetch_whole, free_port
 
 HERE = Path(__file__).parent
 MB = 1_000_000
@@ -51,27 +51,10 @@ SETTINGS = {
 
 
 async def _fetch(port: int, target: str, size: int) -> None:
-    """One whole GET; the body is counted, not kept."""
+    """One whole GET on its own connection; the body is counted, not kept."""
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     async with stream:
-        await stream.send_all(
-            f"GET {target} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n".encode()
-        )
-        buf = b""
-        while b"\r\n\r\n" not in buf:
-            chunk = await stream.receive_some(65536)
-            if not chunk:
-                raise RuntimeError("connection closed before the head")
-            buf += chunk
-        head, _, body = buf.partition(b"\r\n\r\n")
-        if not head.startswith(b"HTTP/1.1 200"):
-            raise RuntimeError(head[:100].decode("latin-1"))
-        got = len(body)
-        while got < size:
-            chunk = await stream.receive_some(1 << 20)
-            if not chunk:
-                raise RuntimeError(f"connection closed mid-body ({got} of {size})")
-            got += len(chunk)
+        await fetch_whole(stream, target, size, close=True)
 
 
 async def _wait_port(port: int) -> None:

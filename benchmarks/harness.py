@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import attrs
+import trio
 
 __all__ = [
     "Procs",
@@ -373,3 +374,26 @@ def rss_bytes(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+async def fetch_whole(stream: trio.abc.Stream, target: str, size: int, close: bool = False) -> int:
+    """One whole GET of ``size`` bytes on ``stream`` (kept alive unless ``close``);
+    returns the body's length. The body is counted, not parsed or kept."""
+    extra = "Connection: close\r\n" if close else ""
+    await stream.send_all(f"GET {target} HTTP/1.1\r\nHost: bench\r\n{extra}\r\n".encode())
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            raise RuntimeError("connection closed before the head")
+        buf += chunk
+    head, _, body = buf.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(head[:100].decode("latin-1"))
+    got = len(body)
+    while got < size:
+        chunk = await stream.receive_some(1 << 20)
+        if not chunk:
+            raise RuntimeError(f"connection closed mid-body ({got} of {size})")
+        got += len(chunk)
+    return got

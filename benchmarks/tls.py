@@ -29,7 +29,7 @@ import trio
 
 from fixtures.origin import Origin
 
-from .harness import cpu_seconds, free_port
+from .harness import cpu_seconds, fetch_whole, free_port
 
 HERE = Path(__file__).parent
 MB = 1_000_000
@@ -49,27 +49,6 @@ def _self_signed(folder: Path) -> tuple[Path, Path]:
     return cert, key
 
 
-async def _fetch(stream: trio.abc.Stream, target: str, size: int) -> int:
-    """One whole GET on a kept-alive connection; the body is counted, not parsed."""
-    await stream.send_all(f"GET {target} HTTP/1.1\r\nHost: bench\r\n\r\n".encode())
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        chunk = await stream.receive_some(65536)
-        if not chunk:
-            raise RuntimeError("connection closed before the head")
-        buf += chunk
-    head, _, body = buf.partition(b"\r\n\r\n")
-    if not head.startswith(b"HTTP/1.1 200"):
-        raise RuntimeError(head[:100].decode("latin-1"))
-    got = len(body)
-    while got < size:
-        chunk = await stream.receive_some(1 << 20)
-        if not chunk:
-            raise RuntimeError("connection closed mid-body")
-        got += len(chunk)
-    return got
-
-
 async def _load(
     port: int, target: str, size: int, clients: int, seconds: float, tls: ssl.SSLContext | None
 ) -> int:
@@ -84,7 +63,7 @@ async def _load(
             stream = trio.SSLStream(tcp, tls, server_hostname="127.0.0.1")
         async with stream:
             while trio.current_time() < deadline:
-                total += await _fetch(stream, target, size)
+                total += await fetch_whole(stream, target, size)
 
     async with trio.open_nursery() as nursery:
         for _ in range(clients):
@@ -119,7 +98,7 @@ async def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                     except OSError:
                         continue
             async with stream:
-                await _fetch(stream, target, size)  # warm: every block stored
+                await fetch_whole(stream, target, size)  # warm: every block stored
             await trio.sleep(1)
             client_tls = ssl.create_default_context()
             client_tls.load_verify_locations(str(cert))

@@ -15,10 +15,11 @@ durable itself, in batches (:mod:`mcc.store.commits`).
 
 from __future__ import annotations
 
-import os
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
+
+from .blobs import fsync_dir
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "Tx", "open_database"]
 
@@ -107,19 +108,11 @@ def open_database(path: Path) -> tuple[sqlite3.Connection, int]:
                 db.execute("ROLLBACK")
                 raise
         db.execute("PRAGMA synchronous=NORMAL")
-        _fsync_dir(path.parent)  # the database and WAL files' own names, on a new cache
+        fsync_dir(path.parent)  # the database and WAL files' own names, on a new cache
     except BaseException:
         db.close()
         raise
     return db, found
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _create(db: sqlite3.Connection) -> int:
