@@ -43,6 +43,8 @@ from typing import Any
 import attrs
 import blake3
 
+from mcc.units import parse_duration, parse_size
+
 from .harness import Procs, cpu_seconds, ensure_tools, free_port, make_data, wait_http
 
 HERE = Path(__file__).parent
@@ -277,18 +279,6 @@ def _fmt(row: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:,.1f}" for k, v in row.items())
 
 
-def parse_duration(text: str) -> float:
-    from mcc.units import parse_duration as parse
-
-    return parse(text)
-
-
-def _size(text: str) -> int:
-    from mcc.units import parse_size
-
-    return parse_size(text)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.cold", description=__doc__)
     parser.add_argument("--size", default="1GiB", help="(b)/(c)'s object (default 1GiB)")
@@ -306,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
         serve_paced(int(port), root, int(rate), float(delay))
         return
     ensure_tools()
-    size, slow_size = _size(args.size), _size(args.slow_size)
+    size, slow_size = parse_size(args.size), parse_size(args.slow_size)
     results: dict[str, Any] = {
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": f"{os.cpu_count()} cores, Python {platform.python_version()}",
@@ -320,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
             slow_work.mkdir()
             www = make_data(slow_work, slow_size, 1, 64 * 1024)
             digest = file_digest(www / "big.bin")
-            with ThrottledProcs(slow_work, www, rate=_size(args.rate)) as p:
+            with ThrottledProcs(slow_work, www, rate=parse_size(args.rate)) as p:
                 p.start_mcc(fresh=True, extra=args.mcc)
                 p.start_nginx_cache(fresh=True)
                 run = ColdRun(p, args.rounds, args.mcc)
@@ -356,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
             wan_work.mkdir()
             www = make_data(wan_work, slow_size, 1, 64 * 1024)
             delay = parse_duration(args.delay)
-            with ThrottledProcs(wan_work, www, rate=_size(args.rate), delay=delay) as p:
+            with ThrottledProcs(wan_work, www, rate=parse_size(args.rate), delay=delay) as p:
                 p.start_mcc(fresh=True, extra=args.mcc)
                 run = ColdRun(p, args.rounds, args.mcc)
                 name = f"(d) cold 1 MiB range, time to first byte, origin {args.delay} away"

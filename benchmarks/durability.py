@@ -36,6 +36,7 @@ from typing import Any
 import trio
 
 from fixtures.origin import Origin
+from mcc.units import parse_size
 
 from .harness import fetch_whole, free_port
 
@@ -169,15 +170,9 @@ def _head(checkout: Path) -> str:
     return r.stdout.strip() or "unknown"
 
 
-def _size(text: str) -> int:
-    from mcc.units import parse_size
-
-    return parse_size(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.durability", description=__doc__)
-    parser.add_argument("--size", type=_size, default=64 * 1024 * 1024, help="object size")
+    parser.add_argument("--size", type=parse_size, default=64 * 1024 * 1024, help="object size")
     parser.add_argument("--rounds", type=int, default=3, help="rounds (median reported)")
     parser.add_argument(
         "--clients",

@@ -24,6 +24,8 @@ from typing import Any
 import h11
 import trio
 
+from mcc.units import parse_size
+
 from .harness import MiB, Procs, ensure_tools, free_port, rss_bytes, wait_http
 
 HERE = Path(__file__).parent
@@ -231,16 +233,10 @@ def main(argv: list[str] | None = None) -> int:
         or stats.errors > 0.01 * max(1, stats.requests)
         or rss_growth > args.max_rss_growth_mb
         or fd_growth > args.max_fd_growth
-        or stored > 1.05 * _size(args.max_size)
+        or stored > 1.05 * parse_size(args.max_size)
     )
     print("SOAK FAILED" if bad else "soak passed")
     return 1 if bad else 0
-
-
-def _size(text: str) -> int:
-    from mcc.units import parse_size
-
-    return parse_size(text)
 
 
 if __name__ == "__main__":

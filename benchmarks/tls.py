@@ -28,6 +28,7 @@ from typing import Any
 import trio
 
 from fixtures.origin import Origin
+from mcc.units import parse_size
 
 from .harness import cpu_seconds, fetch_whole, free_port
 
@@ -129,15 +130,9 @@ async def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             nursery.cancel_scope.cancel()
 
 
-def _size(text: str) -> int:
-    from mcc.units import parse_size
-
-    return parse_size(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.tls", description=__doc__)
-    parser.add_argument("--size", type=_size, default=64 * 1024 * 1024, help="object size")
+    parser.add_argument("--size", type=parse_size, default=64 * 1024 * 1024, help="object size")
     parser.add_argument("--seconds", type=float, default=5.0, help="seconds per listener")
     parser.add_argument("--clients", type=int, default=4, help="concurrent connections")
     args = parser.parse_args(argv)
