@@ -135,7 +135,9 @@ class ThrottledProcs(Procs):
         self.origin_port = free_port()
         argv = [sys.executable, "-m", "benchmarks.cold", "--serve-paced",
                 str(self.origin_port), str(self.www), str(self.rate), str(self.delay)]  # fmt: skip
-        self._spawn("origin", argv)
+        # children start in the work directory: benchmarks/ is found through the path
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+        self._spawn("origin", argv, env=env)
         wait_http(self.origin_port, "/s0.bin")
 
 
