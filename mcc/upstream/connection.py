@@ -97,7 +97,7 @@ class Connection:
         self.reusable_fresh = False  # a body read past h11 ended cleanly
         self.keep_alive = True  # the last response allows another request
         self.idle_since = 0.0  # when it went into the pool (time.monotonic)
-        self._head = b""  # a response head's bytes as they arrive (line ends checked)
+        self._head = b""  # the start of a response head not yet complete (line ends checked)
 
     async def send(self, event: h11.Event) -> None:
         data = self.h11.send(event)
@@ -111,13 +111,10 @@ class Connection:
                 with trio.fail_after(read_timeout):
                     data = bytes(await self.stream.receive_some(_RECEIVE_SIZE))
                 if self.h11.their_state is h11.SEND_RESPONSE:
-                    self._head += data
-                    _check_line_ends(self._head)
+                    self._head = _head_so_far(self._head + data if self._head else data)
                 self.h11.receive_data(data)  # bytes(): no copy for a plain socket's bytes
                 continue
             assert not isinstance(event, type)  # PAUSED cannot happen: one request per cycle
-            if isinstance(event, h11.Response):
-                self._head = b""
             return event
 
 
@@ -127,14 +124,19 @@ _HEAD_END = re.compile(rb"\n\r?\n")
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 
 
-def _check_line_ends(head: bytes) -> None:
+def _head_so_far(data: bytes) -> bytes:
     """Refuse a response head with a bare LF (RFC 9112 s2.2 lets a recipient accept
     one; mcc does not). Where intermediaries disagree on line ends, one reads a
     field's value as the end of the head and the rest as the body: a response that
-    means two things is not cached or passed on."""
-    end = _HEAD_END.search(head)
-    if _BARE_LF.search(head, 0, end.end() if end else len(head)):
+    means two things is not cached or passed on.
+
+    ``data`` is what arrived since the head began; returns what to keep for the next
+    check: nothing once the head is complete (body bytes behind it are not copied
+    again), else all of it."""
+    end = _HEAD_END.search(data)
+    if _BARE_LF.search(data, 0, end.end() if end else len(data)):
         raise h11.RemoteProtocolError("a bare LF in the response head")
+    return b"" if end else data
 
 
 class UpstreamResponse:
