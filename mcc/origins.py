@@ -23,6 +23,8 @@ from collections.abc import Iterable, Mapping
 
 import attrs
 
+from .headers import is_digits
+
 __all__ = [
     "DEFAULT_ALLOW_ORIGINS",
     "OriginPolicy",
@@ -98,7 +100,7 @@ def split_host_port(
 
 def _parse_port(text: str, authority: str, allow_zero: bool = False) -> int:
     low = 0 if allow_zero else 1
-    if not text.isascii() or not text.isdigit() or not low <= int(text) < 65536:
+    if not is_digits(text) or not low <= int(text) < 65536:
         raise ValueError(f"{authority!r} has an invalid port {text!r}")
     return int(text)
 
