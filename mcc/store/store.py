@@ -187,7 +187,7 @@ class Store:
 
     def readable(self, digest: str) -> bool:
         """True when a stored blob can be read now (an fd is open, or its file is there)."""
-        return self.blobs.is_open(digest) or self.blobs.size_of(digest) is not None
+        return self.blobs.is_open(digest) or self.blobs.exists(digest)
 
     def writer(self) -> BlockWriter:
         """A new block file to fill.
