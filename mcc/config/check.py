@@ -53,6 +53,8 @@ def check_config(config: Config) -> list[str]:
         problems.append(f"readahead_blocks: {config.readahead_blocks} is not between 0 and 64")
     if config.commit_batch < 1:
         problems.append(f"commit_batch: {config.commit_batch} is less than 1")
+    if not 1 <= config.workers <= 1024:
+        problems.append(f"workers: {config.workers} is not between 1 and 1024")
     if not 0 <= config.commit_interval <= 1:
         problems.append(f"commit_interval: {config.commit_interval}s is not between 0s and 1s")
     problems += _check_hosts(config)

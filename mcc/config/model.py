@@ -302,6 +302,16 @@ class Config:
         help="group commit: most blocks made durable together",
         doc="group commit: most blocks made durable together; a full batch goes without waiting",
     )
+    workers: int = knob(
+        1,
+        flag="--workers",
+        metavar="N",
+        help="worker processes serving as one node (1 to 1024; the master binds the "
+        "listeners and restarts a worker that dies)",
+        doc="worker processes serving as one node: they share the listeners (bound once by "
+        "a master process), the cache directory, one upstream fetch per block and one set "
+        'of counters; the admin API is served by worker 0 (see "Several workers")',
+    )
 
     def origin_policy(self) -> OriginPolicy:
         """The compiled allowlist (``--origin``'s host is allowed too)."""

@@ -100,7 +100,8 @@ class Discovering(Varying):
             )
             disc = Discovery(slot, via_peer)
             self._discoveries[slot] = disc
-            self._spawn(self._discover, url, key, hint_block, disc, tuple(via), stale, reader)
+            args = (url, key, hint_block, disc, tuple(via), stale, reader)
+            self._spawn(self._discover_in_turn, *args)
         return disc
 
     async def _wait_peer_discovery(self, key: str, disc: Discovery | None = None) -> None:
@@ -109,6 +110,32 @@ class Discovering(Varying):
         side = self._discoveries.get(f"peer {key}")
         if side is not None and side is not disc:
             await side.done.wait()
+
+    async def _discover_in_turn(
+        self,
+        url: str,
+        key: str,
+        hint: int,
+        disc: Discovery,
+        via: tuple[str, ...],
+        stale: ObjectMeta | None,
+        reader: object | None = None,
+    ) -> None:
+        """:meth:`_discover`, one worker of the node at a time (see
+        :mod:`mcc.engine.claimed`): the record another worker filed meanwhile is used."""
+        try:
+            found = await self._discovery_turn(key, stale, disc.done)
+        except BaseException:
+            self._discoveries.pop(disc.slot, None)
+            disc.error = UpstreamError(f"{url}: discovery abandoned")
+            disc.done.set()
+            raise
+        if found is None:
+            await self._discover(url, key, hint, disc, via, stale, reader)
+            return
+        disc.meta = found
+        self._discoveries.pop(disc.slot, None)
+        disc.done.set()
 
     async def _discover(
         self,

@@ -205,6 +205,7 @@ class Cache(Discovering):
           NotCacheable: upstream's answer must not be stored; forward instead.
           UpstreamError: upstream failed (and no stale copy may stand in).
         """
+        self._see_changes()  # another worker's eviction, purge or new version
         key = self._variant_of(self.resolve(url), request)
         meta = self._record_of(key)
         if first_byte is not None:

@@ -41,10 +41,10 @@ from ..store.records import ObjectMeta
 from ..upstream.fetch import Conditions, Fetched
 from ..upstream.progress import Stalled
 from .blocks import block_bounds
+from .claimed import Claiming
 from .flight import Fetch, Flight, FlightKey
 from .parts import Stream
 from .readahead import Window, host_of
-from .streams import Streaming
 
 __all__ = ["MAX_ROUTE_MOVES", "Filling"]
 
@@ -70,7 +70,7 @@ def backoff(attempt: int) -> float:
     return float(min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempt))
 
 
-class Filling(Streaming):
+class Filling(Claiming):
     """The engine's block fills (see the module)."""
 
     # -- claims: plain synchronous bookkeeping, no await between look and change -----
@@ -127,8 +127,9 @@ class Filling(Streaming):
         """
         flight = self._flights.get(FlightKey(meta.key, meta.version, idx))
         if flight is None:
-            flight = self._new_flight(meta, idx, reader)
-            joined = self._join_stream(meta, flight)
+            flight = self._new_flight(meta, idx, reader, tuple(via))
+            # (a block another worker fills is joined from there: mcc.engine.claimed)
+            joined = self._followed(flight) or self._join_stream(meta, flight)
             if not joined:
                 fetch = Fetch([flight])
                 slot = (meta.key, meta.version)
@@ -142,18 +143,23 @@ class Filling(Streaming):
         flight.waiters += 1
         return flight, joined
 
-    def _new_flight(self, meta: ObjectMeta, idx: int, reader: object | None) -> Flight:
-        """A flight for block ``idx``, registered in the table (no fetch attached yet)."""
+    def _new_flight(
+        self, meta: ObjectMeta, idx: int, reader: object | None, via: tuple[str, ...] = ()
+    ) -> Flight:
+        """A flight for block ``idx``, registered in the table (no fetch attached yet;
+        one another worker fills is followed from now on)."""
         b_start, b_end = block_bounds(idx, meta.block_size, meta.size)
         flight = Flight(
             FlightKey(meta.key, meta.version, idx),
             b_start,
             b_end - b_start,
-            self.store.writer,
+            self._block_opener(meta, idx),
             self.memory,
         )
         flight.starter = reader
         self._flights.add(flight)
+        if self._followed(flight):
+            self._follow_soon(meta, flight, via)
         return flight
 
     def _release(self, flight: Flight) -> None:
@@ -174,7 +180,9 @@ class Filling(Streaming):
         idx = first // meta.block_size
         # (a discovery for a peer may find the block in flight for another discovery)
         if meta.size and self._flights.get(FlightKey(meta.key, meta.version, idx)) is None:
-            fetch.add(self._new_flight(meta, idx, reader))
+            flight = self._new_flight(meta, idx, reader)
+            if not self._followed(flight):
+                fetch.add(flight)
         return fetch
 
     # -- fetch tasks ---------------------------------------------------------------
@@ -395,6 +403,8 @@ class Filling(Streaming):
         if self.store.block_map(meta, idx, idx):
             return None
         flight = self._new_flight(meta, idx, None)
+        if self._followed(flight):
+            return None
         fetch.add(flight)
         return flight
 

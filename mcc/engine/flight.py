@@ -139,6 +139,17 @@ class Flight:
             self.filled_at = trio.current_time()
         self._wake()
 
+    def advance(self, filled: int, writer: BlockWriter | None = None) -> None:
+        """Bytes written by another process are readable up to ``filled`` (which
+        goes back to 0 when the fill starts over on a new file, ``writer``): wake
+        the readers."""
+        if writer is not None:
+            self.writer = writer
+        self.filled = filled
+        if filled >= self.length and self.filled_at is None:
+            self.filled_at = trio.current_time()
+        self._wake()
+
     def _to_memory(self, why: OSError) -> None:
         if not self._budget.try_take(self.length):
             raise UpstreamError(

@@ -13,12 +13,13 @@ import trio
 from ..config import Config, Drive, load_config, with_overrides
 from ..store.blobs import DriveInfo
 from ..store.lock import lock_drives
+from ..store.shared import SharedStore
 from ..store.store import Store
 from ..upstream.client import Upstream
 from .engine import Cache
 from .scrub import Scrub
 
-__all__ = ["drive_infos", "open_cache"]
+__all__ = ["drive_infos", "open_cache", "open_shared_cache"]
 
 
 def drive_infos(drives: tuple[Drive, ...]) -> list[DriveInfo]:
@@ -56,8 +57,25 @@ async def open_cache(config: Config | None = None, **overrides: Any) -> AsyncIte
 
 
 @asynccontextmanager
-async def _opened(config: Config) -> AsyncIterator[Cache]:
-    store = Store(
+async def open_shared_cache(config: Config, *, recover: bool) -> AsyncIterator[Cache]:
+    """Open a cache as one worker of a node (``--workers``): on a
+    :class:`~mcc.store.shared.SharedStore`, without taking the drives' lock (the
+    master holds it for every worker).
+
+    Args:
+      config: the node's config.
+      recover: reconcile index and blob files at start (the first worker only).
+    """
+    async with _opened(config, shared=True, recover=recover) as cache:
+        yield cache
+
+
+@asynccontextmanager
+async def _opened(
+    config: Config, *, shared: bool = False, recover: bool = True
+) -> AsyncIterator[Cache]:
+    kind = SharedStore if shared else Store
+    store = kind(
         drive_infos(config.drives),
         block_size=config.block_size,
         verify_on_read=config.verify_on_read,
@@ -65,6 +83,8 @@ async def _opened(config: Config) -> AsyncIterator[Cache]:
         commit_interval=config.commit_interval,
         commit_batch=config.commit_batch,
     )
+    if isinstance(store, SharedStore):
+        store.recover = recover
     upstream = Upstream(config)
     try:
         async with trio.open_nursery() as nursery:

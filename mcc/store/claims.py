@@ -1,7 +1,7 @@
 """Cross-process fill claims: the block file as the meeting point of several workers.
 
-Not wired into the engine yet (issue 17 item 1, ``--workers N``): this is the store
-primitive the cross-process single-flight is to be built on, tested on its own.
+The store primitive of the cross-process single-flight of ``--workers N`` (issue 17
+item 1): :mod:`mcc.engine.claimed` builds the engine's fills on it.
 
 Theory of operation: the fill of one block (one key, version and block index) has one
 fixed file name, ``<drive>/fills/<name>.part``. Whoever opens it and takes
@@ -14,8 +14,12 @@ itself, so a follower keeps the truth even after the name is gone:
 
 - bytes arrive with ``pwrite``; the file's size is what may be read;
 - the whole block written, the filler sets the mode to ``0o444`` (:data:`DONE_MODE`),
-  then hashes and renames the inode into the blob store (or unlinks it when the blob
-  is already there): a follower holding the fd serves the complete block either way;
+  then hashes it and installs a second name of the inode (a hard link) in the blob
+  store; the fill's own name stays, and the lock held, until the filler closes the
+  writer, which it does once the block's index row is written: a claimant arriving
+  in between follows a done fill instead of fetching the block again, and one
+  arriving later finds the row (a follower holding the fd serves the complete block
+  either way);
 - a filler that gives up (upstream error) unlinks the name with the mode unchanged;
 - a filler that dies leaves the name on the inode and the lock free.
 
@@ -185,17 +189,20 @@ def claim(drive_root: Path, name: str) -> Claim:
 
 class ClaimedWriter(BlockWriter):
     """A :class:`BlockWriter` on a claimed fill's file: it writes, marks the block
-    done for followers, then commits into the store like any block.
+    done for followers, then commits into the store like any block; :meth:`close`
+    removes the fill's name (done or given up) and lets the claim go.
 
     Args:
       store: the blob store to commit into.
       held: a claim with :attr:`Role.FILL` (the writer takes over its fd).
+      previous: a writer whose file readers may still use; closed with this one
+        (a fill taken over from a dead filler: its old inode).
 
     Raises:
       ValueError: the claim is a follower's.
     """
 
-    def __init__(self, store: BlobStore, held: Claim) -> None:
+    def __init__(self, store: BlobStore, held: Claim, previous: BlockWriter | None = None) -> None:
         if held.role is not Role.FILL:
             raise ValueError("only the filler of a claim may write it")
         self._store = store
@@ -205,16 +212,40 @@ class ClaimedWriter(BlockWriter):
         self.digest = None
         self.dirs = ()
         self._closed = False
+        self._previous = previous
 
     def commit(self) -> str:
         """Mark the block done (followers may serve all of it), then hash, fsync and
-        install it as :meth:`BlockWriter.commit` does.
+        install a hard link of it as :meth:`BlockWriter.commit` does (the fill's
+        name stays until :meth:`close`).
 
         Raises:
           OSError: as :meth:`BlockWriter.commit`.
         """
         os.fchmod(self.fd, DONE_MODE)
-        return super().commit()
+        fill = self.path
+        link = fill.parent.parent / "tmp" / f"{fill.stem}.{os.getpid()}.{id(self):x}.link"
+        os.link(fill, link)
+        self.path = link
+        try:
+            return super().commit()
+        finally:
+            self.path = fill
+            if self.digest is None:  # not installed: the link is ours to remove
+                _unlink(link)
+
+    def close(self) -> None:
+        """Remove the fill's name (still ours: we hold its lock), close the fd (the
+        lock goes with it) and the previous writer."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            _unlink(self.path)
+        finally:
+            os.close(self.fd)
+            if self._previous is not None:
+                self._previous.close()
 
 
 def sweep_fills(drives: list[DriveInfo]) -> int:
@@ -232,6 +263,13 @@ def sweep_fills(drives: list[DriveInfo]) -> int:
             except OSError:
                 pass
     return removed
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _names(path: Path, st: os.stat_result) -> bool:

@@ -414,6 +414,10 @@ class Index:
         """Every blob the index knows, with its size."""
         return dict(self._db.execute("SELECT digest, size FROM blobs").fetchall())
 
+    def reload_usage(self) -> None:
+        """Sum the per-drive totals again from the table (other processes wrote it)."""
+        self._load_usage()
+
     def stored_bytes_on(self, drive: int) -> int:
         """Total size of the blobs on drive number ``drive`` (kept in memory: O(1))."""
         return self._usage.get(drive, 0)

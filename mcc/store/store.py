@@ -82,6 +82,7 @@ class Store:
       verify_on_read: ``always``, ``first`` (once per blob per start) or ``never``.
       durable: a committed block survives a power loss (fsyncs, see :mod:`.commits`).
       commit_interval / commit_batch: the group commit's window (seconds) and size.
+      sweep: remove temp files left by a crash (off when other processes write).
 
     Raises:
       OSError: a drive folder cannot be created.
@@ -97,10 +98,11 @@ class Store:
         durable: bool = True,
         commit_interval: float = 0.002,
         commit_batch: int = 64,
+        sweep: bool = True,
     ) -> None:
         self.blobs = BlobStore(drives, durable=durable)
         # start-up recovery, counted (temp files now, the rest in reconcile())
-        self.recovery = RecoveryCounts(temp_files=self.blobs.sweep_tmp())
+        self.recovery = RecoveryCounts(temp_files=self.blobs.sweep_tmp() if sweep else 0)
         self.index = Index(Path(drives[0].root) / "index.sqlite3")
         self.commits = GroupCommit(
             self.index, durable=durable, interval=commit_interval, batch=commit_batch

@@ -1,0 +1,73 @@
+"""Fills shared by two engines on one cache directory, as two workers of a node are
+(mcc/engine/claimed.py, issue 17 item 1), in one process: flock claims exclude open
+files, not processes, so two SharedStores meet as two workers do."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import pytest
+import trio
+
+from fixtures.origin import Fault, Origin
+from mcc import Cache
+from mcc.config import load_config
+from mcc.engine.opening import open_shared_cache
+
+B = 64 * 1024
+DATA = os.urandom(6 * B + 123)
+
+
+@pytest.fixture
+async def pair(origin: Origin, tmp_path: Path) -> AsyncIterator[tuple[Cache, Cache]]:
+    config = load_config(
+        overrides={
+            "drives": [{"path": str(tmp_path / "c")}],
+            "allow_origins": [origin.authority],
+            "block_size": "64KiB",
+            "node_id": "w",
+            "workers": 2,
+        }
+    )
+    async with AsyncExitStack() as stack:
+        a = await stack.enter_async_context(open_shared_cache(config, recover=True))
+        b = await stack.enter_async_context(open_shared_cache(config, recover=False))
+        yield a, b
+
+
+async def _read(cache: Cache, url: str, out: list[bytes]) -> None:
+    out.append(b"".join([piece async for piece in cache.read(url)]))
+
+
+async def test_two_engines_fetch_each_block_once(origin: Origin, pair: tuple[Cache, Cache]) -> None:
+    origin.put("/o.bin", DATA)
+    origin.chunk_size = 8 * 1024
+    origin.faults["/o.bin"] = Fault(body_delay=0.002)  # fills last long enough to meet
+    got: list[bytes] = []
+    async with trio.open_nursery() as n:
+        for i in range(20):
+            n.start_soon(_read, pair[i % 2], origin.url("/o.bin"), got)
+    assert got == [DATA] * 20
+    blocks = -(-len(DATA) // B)
+    assert origin.count("/o.bin") == blocks, [r.headers.get("range") for r in origin.requests]
+    for cache in pair:  # both read it back from the store
+        assert b"".join([p async for p in cache.read(origin.url("/o.bin"))]) == DATA
+    assert origin.count("/o.bin") == blocks
+
+
+async def test_purge_in_one_is_seen_by_the_other(origin: Origin, pair: tuple[Cache, Cache]) -> None:
+    a, b = pair
+    origin.put("/p.bin", DATA[: 2 * B])
+    got: list[bytes] = []
+    await _read(a, origin.url("/p.bin"), got)
+    await a.wait_idle()
+    await _read(b, origin.url("/p.bin"), got)  # a hit in b: memo and fds filled
+    assert origin.count("/p.bin") == 2
+    new = os.urandom(2 * B)
+    origin.put("/p.bin", new)
+    assert await a.purge(origin.url("/p.bin"))
+    await _read(b, origin.url("/p.bin"), got)
+    assert got == [DATA[: 2 * B], DATA[: 2 * B], new]
