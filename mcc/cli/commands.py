@@ -31,9 +31,11 @@ EXIT_USAGE = 2
 def cmd_serve(args: argparse.Namespace) -> int:
     config = effective_config(args)
     from ..http.run import run_server
+    from ..http.workers import run_workers
 
     # SIGHUP reads the config again the same way: the same file, the same flags on top
-    return run_server(config, lambda: effective_config(args))
+    run = run_workers if config.workers > 1 else run_server
+    return run(config, lambda: effective_config(args))
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:

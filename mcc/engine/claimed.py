@@ -16,7 +16,8 @@ a private temp file, as a single process does.
   Content-Length is vouched for only at its end). Local readers read the flight
   like any other: they do not know who fills it. The task ends when the fill is
   done (then, once its index row is there or :data:`ROW_WAIT_SECONDS` passed, the
-  flight leaves the table) or abandoned or orphaned (a filler that gave up or
+  flight leaves the table; a filler that died after the block was done, before its
+  row, leaves it to the follower to store) or abandoned or orphaned (a filler that gave up or
   died): it claims again and either follows the new filler or becomes the filler
   itself, the fill starting over at byte 0 on a new file (readers wait for the
   bytes they have not had; the bytes they had were the same object version's).
@@ -244,12 +245,23 @@ class Claiming(Streaming):
 
     async def _wait_row(self, meta: ObjectMeta, flight: Flight) -> None:
         """Keep a followed block that is done in the table until its row is written
-        (bounded): a reader here joins it rather than claim it again."""
-        with trio.move_on_after(ROW_WAIT_SECONDS):
-            for _ in range(int(ROW_WAIT_SECONDS / POLL_SECONDS) + 1):  # (another process)
-                if self.store.block_map(meta, flight.key.index, flight.key.index):
-                    break
-                await trio.sleep(POLL_SECONDS)
+        (bounded): a reader here joins it rather than claim it again. A filler that
+        died between marking the block done and writing its row leaves the complete
+        block to us: stored from here rather than fetched again."""
+        writer = flight.writer
+        assert isinstance(writer, FollowedFile)
+        idx = flight.key.index
+        for polls in range(int(ROW_WAIT_SECONDS / POLL_SECONDS) + 1):  # (another process)
+            if self.store.block_map(meta, idx, idx):
+                break
+            held = writer.claim
+            if polls % _STATE_EVERY == 0 and held is not None and not held.filler_alive():
+                data = await trio.to_thread.run_sync(os.pread, writer.fd, flight.length, 0)
+                if len(data) == flight.length:
+                    log.info("block %d of %s: storing a fill a worker left", idx, meta.key)
+                    await self.store.commit(meta, idx, data)
+                break
+            await trio.sleep(POLL_SECONDS)
         self._retire(flight)
 
     # -- discovery turns -------------------------------------------------------------

@@ -36,6 +36,7 @@ from ..engine.engine import Cache
 from ..errors import BadRequest, NotCacheable, UpstreamError, VersionChanged
 from ..ops.accesslog import AccessRecord, run_access_flusher, write_access
 from ..ops.metrics import Metrics
+from ..ops.sockets import open_tcp_listeners
 from ..upstream.peers import NODE_HEADER, PEER_HEADER, answering_peer
 from .protocol import CLOSED, NEED_DATA, Request
 from .responses import (
@@ -123,7 +124,7 @@ class Server(Responses):
             self.certificate = ServerCertificate(cfg.tls_cert, cfg.tls_key)
         for addr, tls in [(a, False) for a in cfg.listen] + [(a, True) for a in cfg.listen_tls]:
             try:
-                opened = await trio.open_tcp_listeners(addr.port, host=addr.host)
+                opened = await open_tcp_listeners(addr.port, host=addr.host)
             except OSError as exc:
                 for lst in listeners:
                     await lst.aclose()

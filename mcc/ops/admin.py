@@ -48,6 +48,7 @@ from .guards import (
     read_request,
 )
 from .metrics import Metrics
+from .sockets import open_tcp_listeners
 from .warm import MAX_WARM_URLS, WarmJob, WarmJobs
 
 __all__ = ["AdminServer"]
@@ -95,7 +96,7 @@ class AdminServer:
         """
         addr = self.config.admin_listen
         try:
-            listeners = await trio.open_tcp_listeners(addr.port, host=addr.host)
+            listeners = await open_tcp_listeners(addr.port, host=addr.host)
         except OSError as exc:
             raise OSError(exc.errno, f"cannot listen on {addr} (admin): {exc.strerror}") from None
         self.port = listeners[0].socket.getsockname()[1]

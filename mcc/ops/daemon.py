@@ -34,7 +34,15 @@ log = logging.getLogger("mcc.daemon")
 # Keys a reload leaves as they were: listeners are bound, the drives' paths and sizes
 # place every blob (rendezvous hashing), the block size shapes every stored object,
 # and the node id is this node's Via token in its children's loop detection.
-FIXED_KEYS = ("listen", "listen_tls", "admin_listen", "drives", "block_size", "node_id")
+FIXED_KEYS = (
+    "listen",
+    "listen_tls",
+    "admin_listen",
+    "drives",
+    "block_size",
+    "node_id",
+    "workers",
+)
 # Allowlist entries named in the banner before "and N more".
 _BANNER_PATTERNS = 4
 

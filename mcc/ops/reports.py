@@ -15,7 +15,7 @@ from ..engine.engine import Cache
 from ..store.check import health as store_health
 from .metrics import WINDOW_SECONDS, Metrics
 
-__all__ = ["health", "summary"]
+__all__ = ["health", "ratios", "summary"]
 
 # Rows of the summary's tables: content hosts, top objects.
 _SUMMARY_HOSTS = 50
@@ -42,15 +42,13 @@ def summary(cache: Cache, metrics: Metrics, open_connections: Callable[[], int])
     return {
         "nodeId": cache.config.node_id,
         "uptimeSeconds": round(time.time() - m.started, 1),
-        "last15s": _ratios(
+        "last15s": ratios(
             recent["hitBytes"],
             recent["missBytes"],
             recent["hitRequests"],
             recent["missRequests"],
         ),
-        "sinceStart": _ratios(
-            m.served.cache, m.served.upstream, m.requests.hit, m.requests.not_hit
-        ),
+        "sinceStart": ratios(m.served.cache, m.served.upstream, m.requests.hit, m.requests.not_hit),
         "egressBytes": m.served.total,
         "upstreamBytes": upstream.bytes_received,
         "hosts": _top(m.bytes_by_host, _SUMMARY_HOSTS),
@@ -88,7 +86,8 @@ def _top(counts: dict[str, int], n: int) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda kv: -kv[1])[:n])
 
 
-def _ratios(hit_bytes: int, miss_bytes: int, hit_req: int, miss_req: int) -> dict[str, Any]:
+def ratios(hit_bytes: int, miss_bytes: int, hit_req: int, miss_req: int) -> dict[str, Any]:
+    """A summary's hit and miss volume, in bytes and requests, with the hit ratios."""
     total_b, total_r = hit_bytes + miss_bytes, hit_req + miss_req
     return {
         "hitBytes": hit_bytes,

@@ -1,12 +1,12 @@
 """A master process that runs N worker processes and keeps them running.
 
-Not reachable from the CLI yet (issue 17 item 1, ``--workers N``): the workers of a
-node are to share the master's listening sockets (bound once, before the fork, so
-the kernel spreads accepts over every worker), its cache directory lock (an
-inherited fd) and its shared memory (:mod:`mcc.ops.slots`).
+``mcc serve --workers N`` runs it (:mod:`mcc.http.workers`): the workers of a node
+share the master's listening sockets (bound once, before the fork, so the kernel
+spreads accepts over every worker: :mod:`mcc.ops.sockets`), its cache directory
+lock (an inherited fd) and its shared memory (:mod:`mcc.ops.slots`).
 
 Theory of operation: the master runs no trio (a trio run must not cross a fork). It
-blocks SIGTERM, SIGINT and SIGCHLD and takes them one at a time with ``sigtimedwait``
+blocks SIGTERM, SIGINT, SIGHUP and SIGCHLD and takes them one at a time with ``sigtimedwait``
 (reaping also every :data:`_REAP_EVERY` seconds, so a SIGCHLD taken by another thread
 of the process is not waited for forever):
 
@@ -14,6 +14,7 @@ of the process is not waited for forever):
   started again in the same slot, unless workers keep dying at start (more than
   :data:`MAX_QUICK_DEATHS` in a row within :data:`QUICK_DEATH_SECONDS` of their start),
   when the master stops the others and returns 1 rather than spin;
+- SIGHUP: forward it to every worker (each reloads as a single node does);
 - SIGTERM or SIGINT: forward SIGTERM to every worker (each drains as a single node
   does) and wait for them all; the master's exit status is 0 when every worker
   ended cleanly.
@@ -37,7 +38,7 @@ __all__ = ["MAX_QUICK_DEATHS", "QUICK_DEATH_SECONDS", "supervise"]
 QUICK_DEATH_SECONDS = 1.0
 # this many such deaths in a row mean a broken setup, not bad luck: stop
 MAX_QUICK_DEATHS = 5
-_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
+_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
 # the master also reaps on this period without a signal: another thread of its
 # process (not blocking SIGCHLD) may have taken the signal meant for it
 _REAP_EVERY = 0.5
@@ -96,6 +97,10 @@ def _watch(running: dict[int, tuple[int, float]], start: Callable[[int], None]) 
     quick_deaths = 0
     while True:
         info = signal.sigtimedwait(_SIGNALS, _REAP_EVERY)
+        if info is not None and info.si_signo == signal.SIGHUP:
+            for pid in running:
+                _signal(pid, signal.SIGHUP)
+            continue
         if info is not None and info.si_signo != signal.SIGCHLD:
             return _stop(running)
         ended = [(pid, running.pop(pid)) for pid in _reap(running)]

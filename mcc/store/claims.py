@@ -136,6 +136,10 @@ class Claim:
             done=done, name_gone=not _names(self.path, st), lock_free=_lock_free(self.path, st)
         )
 
+    def filler_alive(self) -> bool:
+        """True while the filler holds the fill's lock on the inode we hold."""
+        return not _lock_free(self.path, os.fstat(self.fd))
+
     def close(self) -> None:
         """Close the fd (a filler's lock goes with it)."""
         if not self._closed:

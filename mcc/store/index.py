@@ -321,6 +321,10 @@ class Index:
             self._maps.move_to_end(mk)
         return blocks
 
+    def forget_maps(self) -> None:
+        """Drop every cached block map (another process wrote the table)."""
+        self._maps.clear()
+
     def _forget_maps(self, key: str) -> None:
         for mk in [mk for mk in self._maps if mk[0] == key]:
             del self._maps[mk]

@@ -11,7 +11,8 @@ Theory of operation: every worker opens the same cache directory as a
 - **keeps its byte totals from the index**, not from its own writes: the totals
   are summed again from the index when the generation moved (at most every
   :data:`_USAGE_EVERY` seconds, and always before an eviction), so each worker
-  sees what every worker stored;
+  sees what every worker stored, and its cached block maps are dropped when the
+  generation moved;
 - **evicts one worker at a time**: an eviction runs only under
   ``flock(<first drive>/mcc.evict)``; a worker finding it held skips its turn (the
   holder is evicting with the index's own totals, and the next commit past the
@@ -86,7 +87,7 @@ class SharedStore(Store):
         root = self.drives[0].root
         self.generation = Generation(root)
         self.recover = recover
-        self._usage_seen = self.generation.current()
+        self._usage_seen = self._maps_seen = self.generation.current()
         self._usage_at = time.monotonic()
         flags = os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
         self._evict_fd = os.open(root / EVICT_LOCK_NAME, flags, 0o644)
@@ -127,6 +128,12 @@ class SharedStore(Store):
             self.blobs.forget_fd(digest)
 
     # -- changes the other workers must see ----------------------------------------
+
+    def block_map(self, meta: ObjectMeta, first: int, last: int) -> dict[int, str]:
+        if self.generation.moved(self._maps_seen):  # rows another worker wrote
+            self._maps_seen = self.generation.current()
+            self.index.forget_maps()
+        return super().block_map(meta, first, last)
 
     async def commit(self, meta: ObjectMeta, idx: int, source: BlockWriter | bytes) -> bool:
         stored = await super().commit(meta, idx, source)
@@ -191,6 +198,6 @@ class SharedStore(Store):
             self._reload_usage()
 
     def _reload_usage(self) -> None:
-        self._usage_seen = self.generation.current()
+        self._usage_seen = self._maps_seen = self.generation.current()
         self._usage_at = time.monotonic()
         self.index.reload_usage()
