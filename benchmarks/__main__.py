@@ -1,6 +1,6 @@
 """mcc's throughput suite, side by side with nginx's slice cache.
 
-    python -m benchmarks run [--scenario all|1,2,...] [--rounds 3] [--seconds 5]
+    python -m benchmarks run [--scenario all|1,2,...] [--rounds 3] [--seconds 5] [--workers 1]
 
 Starts an nginx origin, the nginx slice cache (the lancache configuration, with
 tcp_nopush and aio off) and mcc on loopback, then runs each scenario against both
@@ -354,6 +354,12 @@ def main(argv: list[str] | None = None) -> int:
         help="run mcc from this checkout (e.g. a worktree of main, for before/after)",
     )
     run.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="mcc worker processes (mcc serve --workers); nginx gets as many",
+    )
+    run.add_argument(
         "--access-log",
         action="store_true",
         help="both caches write access logs (nginx with buffer=64k flush=1s)",
@@ -366,7 +372,13 @@ def main(argv: list[str] | None = None) -> int:
     big_size = args.big_size * MiB
     www = make_data(args.work, big_size, SMALL_COUNT, SMALL_SIZE)
     started = time.time()
-    with Procs(args.work, www, mcc_source=args.mcc_source, access_logs=args.access_log) as procs:
+    with Procs(
+        args.work,
+        www,
+        mcc_workers=args.workers,
+        mcc_source=args.mcc_source,
+        access_logs=args.access_log,
+    ) as procs:
         procs.start_mcc(fresh=True)
         procs.start_nginx_cache(fresh=True)
         suite = Suite(procs, args.rounds, args.seconds, big_size)
@@ -411,6 +423,7 @@ def _write(out: Path, started: float, args: argparse.Namespace, results: dict[st
         },
         "rounds": args.rounds,
         "seconds": args.seconds,
+        "workers": args.workers,
         "results": results,
     }
     (out / "latest.json").write_text(json.dumps(doc, indent=1))

@@ -236,6 +236,8 @@ class Procs:
             "--cache-dir", str(cache), "--max-size", "40GiB", "--min-free", "1GiB",
             "--block-size", "1MiB", "--access-log", log, "--log-level", "warning", *extra,
         ]  # fmt: skip
+        if self.mcc_workers > 1:  # (a checkout from before --workers knows no such flag)
+            argv += ["--workers", str(self.mcc_workers)]
         env = dict(os.environ)
         if self.mcc_source is not None:  # its mcc/ comes first on the import path
             env["PYTHONPATH"] = str(self.mcc_source)

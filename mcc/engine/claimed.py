@@ -113,7 +113,7 @@ class FollowedFile(BlockWriter):
 class Claiming(Streaming):
     """The engine's part in fills shared across worker processes (see the module)."""
 
-    _seen_generation = 0
+    _seen_changes = 0
 
     async def _run_fetch(self, meta: ObjectMeta, fetch: Fetch, via: tuple[str, ...]) -> None:
         raise NotImplementedError  # Filling's
@@ -133,14 +133,16 @@ class Claiming(Streaming):
     # -- coherence -----------------------------------------------------------------
 
     def _see_changes(self) -> None:
-        """Drop what another worker's change may have made stale: the memo of records
-        and the cached blob fds (one load from shared memory when nothing moved)."""
+        """Drop what another worker's change may have made stale: the memo of records,
+        and the store's cached block maps and blob fds (one load from shared memory
+        when nothing moved)."""
         shared = self._shared()
-        if shared is None or not shared.generation.moved(self._seen_generation):
+        if shared is None:
             return
-        self._seen_generation = shared.generation.current()
-        self._metas = RecordMemo(self._metas.limit)
-        shared.forget_fds()
+        seen = shared.see_changes()  # (the store drops its block maps and fds)
+        if seen != self._seen_changes:
+            self._seen_changes = seen
+            self._metas = RecordMemo(self._metas.limit)
 
     # -- claiming a block ------------------------------------------------------------
 

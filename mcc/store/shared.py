@@ -87,7 +87,9 @@ class SharedStore(Store):
         root = self.drives[0].root
         self.generation = Generation(root)
         self.recover = recover
-        self._usage_seen = self._maps_seen = self.generation.current()
+        self._seen = self.generation.current()  # what our maps, fds and totals reflect
+        self.foreign_changes = 0  # how often we saw another worker's changes
+        self._usage_stale = False
         self._usage_at = time.monotonic()
         flags = os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
         self._evict_fd = os.open(root / EVICT_LOCK_NAME, flags, 0o644)
@@ -121,42 +123,57 @@ class SharedStore(Store):
         file readers may still use, is closed with it)."""
         return ClaimedWriter(self.blobs, held, previous)
 
-    def forget_fds(self) -> None:
-        """Stop reusing cached blob fds (another worker may have removed or replaced
-        the files); fds in use are closed when handed back."""
-        for digest in list(self.blobs._fds):
-            self.blobs.forget_fd(digest)
+    # -- changes the other workers made ---------------------------------------------
+
+    def see_changes(self) -> int:
+        """Drop what another worker's changes may have made stale (the cached block
+        maps, the cached blob fds: fds in use are closed when handed back, and the
+        byte totals); one load from shared memory when nothing moved.
+
+        Returns:
+          How many times that happened (a caller keeping memory of its own compares).
+        """
+        if self.generation.moved(self._seen):
+            self._seen = self.generation.current()
+            self.foreign_changes += 1
+            self.index.forget_maps()
+            for digest in list(self.blobs._fds):
+                self.blobs.forget_fd(digest)
+            self._usage_stale = True
+        return self.foreign_changes
+
+    def _bump(self) -> None:
+        if self.generation.bump() == self._seen + 1:  # ours alone: we are in step
+            self._seen += 1
 
     # -- changes the other workers must see ----------------------------------------
 
     def block_map(self, meta: ObjectMeta, first: int, last: int) -> dict[int, str]:
-        if self.generation.moved(self._maps_seen):  # rows another worker wrote
-            self._maps_seen = self.generation.current()
-            self.index.forget_maps()
+        self.see_changes()
         return super().block_map(meta, first, last)
 
     async def commit(self, meta: ObjectMeta, idx: int, source: BlockWriter | bytes) -> bool:
         stored = await super().commit(meta, idx, source)
-        self.generation.bump()
+        self._bump()
         return stored
 
     def put_object(self, meta: ObjectMeta) -> bool:
         filed = super().put_object(meta)
-        self.generation.bump()
+        self._bump()
         return filed
 
     def forget_version(self, meta: ObjectMeta) -> None:
         super().forget_version(meta)
-        self.generation.bump()
+        self._bump()
 
     async def forget_object(self, key: str) -> bool:
         known = await super().forget_object(key)
-        self.generation.bump()
+        self._bump()
         return known
 
     def _drop(self, digest: str) -> None:
         super()._drop(digest)  # a blob found missing or corrupt (quarantined)
-        self.generation.bump()
+        self._bump()
 
     async def evict(self) -> int:
         try:
@@ -169,7 +186,7 @@ class SharedStore(Store):
         finally:
             fcntl.flock(self._evict_fd, fcntl.LOCK_UN)
         if evicted:
-            self.generation.bump()
+            self._bump()
         return evicted
 
     async def reconcile(self) -> tuple[int, int]:
@@ -193,11 +210,11 @@ class SharedStore(Store):
         return super().stored_bytes()
 
     def _fresh_usage(self) -> None:
-        now = time.monotonic()
-        if self.generation.moved(self._usage_seen) and now - self._usage_at >= _USAGE_EVERY:
+        self.see_changes()
+        if self._usage_stale and time.monotonic() - self._usage_at >= _USAGE_EVERY:
             self._reload_usage()
 
     def _reload_usage(self) -> None:
-        self._usage_seen = self._maps_seen = self.generation.current()
+        self._usage_stale = False
         self._usage_at = time.monotonic()
         self.index.reload_usage()
