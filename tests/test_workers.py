@@ -92,14 +92,14 @@ async def _read_all(port: int, url: str, n: int) -> list[Response]:
     return out
 
 
-async def test_forty_cold_readers_over_two_workers_cost_one_request_per_block(
+async def test_forty_cold_readers_over_two_workers_cost_one_request_per_block_and_one_count(
     origin: Origin, tmp_path: Path
 ) -> None:
     data = os.urandom(8 * B + 1000)
     origin.put("/big.bin", data)
     origin.chunk_size = 16 * 1024
     origin.faults["/big.bin"] = Fault(body_delay=0.005)  # fills overlap the readers
-    async with _node(tmp_path, origin) as (_, port, admin):
+    async with _node(tmp_path, origin) as (proc, port, admin):
         base = await _until_published(admin, 1)  # the /health asked by _node
         got = await _read_all(port, origin.url("/big.bin"), READERS)
         assert [r.status for r in got] == [200] * READERS
@@ -123,6 +123,18 @@ async def test_forty_cold_readers_over_two_workers_cost_one_request_per_block(
             if line.startswith("mcc_requests_total{")
         ]
         assert sum(served) == READERS + 1, metrics  # and the /health of _node
+        # SIGHUP to the master reaches every worker, and the node goes on serving
+        proc.send_signal(signal.SIGHUP)
+        with trio.fail_after(WITHIN):  # (the workers are other processes: polled)
+            for _ in range(WITHIN * 20):
+                if (tmp_path / "stderr").read_text().count("got SIGHUP") == 2:
+                    break
+                await trio.sleep(0.05)
+        assert (tmp_path / "stderr").read_text().count("got SIGHUP") == 2
+        assert (await get(port, origin.url("/big.bin"))).body == data
+    # both workers wrote the one index: never refused as locked (a deferred
+    # transaction upgraded to a write used to fail at once with "database is locked")
+    assert "could not" not in (tmp_path / "stderr").read_text()
 
 
 async def test_a_worker_killed_during_fills_is_restarted_and_no_byte_is_wrong(

@@ -172,16 +172,17 @@ class Claiming(Streaming):
         blob when the block was stored just before the claim."""
         if held.role is Role.FOLLOW:
             return FollowedFile(held.fd, held, previous)
-        writer = shared.claimed_writer(held, previous)
         digest = self.store.block_map(meta, idx, idx).get(idx)
-        if digest is None:
-            return writer
-        try:
-            fd = self.store.blobs.open(digest)
-        except OSError:
-            return writer  # gone again: fill it
-        writer.close()  # (removes our empty fill file)
-        return FollowedFile(fd, None)
+        if digest is not None:
+            try:
+                fd = self.store.blobs.open(digest)
+            except OSError:
+                pass  # gone again: fill it
+            else:
+                shared.claimed_writer(held).close()  # (removes our empty fill file)
+                # (``previous`` stays open with the new file: readers may be using it)
+                return FollowedFile(fd, None, previous)
+        return shared.claimed_writer(held, previous)
 
     def _follow_soon(self, meta: ObjectMeta, flight: Flight, via: tuple[str, ...]) -> None:
         """Start following ``flight``'s file, filled by another worker."""
