@@ -71,3 +71,38 @@ async def test_purge_in_one_is_seen_by_the_other(origin: Origin, pair: tuple[Cac
     assert await a.purge(origin.url("/p.bin"))
     await _read(b, origin.url("/p.bin"), got)
     assert got == [DATA[: 2 * B], DATA[: 2 * B], new]
+
+
+async def test_an_eviction_by_one_is_seen_by_the_other(origin: Origin, tmp_path: Path) -> None:
+    config = load_config(
+        overrides={
+            "drives": [{"path": str(tmp_path / "c"), "max_size": "1MiB", "min_free": "0"}],
+            "allow_origins": [origin.authority],
+            "block_size": "64KiB",
+            "node_id": "w",
+            "workers": 2,
+        }
+    )
+    n = 10  # blocks per object: two are past the high-water mark of 1 MiB
+    first, second = os.urandom(n * B), os.urandom(n * B)
+    origin.put("/e1.bin", first)
+    origin.put("/e2.bin", second)
+    async with AsyncExitStack() as stack:
+        a = await stack.enter_async_context(open_shared_cache(config, recover=True))
+        b = await stack.enter_async_context(open_shared_cache(config, recover=False))
+        got: list[bytes] = []
+        await _read(a, origin.url("/e1.bin"), got)
+        await a.wait_idle()
+        await _read(b, origin.url("/e1.bin"), got)  # a hit in b: its maps and fds filled
+        assert origin.count("/e1.bin") == n
+        await _read(a, origin.url("/e2.bin"), got)
+        await a.wait_idle()
+        await a.evict()
+        meta = await b.meta(origin.url("/e1.bin"))
+        kept = len(a.store.block_map(meta, 0, n - 1))
+        assert kept < n  # (least recently used first: e1's blocks)
+        assert a.store.stored_bytes() <= 1024 * 1024 * 0.9
+        assert b.store.stored_bytes() == a.store.stored_bytes()  # totals from the index
+        await _read(b, origin.url("/e1.bin"), got)  # evicted blocks: fetched, not served stale
+        assert origin.count("/e1.bin") == n + (n - kept)
+        assert got == [first, first, second, first]

@@ -90,7 +90,7 @@ class SharedStore(Store):
         self._seen = self.generation.current()  # what our maps, fds and totals reflect
         self.foreign_changes = 0  # how often we saw another worker's changes
         self._usage_stale = False
-        self._usage_at = time.monotonic()
+        self._usage_at = -_USAGE_EVERY  # (the first reload is never held back)
         flags = os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
         self._evict_fd = os.open(root / EVICT_LOCK_NAME, flags, 0o644)
 
