@@ -45,7 +45,7 @@ import blake3
 
 from mcc.units import parse_duration, parse_size
 
-from .harness import Procs, cpu_seconds, ensure_tools, free_port, make_data, wait_http
+from .harness import Procs, ensure_tools, free_port, make_data, wait_http
 
 HERE = Path(__file__).parent
 MB = 1_000_000
@@ -235,13 +235,13 @@ class ColdRun:
         def one(target: str) -> dict[str, float]:
             self.fresh(target)
             is_mcc = target.startswith("mcc")
-            cpu0 = cpu_seconds(self.p.pid("mcc")) if is_mcc else 0.0
+            cpu0 = self.p.cpu_seconds("mcc") if is_mcc else 0.0
             got = get(self.p.port("mcc" if is_mcc else target), path)
             if got.digest != digest:
                 raise SystemExit(f"{name}: {target} sent bytes that differ from the origin's")
             row = {"MBps": got.size / got.seconds / MB, "seconds": got.seconds}
             if is_mcc:
-                row["cpu_s_per_GB"] = (cpu_seconds(self.p.pid("mcc")) - cpu0) / (got.size / 1e9)
+                row["cpu_s_per_GB"] = (self.p.cpu_seconds("mcc") - cpu0) / (got.size / 1e9)
             return row
 
         return self.side_by_side(name, one, targets)
