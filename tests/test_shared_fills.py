@@ -16,6 +16,8 @@ from fixtures.origin import Fault, Origin
 from mcc import Cache
 from mcc.config import load_config
 from mcc.engine.opening import open_shared_cache
+from mcc.store.blobs import DriveInfo
+from mcc.store.shared import SharedStore
 
 B = 64 * 1024
 DATA = os.urandom(6 * B + 123)
@@ -106,3 +108,27 @@ async def test_an_eviction_by_one_is_seen_by_the_other(origin: Origin, tmp_path:
         await _read(b, origin.url("/e1.bin"), got)  # evicted blocks: fetched, not served stale
         assert origin.count("/e1.bin") == n + (n - kept)
         assert got == [first, first, second, first]
+
+
+async def test_an_fd_two_readers_share_outlives_the_first_release(tmp_path: Path) -> None:
+    # regression: another worker's change made the store forget its cached fds, and
+    # the first of two readers sharing one fd closed it under the second (EBADF)
+    drives = [DriveInfo(tmp_path, 10**9, 0)]
+    a = SharedStore(drives, block_size=B, durable=False)
+    b = SharedStore(drives, block_size=B, durable=False, recover=False)
+    try:
+        digest = a.blobs.put(DATA[:B])
+        fd1, fd2 = await b.open_block(digest), await b.open_block(digest)
+        assert fd1 is not None and fd1 == fd2  # one cached fd, two users
+        a.generation.bump()  # a change by another worker ...
+        b.see_changes()  # ... seen by b
+        b.release(digest, fd1)
+        assert os.pread(fd2, B, 0) == DATA[:B]  # still open for the second reader
+        again = await b.open_block(digest)
+        assert again is not None and again != fd2  # a fresh fd from now on
+        b.release(digest, again)
+        b.release(digest, fd2)
+        assert fd2 not in b._retired
+    finally:
+        a.close()
+        b.close()

@@ -170,18 +170,21 @@ class Claiming(Streaming):
     ) -> BlockWriter:
         """The writer for a claim just made: followed, ours to fill, or the stored
         blob when the block was stored just before the claim."""
-        if held.role is Role.FOLLOW:
-            return FollowedFile(held.fd, held, previous)
         digest = self.store.block_map(meta, idx, idx).get(idx)
         if digest is not None:
             try:
                 fd = self.store.blobs.open(digest)
             except OSError:
-                pass  # gone again: fill it
+                pass  # gone again: fill or follow it
             else:
-                shared.claimed_writer(held).close()  # (removes our empty fill file)
+                if held.role is Role.FOLLOW:
+                    held.close()
+                else:
+                    shared.claimed_writer(held).close()  # (removes our empty fill file)
                 # (``previous`` stays open with the new file: readers may be using it)
                 return FollowedFile(fd, None, previous)
+        if held.role is Role.FOLLOW:
+            return FollowedFile(held.fd, held, previous)
         return shared.claimed_writer(held, previous)
 
     def _follow_soon(self, meta: ObjectMeta, flight: Flight, via: tuple[str, ...]) -> None:
@@ -194,7 +197,7 @@ class Claiming(Streaming):
         idx = flight.key.index
         try:
             for _ in range(MAX_CLAIMS):
-                state = await self._follow_file(flight)
+                state = await self._follow_file(meta, flight)
                 if state is Follow.DONE:
                     await self._wait_row(meta, flight)
                     return
@@ -209,14 +212,18 @@ class Claiming(Streaming):
                 flight.advance(0, writer)
                 await self._run_fetch(meta, Fetch([flight]), via)  # it retires the flight
                 return
-            flight.fail(UpstreamError(f"{meta.key}: block {idx} kept changing fillers"))
+            why = UpstreamError(f"{meta.key}: block {idx} kept changing fillers")
         except OSError as exc:
-            flight.fail(UpstreamError(f"{meta.key}: block {idx}: cannot follow its fill: {exc}"))
+            why = UpstreamError(f"{meta.key}: block {idx}: cannot follow its fill: {exc}")
+        log.warning("%s", why)
+        flight.fail(why)
         if flight.complete or flight.error is not None:
             self._retire(flight)
 
-    async def _follow_file(self, flight: Flight) -> Follow:
-        """Advance ``flight`` with its file's size until the fill ends; how it ended."""
+    async def _follow_file(self, meta: ObjectMeta, flight: Flight) -> Follow:
+        """Advance ``flight`` with its file's size until the fill ends; how it ended
+        (abandoned, too, when the block got stored though the file is not done: a
+        filler whose drive was full stores it from memory)."""
         writer = flight.writer
         assert isinstance(writer, FollowedFile)
         if writer.claim is None:  # a stored blob
@@ -242,6 +249,9 @@ class Claiming(Streaming):
                 state = writer.claim.state()
                 if state is not Follow.GROWING and state is not Follow.DONE:
                     return state
+                idx = flight.key.index
+                if self.store.block_map(meta, idx, idx):
+                    return Follow.ABANDONED  # (claimed again: the stored blob is used)
             if trio.current_time() - grew_at > stall:
                 raise OSError(errno.ETIMEDOUT, f"no progress for {stall:.0f} s")
             await trio.sleep(POLL_SECONDS)

@@ -262,8 +262,10 @@ class Discovering(Varying):
                 disc.outcome = "revalidated"
             elif stale is not None:
                 disc.outcome = "changed"
-            self._adopt(meta)
+            # the block's fill is claimed before the record is filed: another worker
+            # finding the record then finds the fill too, and follows it
             fetch = self._start_fill(meta, got.first, reader)
+            self._adopt(meta)
             disc.meta = meta
             disc.done.set()
             broken: UpstreamError | None = None
