@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,6 +17,8 @@ import pytest
 import trio
 
 from fixtures.origin import Origin
+from mcc.store.index import Index
+from mcc.store.records import ObjectMeta
 from tests.helpers import Client, run_node
 
 DATA = os.urandom(300_000)
@@ -64,3 +70,81 @@ async def test_hits_hop_to_no_thread_and_touch_no_index(
                 assert r.header("cache-status") == "node; hit"
         assert hops == []
         assert db.statements == []
+
+
+async def test_access_times_are_written_off_the_loop_on_their_own_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The access times hits note used to be written by the event loop, on the main
+    connection, in one transaction: tens of ms with thousands of blobs touched."""
+    index = Index(tmp_path / "index.sqlite3")
+    try:
+        index.put_object(ObjectMeta(key="k", version="v", size=30))
+        for i, d in enumerate(("a", "b", "c")):
+            index.add_block("k", "v", i, d, 10)
+        t0 = time.time() + 1000  # later than the rows' own times
+        index.touch({"a"}, when=t0 + 2)
+        index.touch({"b"}, when=t0 + 1)
+        db = _CountingDb(index._db)
+        monkeypatch.setattr(index, "_db", db)
+        loop_thread = threading.get_ident()
+        threads: list[int] = []
+
+        def write(pending: dict[str, float]) -> None:
+            threads.append(threading.get_ident())
+            Index.write_touches(index, pending)
+
+        await trio.to_thread.run_sync(write, index.take_touches())
+        assert threads and threads != [loop_thread]
+        assert db.statements == []  # the loop's connection was not used
+        assert [d for d, _ in index.lru_digests(0, 3)] == ["c", "b", "a"]
+        # an older time (written late) never moves a blob back in the LRU order
+        await trio.to_thread.run_sync(index.write_touches, {"a": t0 - 500})
+        assert [d for d, _ in index.lru_digests(0, 3)] == ["c", "b", "a"]
+    finally:
+        monkeypatch.undo()
+        index.close()
+
+
+async def test_store_writes_access_times_through_a_worker_thread(
+    origin: Origin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    origin.put("/f.bin", DATA)
+    async with run_node(tmp_path / "c", allow_origins=[origin.authority]) as node:
+        url = origin.url("/f.bin")
+        await node.cache.warm(url)
+        async with Client.connect(node.port) as c:
+            assert (await c.request(url)).body == DATA
+        store = node.cache.store
+        index = store.index
+        db = _CountingDb(index._db)
+        monkeypatch.setattr(index, "_db", db)
+        written: list[tuple[int, dict[str, float]]] = []
+        real = index.write_touches
+
+        def recording(pending: dict[str, float]) -> None:
+            written.append((threading.get_ident(), dict(pending)))
+            real(pending)
+
+        monkeypatch.setattr(index, "write_touches", recording)
+        await store.write_touches()
+        assert len(written) == 1
+        thread, pending = written[0]
+        assert thread != threading.get_ident()
+        assert set(pending) == set(index.all_digests())  # every block read was noted
+        assert db.statements == ["SELECT digest, size FROM blobs"]  # (all_digests above)
+        await store.write_touches()  # nothing new noted: no hop at all
+        assert len(written) == 1
+
+
+def test_startup_objects_are_frozen_and_later_garbage_still_collected() -> None:
+    code = (
+        "import gc\n"
+        "from mcc.memory import freeze_startup_objects\n"
+        "keep = [[] for _ in range(1000)]\n"
+        "freeze_startup_objects()\n"
+        "assert gc.get_freeze_count() >= 1000, gc.get_freeze_count()\n"
+        "a = []; a.append(a); del a\n"
+        "assert gc.collect() >= 1\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

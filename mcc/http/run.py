@@ -12,7 +12,7 @@ import trio
 
 from ..config import Config
 from ..engine.opening import open_cache
-from ..memory import periodic_trim
+from ..memory import freeze_startup_objects, periodic_trim
 from ..ops.accesslog import configure_logging
 from ..ops.admin import AdminServer
 from ..ops.daemon import banner, reload
@@ -36,6 +36,7 @@ async def _main(config: Config, load: Callable[[], Config] | None = None) -> int
                 nursery.cancel_scope.cancel()
                 return 1
             nursery.start_soon(periodic_trim)
+            freeze_startup_objects()  # no full GC pass walks them under load
             stored = [cache.store.stored_bytes_on(i) for i in range(len(config.drives))]
             for line in banner(config, ports + server.tls_ports, admin_port, stored):
                 log.info("%s", line)

@@ -17,6 +17,8 @@ What does not fit on the event loop is sqlite's automatic checkpoint, which copi
 the WAL into the database and fsyncs it inside some unlucky commit (46 ms seen).
 Automatic checkpoints are therefore off; :meth:`Index.checkpoint` runs them from a
 worker thread on a connection of its own (a PASSIVE checkpoint never blocks writers).
+Access times are written the same way (:mod:`.touches`): the main connection is
+used by the event loop's thread only.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import Any, TypeVar
 
 from .records import ObjectMeta
 from .schema import SCHEMA_VERSION, Tx, open_database
+from .touches import TOUCH_SQL, write_access_times
 
 __all__ = ["SCHEMA_VERSION", "Index"]
 
@@ -392,12 +395,21 @@ class Index:
         """Write the access times recorded since the last flush (one transaction)."""
         if not self._touched:
             return
-        pending, self._touched = self._touched, {}
+        pending = self.take_touches()
         with self._tx():
-            self._db.executemany(
-                "UPDATE blobs SET last_access=? WHERE digest=?",
-                [(t, d) for d, t in pending.items()],
-            )
+            self._db.executemany(TOUCH_SQL, [(t, d) for d, t in pending.items()])
+
+    def take_touches(self) -> dict[str, float]:
+        """The access times recorded since the last flush, digest -> time, for
+        :meth:`write_touches`; they are no longer pending here."""
+        pending, self._touched = self._touched, {}
+        return pending
+
+    @_writes
+    def write_touches(self, pending: dict[str, float]) -> None:
+        """Write access times taken with :meth:`take_touches`, on a connection of its
+        own (:mod:`.touches`). Blocking: call it from a worker thread."""
+        write_access_times(self.path, pending)
 
     def lru_digests(self, drive: int, limit: int) -> list[tuple[str, int]]:
         """The least recently used blobs of drive ``drive``: (digest, size), oldest first."""

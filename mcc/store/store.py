@@ -28,7 +28,8 @@ blocks, never of SQL or paths.
   (:mod:`.recovery`: what it finds, why, and the counts in :attr:`Store.recovery`).
 
 Everything here runs on the trio thread except what is marked as blocking I/O, which
-goes to worker threads (hashing, installing, deleting batches, checkpoints).
+goes to worker threads (hashing, installing, deleting batches, checkpoints, access
+times).
 """
 
 from __future__ import annotations
@@ -342,12 +343,20 @@ class Store:
     async def _checkpoints(self) -> None:
         while True:
             await trio.sleep(_CHECKPOINT_SECONDS)
-            try:
-                self.index.flush_touches()
-            except OSError as exc:
-                log.debug("could not record access times: %s", exc)
+            await self.write_touches()
             await trio.to_thread.run_sync(self.index.checkpoint)
             self._maybe_evict(0)  # the index grows too
+
+    async def write_touches(self) -> None:
+        """Write the access times recorded since the last time, in a worker thread on
+        a connection of its own (a few thousand rows took tens of ms on the loop)."""
+        pending = self.index.take_touches()
+        if not pending:
+            return
+        try:
+            await trio.to_thread.run_sync(self.index.write_touches, pending)
+        except OSError as exc:  # only the LRU order suffers
+            log.debug("could not record access times: %s", exc)
 
     async def reconcile(self) -> tuple[int, int]:
         """Make the index and the blob files agree after a crash (see
