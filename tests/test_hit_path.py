@@ -148,3 +148,33 @@ def test_startup_objects_are_frozen_and_later_garbage_still_collected() -> None:
         "assert gc.collect() >= 1\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+async def test_hits_arm_no_timeout_while_the_socket_takes_their_bytes(
+    origin: Origin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each send of a hit used to enter a trio.fail_after scope (its send timeout),
+    about 14 us on this machine; now a timeout is armed only when a send must wait
+    for room, and a slow reader is still cut off (test_server covers that)."""
+    origin.put("/f.bin", DATA)
+    async with run_node(tmp_path / "c", allow_origins=[origin.authority]) as node:
+        url = origin.url("/f.bin")
+        await node.cache.warm(url)
+        async with Client.connect(node.port) as c:
+            assert (await c.request(url)).body == DATA
+            armed: list[str] = []
+            for name in ("fail_after", "fail_at", "move_on_after", "move_on_at"):
+                real = getattr(trio, name)
+
+                def counting(*args: Any, _real: Any = real, _name: str = name) -> Any:
+                    armed.append(_name)
+                    return _real(*args)
+
+                monkeypatch.setattr(trio, name, counting)
+            for i in range(20):
+                start = (i * 13_001) % len(DATA)
+                r = await c.request(url, [("range", f"bytes={start}-{start + 9_999}")])
+                assert r.status == 206 and r.body == DATA[start : start + 10_000]
+            r = await c.request(url)
+            assert r.status == 200 and r.body == DATA
+        assert armed == []

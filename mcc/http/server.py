@@ -50,6 +50,7 @@ from .responses import (
     socket_stream,
 )
 from .routing import OwnNames, route_request
+from .sendfile import receive_nowait
 from .tls import ServerCertificate
 
 __all__ = ["Server"]
@@ -59,14 +60,7 @@ log = logging.getLogger("mcc.http")
 # After an error response: how long, and how many bytes, to keep reading before close
 # (nginx's lingering_close does the same, with 5 s).
 _LINGER_SECONDS = 2.0
-_LINGER_BYTES = 1024 * 1024
-# Bytes per send for in-memory chunks; a response is written in pieces this size so
-# the send timeout bounds the time any one piece may take (slow-reader floor).
-_SEND_PIECE = 256 * 1024
 _CREDENTIAL_HEADERS = ("authorization", "cookie")
-_REQUEST_HEADERS_FORWARDED_EXCLUDE = frozenset(
-    {"host", "connection", "keep-alive", "te", "upgrade", "proxy-connection", "proxy-authorization"}
-)
 
 
 class Server(Responses):
@@ -286,7 +280,6 @@ class Server(Responses):
     async def _read_head(self, conn: Conn) -> Request | None:
         """The next request head; None when the client closed or idled out."""
         proto = conn.proto
-        t = self.config.timeouts
         head_deadline = math.inf
         while True:
             event = proto.next_event()
@@ -297,30 +290,50 @@ class Server(Responses):
             if event is not NEED_DATA:
                 raise BadRequest("body bytes where a request head was expected")
             if proto.has_partial_request and head_deadline == math.inf:
-                head_deadline = trio.current_time() + t.request_head
-            deadline = (
-                head_deadline if head_deadline != math.inf else trio.current_time() + t.keepalive
-            )
-            with trio.CancelScope(deadline=deadline) as scope:
-                if head_deadline == math.inf:
-                    conn.idle_scope = scope
-                    if self.draining:
-                        scope.cancel()
-                try:
-                    data = await conn.stream.receive_some(RECEIVE_SIZE)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    return None
-                finally:
-                    conn.idle_scope = None
-            if scope.cancelled_caught:
-                if head_deadline != math.inf and not self.draining:
-                    log.info(
-                        "%s: request head not complete in %.0fs: closing", conn.peer, t.request_head
-                    )
+                head_deadline = trio.current_time() + self.config.timeouts.request_head
+            data: bytes | bytearray | None = None
+            try:
+                if conn.raw is not None:
+                    data = receive_nowait(conn.raw, RECEIVE_SIZE)
+            except trio.BrokenResourceError:
                 return None
+            if data is None:  # none waiting: wait, under the head or keep-alive timeout
+                data = await self._wait_bytes(conn, head_deadline)
+                if data is None:
+                    return None
+            else:  # bytes were waiting: no timeout to arm, and one schedule point
+                await trio.lowlevel.cancel_shielded_checkpoint()
             proto.receive_data(data)
             if data and head_deadline == math.inf:
-                head_deadline = trio.current_time() + t.request_head
+                head_deadline = trio.current_time() + self.config.timeouts.request_head
+
+    async def _wait_bytes(self, conn: Conn, head_deadline: float) -> bytes | bytearray | None:
+        """The client's next bytes (b"": it closed), waited for until ``head_deadline``,
+        or for the keep-alive timeout while idle (``inf``); None when that passed, the
+        node drains an idle connection, or the connection broke."""
+        t = self.config.timeouts
+        idle = head_deadline == math.inf
+        deadline = trio.current_time() + t.keepalive if idle else head_deadline
+        with trio.CancelScope(deadline=deadline) as scope:
+            if idle:
+                conn.idle_scope = scope
+                if self.draining:
+                    scope.cancel()
+            try:
+                if conn.raw is None:  # TLS: through trio's stream
+                    return await conn.stream.receive_some(RECEIVE_SIZE)
+                while True:
+                    await trio.lowlevel.wait_readable(conn.sock)
+                    data = receive_nowait(conn.raw, RECEIVE_SIZE)
+                    if data is not None:
+                        return data
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                return None
+            finally:
+                conn.idle_scope = None
+        if not idle and not self.draining:
+            log.info("%s: request head not complete in %.0fs: closing", conn.peer, t.request_head)
+        return None
 
     async def _answer(self, conn: Conn, req: Request) -> bool:
         """Answer ``req``; True when the connection may carry another request."""
