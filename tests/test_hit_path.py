@@ -13,10 +13,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 
 from fixtures.origin import Origin
+from mcc.errors import BadRequest
+from mcc.http.routing import OwnNames, Route, RouteMemo, route_request
 from mcc.store.index import Index
 from mcc.store.records import ObjectMeta
 from tests.helpers import Client, run_node
@@ -178,3 +183,59 @@ async def test_hits_arm_no_timeout_while_the_socket_takes_their_bytes(
             r = await c.request(url)
             assert r.status == 200 and r.body == DATA
         assert armed == []
+
+
+_OWN = OwnNames(frozenset({"cache.local", "127.0.0.1"}), frozenset({8080}))
+_TARGETS = st.one_of(
+    st.sampled_from(["/", "/a?cacheHostOrigin=o.example", "http://o.example/x", "*", "/x"]),
+    st.text(alphabet="/?=&:ahtpsx.oO", max_size=30),
+)
+_HOSTS = st.one_of(st.none(), st.sampled_from(["cache.local:8080", "o.example", "127.0.0.1"]))
+
+
+@given(
+    calls=st.lists(
+        st.tuples(_TARGETS, _HOSTS, st.sampled_from([None, "http://mirror"])), max_size=30
+    )
+)
+def test_route_memo_answers_as_route_request(
+    calls: list[tuple[str, str | None, str | None]],
+) -> None:
+    """The server memoises routes (a hit repeats its target): the memo must give what
+    route_request gives, refusals included, as long as it is cleared when the config
+    it was filled under changes (each origin here gets its memo)."""
+    memos = {origin: RouteMemo() for origin in (None, "http://mirror")}
+    for target, host, origin in calls:
+        try:
+            expected: Route | str = route_request(target, host, _OWN, origin)
+        except BadRequest as exc:
+            expected = str(exc)
+        try:
+            got: Route | str = memos[origin].route(target, host, _OWN, origin)
+        except BadRequest as exc:
+            got = str(exc)
+        assert got == expected
+
+
+async def test_a_reload_routes_anew(origin: Origin, tmp_path: Path) -> None:
+    """A memoised route must not outlive the reload that changes the origin."""
+    other = Origin()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(other.serve)
+        origin.put("/f.bin", b"first origin")
+        other.put("/f.bin", b"second origin")
+        async with (
+            run_node(
+                tmp_path / "c",
+                origin=f"http://{origin.authority}",
+                allow_origins=[origin.authority, other.authority],
+            ) as node,
+            Client.connect(node.port) as c,
+        ):
+            own = f"127.0.0.1:{node.port}"  # the node's own name: the reverse-proxy form
+            assert (await c.request("/f.bin", host=own)).body == b"first origin"
+            node.server.reconfigure(
+                attrs.evolve(node.server.config, origin=f"http://{other.authority}")
+            )
+            assert (await c.request("/f.bin", host=own)).body == b"second origin"
+        nursery.cancel_scope.cancel()

@@ -37,7 +37,7 @@ from ..errors import BadRequest, NotCacheable, UpstreamError, VersionChanged
 from ..ops.accesslog import AccessRecord, run_access_flusher, write_access
 from ..ops.metrics import Metrics
 from ..upstream.peers import NODE_HEADER, PEER_HEADER, answering_peer
-from .protocol import CLOSED, NEED_DATA, Request
+from .protocol import CLOSED, END_OF_BODY, NEED_DATA, Request
 from .responses import (
     RECEIVE_SIZE,
     ClientGone,
@@ -49,7 +49,7 @@ from .responses import (
     send_quiet,
     socket_stream,
 )
-from .routing import OwnNames, route_request
+from .routing import OwnNames, RouteMemo, host_of, route_request
 from .sendfile import receive_nowait
 from .tls import ServerCertificate
 
@@ -90,12 +90,14 @@ class Server(Responses):
         self.certificate: ServerCertificate | None = None
         self._tls_listeners: set[trio.SocketListener] = set()
         self.admin_port: int | None = None  # named in /health answers, for cluster views
+        self.routes = RouteMemo()  # a hit's route, without parsing its target again
 
     def reconfigure(self, config: Config) -> None:
         """Use a reloaded config for new requests (listen and node_id stay as they were);
         the TLS certificate is read again (a renewed one, or new paths)."""
         self.config = config
         self.heads.clear()  # hit heads are formatted afresh under the new config
+        self.routes.clear()  # as routes: origin and allowlist (schemes) may change
         if self.certificate is not None:
             try:
                 self.certificate.reload(config.tls_cert, config.tls_key)
@@ -131,6 +133,7 @@ class Server(Responses):
         if any(a.port == 0 for a in (*self.config.listen, *self.config.listen_tls)):
             ports = set(self.own.ports) | set(self.ports) | set(self.tls_ports)
             self.own = OwnNames(self.own.hosts, frozenset(ports))
+            self.routes.clear()
         return listeners
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -266,9 +269,10 @@ class Server(Responses):
                 return
             try:
                 keep = await self._answer(conn, request)
-                if keep and not proto.client_done:
+                # a body-less GET's end is waiting in h11: taken here, with no generator
+                if keep and not proto.client_done and proto.next_event() is not END_OF_BODY:
                     async for _ in self._read_body(conn):
-                        pass  # a body-less GET's end, or what a forward left unread
+                        pass  # what a forward left unread
             except (ClientGone, BadRequest, trio.TooSlowError):
                 return
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -382,7 +386,7 @@ class Server(Responses):
             if peer:
                 self.cache.upstream.peers.served_bytes += rec.bytes
             write_access(rec)
-            self.metrics.record(rec.cache, rec.bytes, rec.duration, _host_of(rec.url), rec.url)
+            self.metrics.record(rec.cache, rec.bytes, rec.duration, host_of(rec.url), rec.url)
         return keep
 
     async def _dispatch(self, conn: Conn, req: Request, rec: AccessRecord) -> bool:
@@ -402,12 +406,9 @@ class Server(Responses):
                 ids.append(("x-mcc-admin-port", str(self.admin_port)))
             await self._send_simple(conn, 204, ids, b"")
             return True
-        route = route_request(
-            req.target,
-            req.header("host"),
-            self.own,
-            self.config.origin,
-            self.cache.policy.upstream_scheme,
+        policy = self.cache.policy
+        route = self.routes.route(
+            req.target, req.header("host"), self.own, self.config.origin, policy.upstream_scheme
         )
         rec.url = route.url
         self.cache.resolve(route.url)  # 403 for hosts not allowed, before anything else
@@ -432,10 +433,3 @@ class Server(Responses):
         except BadRequest:
             return True
         return False
-
-
-def _host_of(url: str) -> str | None:
-    scheme, sep, rest = url.partition("://")
-    if not sep or scheme not in ("http", "https"):
-        return None
-    return rest.split("/", 1)[0] or None
