@@ -134,10 +134,14 @@ def _create(db: sqlite3.Connection) -> int:
 
 
 class Tx:
-    """BEGIN; then COMMIT on success, ROLLBACK on any exception.
+    """BEGIN IMMEDIATE; then COMMIT on success, ROLLBACK on any exception.
 
     The connection runs with ``isolation_level=None`` (sqlite3 opens no transaction
     by itself), so each multi-statement change is wrapped in one of these.
+    IMMEDIATE takes the write lock first, waiting (the busy timeout) while another
+    connection holds it (the access-time writer, :mod:`.touches`): a deferred
+    transaction that read first could not take it after that writer committed
+    ("database is locked" at once, the wait skipped: SQLITE_BUSY_SNAPSHOT).
     """
 
     def __init__(self, db: sqlite3.Connection, on_rollback: Callable[[], None]) -> None:
@@ -145,7 +149,7 @@ class Tx:
         self._on_rollback = on_rollback
 
     def __enter__(self) -> sqlite3.Connection:
-        self._db.execute("BEGIN")
+        self._db.execute("BEGIN IMMEDIATE")
         return self._db
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:

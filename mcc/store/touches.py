@@ -17,9 +17,9 @@ from pathlib import Path
 
 __all__ = ["TOUCH_BATCH", "TOUCH_SQL", "write_access_times"]
 
-# Rows per transaction (256 take about a millisecond): how long a write of the
-# event loop's may wait for this writer.
-TOUCH_BATCH = 256
+# Rows per transaction (128 take well under a millisecond): how long a write of the
+# event loop's may wait for this writer (its transactions are IMMEDIATE: schema.Tx).
+TOUCH_BATCH = 128
 # An access time never goes back: a flush from the loop (before an eviction) may have
 # written a newer one meanwhile.
 TOUCH_SQL = "UPDATE blobs SET last_access=MAX(last_access, ?) WHERE digest=?"
