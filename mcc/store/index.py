@@ -422,6 +422,17 @@ class Index:
             )
         ]
 
+    def digests_after(self, after: str, limit: int) -> list[tuple[str, int]]:
+        """Up to ``limit`` blobs whose digest sorts after ``after``, in digest order,
+        with their sizes (a walk in pages: one page is a short query on the loop)."""
+        return [
+            (str(r[0]), int(r[1]))
+            for r in self._db.execute(
+                "SELECT digest, size FROM blobs WHERE digest > ? ORDER BY digest LIMIT ?",
+                (after, limit),
+            )
+        ]
+
     def all_digests(self) -> dict[str, int]:
         """Every blob the index knows, with its size."""
         return dict(self._db.execute("SELECT digest, size FROM blobs").fetchall())

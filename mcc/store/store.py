@@ -57,8 +57,10 @@ log = logging.getLogger("mcc.store")
 # Eviction starts above HIGH_WATER x max_size and stops at LOW_WATER x max_size.
 HIGH_WATER = 0.95
 LOW_WATER = 0.90
-# Blobs evicted per index query.
+# Blobs evicted per index query, and between two yields to the event loop (each is a
+# transaction: 256 in a row held the loop for tens of ms).
 _EVICT_BATCH = 256
+_EVICT_YIELD = 16
 # How often access times are written and the index's WAL checkpointed (see index.py).
 _CHECKPOINT_SECONDS = 2.0
 
@@ -376,6 +378,7 @@ class Store:
         cannot make room (an index grown by many small objects), records without
         blocks are dropped oldest first."""
         evicted = 0
+        await self.write_touches()  # off the loop: the LRU query below then flushes little
         for i, drive in enumerate(self.blobs.drives):
             used = self.used_bytes_on(i)
             free = self.blobs.free_space(drive)  # one statvfs: never queued behind fsyncs
@@ -396,10 +399,12 @@ class Store:
                         used = self.used_bytes_on(i)
                         continue
                     break
-                for digest, size in batch:
+                for n, (digest, size) in enumerate(batch, 1):
                     self.index.drop_digest(digest, empty_objects=True)
                     used -= size
                     evicted += 1
+                    if n % _EVICT_YIELD == 0:  # one transaction each: let requests run
+                        await trio.lowlevel.checkpoint()
                     if used <= target:
                         batch = batch[: batch.index((digest, size)) + 1]
                         break
