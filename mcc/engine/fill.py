@@ -44,6 +44,7 @@ from .blocks import block_bounds
 from .flight import Fetch, Flight, FlightKey
 from .parts import Stream
 from .readahead import Window, host_of
+from .spans import SPLIT_MIN
 from .streams import Streaming
 
 __all__ = ["MAX_ROUTE_MOVES", "Filling"]
@@ -59,7 +60,6 @@ _BACKOFF_BASE = 0.1
 _BACKOFF_CAP = 2.0
 # Stalled routes one fetch may leave behind for the next (peers, parents, the origin).
 MAX_ROUTE_MOVES = 8
-
 
 # The window of one-block reads (most requests): read-ahead off, so never changed.
 _ONE_BLOCK = Window(0, 0)
@@ -95,9 +95,11 @@ class Filling(Streaming):
         via: Sequence[str],
         reader: object | None,
         ahead: int,
+        first: int | None = None,
     ) -> bool:
         """Make sure blocks ``idx..idx+ahead`` (up to ``last``) are stored or claimed
-        (``ahead``: the reader's :class:`~mcc.engine.readahead.Window` depth).
+        (``ahead``: the reader's :class:`~mcc.engine.readahead.Window` depth; ``first``:
+        the reader's first byte, when block ``idx`` holds it).
 
         Returns:
           True when a flight another reader started was joined.
@@ -111,15 +113,23 @@ class Filling(Streaming):
                 if again:  # stored since the caller looked
                     stored.update(again)
                     continue
-            claims[j], was_joined = self._claim_missing(meta, j, via, reader)
+            at = first if j == idx else None
+            claims[j], was_joined = self._claim_missing(meta, j, via, reader, at)
             joined |= was_joined
         return joined
 
     def _claim_missing(
-        self, meta: ObjectMeta, idx: int, via: Sequence[str], reader: object | None
+        self,
+        meta: ObjectMeta,
+        idx: int,
+        via: Sequence[str],
+        reader: object | None,
+        first: int | None = None,
     ) -> tuple[Flight, bool]:
         """Join block ``idx``'s flight, or start one, without asking the store (whose
-        row for it may be stale when the blob turned out missing or corrupt).
+        row for it may be stale when the blob turned out missing or corrupt); one
+        started for a reader whose ``first`` byte lies inside it fetches from there,
+        its head beside it (:mod:`mcc.engine.spans`).
 
         Returns:
           The flight, now with one more waiter, and True when it was joined from
@@ -134,6 +144,8 @@ class Filling(Streaming):
                 slot = (meta.key, meta.version)
                 if slot in self._rangeless:  # its answer will be the whole object
                     self._streams[slot] = Stream(fetch, {idx: flight}, 0)
+                elif first is not None:
+                    self._split(meta, fetch, flight, first, tuple(via))
                 self._spawn(self._run_fetch, meta, fetch, tuple(via))
         else:
             if flight.fetch is not None:
@@ -168,14 +180,29 @@ class Filling(Streaming):
         if len(self._orphans) > self.config.limits.max_orphan_flights:
             fetch.cancel_scope.cancel()
 
-    def _start_fill(self, meta: ObjectMeta, first: int, reader: object | None) -> Fetch:
-        """A fetch for the block at byte ``first`` (registered in the flight table)."""
+    def _start_fill(
+        self, meta: ObjectMeta, first: int, reader: object | None, via: tuple[str, ...] = ()
+    ) -> Fetch:
+        """A fetch for the block at byte ``first`` (registered in the flight table;
+        a ``first`` inside the block: its head is fetched beside it)."""
         fetch = Fetch([])
         idx = first // meta.block_size
         # (a discovery for a peer may find the block in flight for another discovery)
         if meta.size and self._flights.get(FlightKey(meta.key, meta.version, idx)) is None:
-            fetch.add(self._new_flight(meta, idx, reader))
+            flight = self._new_flight(meta, idx, reader)
+            fetch.add(flight)
+            self._split(meta, fetch, flight, first, via)
         return fetch
+
+    def _split(
+        self, meta: ObjectMeta, fetch: Fetch, flight: Flight, first: int, via: tuple[str, ...]
+    ) -> None:
+        """Let ``fetch`` fill ``flight``'s block from byte ``first`` on, and start
+        another for its head before it (when at least :data:`SPLIT_MIN` bytes)."""
+        if first - flight.start < SPLIT_MIN:
+            return
+        fetch.lo = first
+        self._spawn(self._run_fetch, meta, Fetch([flight], hi=first), via)
 
     # -- fetch tasks ---------------------------------------------------------------
 
@@ -222,11 +249,10 @@ class Filling(Streaming):
         attempt = 0  # failures so far, other than stalled routes left behind
         for _ in range(retries + 1 + MAX_ROUTE_MOVES):
             # (flights that joined a whole-object body come in any order)
-            todo = sorted((f for f in fetch.flights if not f.finished), key=lambda f: f.start)
-            if not todo:
+            todo = fetch.missing()
+            if todo is None:
                 return
-            start = todo[0].start + todo[0].filled
-            end = todo[-1].start + todo[-1].length - 1
+            start, end = todo
             try:
                 async with (
                     self._fetch_slots,
@@ -238,7 +264,7 @@ class Filling(Streaming):
                         size=meta.size,
                         conditions=conditions,
                         via=via,
-                        block=todo[0].key.index,
+                        block=start // meta.block_size,
                         extra=policy.selecting_fields(meta.key),
                         avoid=avoided,
                     ) as got,
@@ -295,11 +321,9 @@ class Filling(Streaming):
             finally:
                 self.memory.give(_RECEIVE_BUFFER)
                 self._end_stream(meta, fetch)
-            unfinished = [f for f in fetch.flights if not f.finished]
-            if unfinished:
-                raise UpstreamError(
-                    f"{meta.key}: body ended before block {unfinished[0].key.index}"
-                )
+            unfinished = fetch.missing()
+            if unfinished is not None:
+                raise UpstreamError(f"{meta.key}: body ended before byte {unfinished[0]}")
             # a body without Content-Length ended as promised: now its blocks are
             # vouched for (their readers may finish) and may be stored
             for flight in deferred or ():
@@ -334,8 +358,8 @@ class Filling(Streaming):
                 chunk = buf[: await got.receive_into(buf)]
             else:
                 chunk = memoryview(await got.receive())
-            if not chunk:
-                return
+            if not chunk or (fetch.hi is not None and pos >= fetch.hi):
+                return  # (a head answered whole stops at its end; the rest goes unread)
             if pos + len(chunk) > meta.size:
                 raise UpstreamError(f"{meta.key}: body runs past the object's {meta.size} bytes")
             pos = await self._place(meta, fetch, by_index, chunk, pos, deferred, commits, stream)
@@ -368,15 +392,14 @@ class Filling(Streaming):
                     by_index[idx] = flight
             completed = None
             if flight is not None and not flight.finished:
-                have = flight.start + flight.filled
-                if pos + take > have:
-                    if pos > have:
-                        raise UpstreamError(f"{meta.key}: gap in block {idx}")
+                at = pos - b_start  # bytes another fetch of the block brought are skipped
+                gaps = flight.coverage.gaps(at, at + take)
+                for a, b in gaps:
                     if deferred is not None:
                         flight.held = True  # readers finish once the body ended cleanly
-                    flight.feed(view[have - pos : take])
-                    if flight.complete:
-                        completed = flight
+                    flight.feed(view[a - at : b - at], a)
+                if gaps and flight.complete:
+                    completed = flight
             pos += take
             view = view[take:]
             if stream is not None:
@@ -410,10 +433,12 @@ class Filling(Streaming):
     def _end_fetch(self, meta: ObjectMeta, fetch: Fetch) -> None:
         self._end_stream(meta, fetch)
         abandoned = UpstreamError(f"{meta.key}: fetch abandoned")
-        fetch.fail_unfinished(abandoned)
-        for f in fetch.flights:
+        ended = fetch.end()  # (a block's head or tail may still be coming: not those)
+        for f in ended:
+            f.fail(abandoned)
+        for f in ended:
             f.reject(abandoned)  # (a complete block not vouched for by now never will be)
-        for f in fetch.flights:
+        for f in ended:
             if not f.complete:
                 self._retire(f)
         self._orphans.discard(fetch)
