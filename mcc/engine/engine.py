@@ -368,15 +368,16 @@ class Cache(Discovering):
             return
         stored = self.store.block_map(meta, wanted.start, wanted.stop - 1)
         claims: dict[int, Flight] = {}
-        window = self._window(len(wanted))
+        window = self._window(len(wanted), B)
         from_cache = from_upstream = 0
         joined = False  # waited on a fetch another reader started
         try:
             for idx in wanted:
                 at = start if idx == wanted.start else None  # the reader's first byte
                 joined |= self._claim_ahead(
-                    meta, idx, wanted.stop - 1, stored, claims, via, reader, window.depth, at
-                )
+                    meta, idx, wanted.stop - 1, stored, claims, via, reader, window.ahead, at,
+                    window.run,
+                )  # fmt: skip
                 b_start, b_end = block_bounds(idx, B, meta.size)
                 lo, hi = max(start, b_start) - b_start, min(end + 1, b_end) - b_start
                 flight = claims.pop(idx, None)

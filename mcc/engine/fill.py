@@ -44,8 +44,8 @@ from .blocks import block_bounds
 from .flight import Fetch, Flight, FlightKey
 from .parts import Stream
 from .readahead import Window, host_of
+from .runs import Runs, run_blocks
 from .spans import SPLIT_MIN
-from .streams import Streaming
 
 __all__ = ["MAX_ROUTE_MOVES", "Filling"]
 
@@ -70,12 +70,12 @@ def backoff(attempt: int) -> float:
     return float(min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempt))
 
 
-class Filling(Streaming):
+class Filling(Runs):
     """The engine's block fills (see the module)."""
 
     # -- claims: plain synchronous bookkeeping, no await between look and change -----
 
-    def _window(self, blocks: int) -> Window:
+    def _window(self, blocks: int, block_size: int) -> Window:
         """A read-ahead window for a new reader of ``blocks`` blocks (see
         :mod:`mcc.engine.readahead`); a one-block read shares one that is off."""
         if blocks <= 1:
@@ -83,7 +83,8 @@ class Filling(Streaming):
         lim = self.config.limits
         per_host = lim.upstream_connections_per_host or lim.max_parallel_fetches  # 0: no cap
         ceiling = min(lim.max_parallel_fetches, per_host) - 1
-        return Window(self.config.readahead_blocks, ceiling, trio.current_time())
+        now, most = trio.current_time(), run_blocks(block_size)
+        return Window(self.config.readahead_blocks, ceiling, now, max_run=most)
 
     def _claim_ahead(
         self,
@@ -96,10 +97,12 @@ class Filling(Streaming):
         reader: object | None,
         ahead: int,
         first: int | None = None,
+        run: int = 1,
     ) -> bool:
         """Make sure blocks ``idx..idx+ahead`` (up to ``last``) are stored or claimed
-        (``ahead``: the reader's :class:`~mcc.engine.readahead.Window` depth; ``first``:
-        the reader's first byte, when block ``idx`` holds it).
+        (``ahead`` and ``run``: from the reader's :class:`~mcc.engine.readahead.Window`;
+        missing blocks are fetched ``run`` at a time; ``first``: the reader's first
+        byte, when block ``idx`` holds it).
 
         Returns:
           True when a flight another reader started was joined.
@@ -112,6 +115,12 @@ class Filling(Streaming):
                 again = self.store.block_map(meta, j, j)
                 if again:  # stored since the caller looked
                     stored.update(again)
+                    continue
+                fetch = self._claim_run(meta, j, last, run, stored, claims, reader)
+                if fetch is not None:  # (mcc.engine.runs)
+                    if j == idx and first is not None:
+                        self._split(meta, fetch, fetch.flights[0], first, tuple(via))
+                    self._spawn(self._run_fetch, meta, fetch, tuple(via))
                     continue
             at = first if j == idx else None
             claims[j], was_joined = self._claim_missing(meta, j, via, reader, at)
@@ -153,20 +162,6 @@ class Filling(Streaming):
             joined = reader is None or flight.starter is not reader
         flight.waiters += 1
         return flight, joined
-
-    def _new_flight(self, meta: ObjectMeta, idx: int, reader: object | None) -> Flight:
-        """A flight for block ``idx``, registered in the table (no fetch attached yet)."""
-        b_start, b_end = block_bounds(idx, meta.block_size, meta.size)
-        flight = Flight(
-            FlightKey(meta.key, meta.version, idx),
-            b_start,
-            b_end - b_start,
-            self.store.writer,
-            self.memory,
-        )
-        flight.starter = reader
-        self._flights.add(flight)
-        return flight
 
     def _release(self, flight: Flight) -> None:
         """A reader is done with ``flight``; an unread fetch may become an orphan."""
