@@ -18,11 +18,8 @@ versions.
 
 An origin that ignores Range answers a block fetch with the whole object (200): that
 body streams once into every block it passes that is neither stored nor in flight,
-and a reader needing a block it has not reached yet joins it (a :class:`~mcc.engine.
-parts.Stream`) rather than fetching the object again. Objects answered so are
-remembered (:data:`MAX_RANGELESS` of them): a later miss of one registers its fetch
-as such a stream at once, so concurrent misses and read-ahead cost one more whole
-fetch, not one per block.
+and readers of blocks it has not reached join it (:mod:`mcc.engine.streams`, which
+also remembers such objects, so a later miss costs one whole fetch, not one per block).
 
 A fetch whose readers all left is an *orphan*; it keeps going (so the block is
 stored) unless more than ``max_orphan_flights`` orphans exist.
@@ -46,6 +43,7 @@ from .parts import Stream
 from .readahead import Window, host_of
 from .runs import Runs, run_blocks
 from .spans import SPLIT_MIN
+from .splicing import Splicing
 
 __all__ = ["MAX_ROUTE_MOVES", "Filling"]
 
@@ -311,9 +309,13 @@ class Filling(Runs):
         deferred: list[Flight] | None = None if got.can_receive_into else []
         try:
             await self.memory.take(_RECEIVE_BUFFER)
+            splicing = Splicing(got, meta.block_size, fetch.hi)
             try:
-                await self._receive_body(meta, fetch, got, by_index, deferred, commits, stream)
+                await self._receive_body(
+                    meta, fetch, got, by_index, deferred, commits, stream, splicing
+                )
             finally:
+                splicing.close()
                 self.memory.give(_RECEIVE_BUFFER)
                 self._end_stream(meta, fetch)
             unfinished = fetch.missing()
@@ -345,10 +347,21 @@ class Filling(Runs):
         deferred: list[Flight] | None,
         commits: trio.Nursery,
         stream: Stream | None,
+        splicing: Splicing,
     ) -> None:
         buf = memoryview(bytearray(_RECEIVE_BUFFER)) if got.can_receive_into else None
         pos = got.first
         while True:
+            if (spliced := await splicing.piece(by_index, pos)) is not None:
+                flight, n = spliced  # socket to block file, no copy (engine.splicing)
+                if not n:
+                    return
+                pos += n
+                if flight.complete:
+                    commits.start_soon(self._commit, meta, flight)
+                if stream is not None:
+                    stream.pos = pos
+                continue
             if buf is not None:
                 chunk = buf[: await got.receive_into(buf)]
             else:
@@ -406,15 +419,6 @@ class Filling(Runs):
             else:
                 deferred.append(completed)
         return pos
-
-    def _claim_passing(self, meta: ObjectMeta, idx: int, fetch: Fetch) -> Flight | None:
-        if self._flights.get(FlightKey(meta.key, meta.version, idx)) is not None:
-            return None
-        if self.store.block_map(meta, idx, idx):
-            return None
-        flight = self._new_flight(meta, idx, None)
-        fetch.add(flight)
-        return flight
 
     async def _commit(self, meta: ObjectMeta, flight: Flight) -> None:
         """Hand a complete block to the store; then it leaves the table."""

@@ -98,6 +98,7 @@ class Flight:
         self.coverage = Coverage()  # the bytes that arrived (two fetches: see spans)
         self.filled = 0  # of them, how many from the block's start without a gap
         self.fetches = 0  # fetches filling it now (the last to end settles it)
+        self.no_splice = False  # its file failed a splice: bytes come through memory
         self.error: UpstreamError | None = None
         # a body not framed by Content-Length may yet run long (and so have been wrong):
         # its readers finish only once it ended cleanly (vouch) or not (reject)
@@ -139,7 +140,12 @@ class Flight:
                 self._to_memory(exc)
         if self.memory is not None:
             self.memory[at:end] = data
-        self.coverage.add(at, end)
+        self.arrived(at, len(data))
+
+    def arrived(self, at: int, n: int) -> None:
+        """``n`` bytes at block offset ``at`` are in the block file (written there
+        by :meth:`feed`, or spliced into it): wake the readers."""
+        self.coverage.add(at, at + n)
         self.filled = self.coverage.prefix
         if self.filled >= self.length:
             self.filled_at = trio.current_time()

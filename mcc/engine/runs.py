@@ -56,6 +56,17 @@ class Runs(Streaming):
         self._flights.add(flight)
         return flight
 
+    def _claim_passing(self, meta: ObjectMeta, idx: int, fetch: Fetch) -> Flight | None:
+        """Claim block ``idx`` for ``fetch`` (a body passing it) when it is neither
+        stored nor in flight."""
+        if self._flights.get(FlightKey(meta.key, meta.version, idx)) is not None:
+            return None
+        if self.store.block_map(meta, idx, idx):
+            return None
+        flight = self._new_flight(meta, idx, None)
+        fetch.add(flight)
+        return flight
+
     def _claim_run(
         self,
         meta: ObjectMeta,
