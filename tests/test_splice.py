@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from fixtures.origin import Origin
 from mcc.upstream.connection import RECEIVE_SIZE
@@ -43,6 +44,20 @@ async def test_a_splicer_moves_at_most_what_it_is_asked_to_its_offset(tmp_path: 
                     moved += n
             assert moved == len(data)
             assert os.pread(fd, len(data) + 10, 1000) == data
+    finally:
+        os.close(fd)
+
+
+async def test_a_splice_is_a_checkpoint_even_when_the_bytes_are_there(tmp_path: Path) -> None:
+    # (a body that had all arrived was moved in one go, every other task waiting:
+    # a reader of the block got its first byte only once the whole block was in)
+    a, b = trio.socket.socketpair()
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        with a, b, Splicer() as splicer:
+            await a.send(b"z" * 5000)
+            with trio.testing.assert_checkpoints():
+                assert await splicer.move(b, fd, 0, 1000) == 1000
     finally:
         os.close(fd)
 

@@ -70,6 +70,7 @@ class Splicer:
             in the pipe; the bytes it moved are lost).
         """
         flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+        await trio.lowlevel.checkpoint_if_cancelled()
         while True:
             try:
                 n = os.splice(sock.fileno(), self._w, count, flags=flags)
@@ -85,6 +86,9 @@ class Splicer:
         except OSError as exc:
             self._drain(n - moved)
             raise FileWriteError(exc) from None
+        # a checkpoint, as trio's own socket calls make one: a body that is all there
+        # already must not keep every other task waiting until it has all been moved
+        await trio.lowlevel.cancel_shielded_checkpoint()
         return n
 
     def _drain(self, left: int) -> None:
