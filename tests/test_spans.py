@@ -20,7 +20,7 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fixtures.origin import Fault, Origin
+from fixtures.origin import Fault, Origin, RequestRecord
 from mcc.engine.spans import SPLIT_MIN, Coverage
 from tests.helpers import get, run_node
 
@@ -198,4 +198,53 @@ async def test_a_short_head_is_fetched_in_order(tmp_path: Path) -> None:
             assert r.status == 206 and r.body == DATA[first : first + 11]
             await node.cache.wait_idle()
             assert _ranges_asked(origin) == [f"bytes={B}-{2 * B - 1}"]
+        nursery.cancel_scope.cancel()
+
+
+class HeadsFail(Origin):
+    """Answers 503 to every request from a block's start past block 0 (a block's
+    head, asked beside its tail) while ``failing``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failing = True
+
+    async def _respond(
+        self, conn: h11.Connection, stream: trio.abc.Stream, req: h11.Request, body: bytes
+    ) -> bool:
+        first = _first_byte(dict(req.headers).get(b"range", b"").decode())
+        if self.failing and first and first % B == 0:
+            self.requests.append(RequestRecord(req.method.decode(), req.target.decode(), {}))
+            await stream.send_all(
+                conn.send(h11.Response(status_code=503, headers=[("content-length", "0")])) or b""
+            )
+            await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
+            return True
+        return await super()._respond(conn, stream, req, body)
+
+
+async def test_a_head_that_fails_costs_its_tail_readers_nothing_and_stores_nothing(
+    tmp_path: Path,
+) -> None:
+    origin = HeadsFail()
+    origin.put("/f", DATA)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(origin.serve)
+        async with run_node(
+            tmp_path / "c", allow_origins=[origin.authority], limits={"upstream_retries": 1}
+        ) as node:
+            url = origin.url("/f")
+            first = 2 * B + 40_000
+            r = await get(node.port, url, [("range", f"bytes={first}-{3 * B - 1}")])
+            assert r.status == 206 and r.body == DATA[first : 3 * B]  # the tail: right
+            await node.cache.wait_idle()
+            # the block is not whole: not stored; a reader of its head is refused
+            assert not node.cache.store.block_map(await node.cache.meta(url), 2, 2)
+            r = await get(node.port, url, [("range", f"bytes={2 * B}-{2 * B + 99}")])
+            assert r.status >= 500
+            # once the origin answers, the block is fetched again, right and stored
+            origin.failing = False
+            r = await get(node.port, url, [("range", f"bytes={2 * B}-{3 * B - 1}")])
+            assert r.status == 206 and r.body == DATA[2 * B : 3 * B]
+            await _check_stored(node, origin, url, 2 * B, 3 * B - 1)
         nursery.cancel_scope.cancel()

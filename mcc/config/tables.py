@@ -191,8 +191,7 @@ class Limits:
         8,
         flag="--max-parallel-fetches",
         metavar="N",
-        help="upstream fetches one sequential reader may have in flight (read-ahead "
-        "grows to it)",
+        help="upstream fetches one sequential reader may have in flight (read-ahead grows to it)",
         doc="upstream fetches one sequential reader may have in flight: read-ahead starts "
         "at `readahead_blocks` and grows while the reader waits on upstream and more "
         "connections bring blocks faster (never beyond this, nor "
