@@ -32,6 +32,7 @@ from ..upstream.progress import Stalled
 from .fill import MAX_ROUTE_MOVES, backoff
 from .flight import Fetch
 from .readahead import host_of
+from .spans import SPLIT_MIN
 from .variants import Varies, Varying
 
 __all__ = ["Discovering", "Discovery"]
@@ -87,8 +88,10 @@ class Discovering(Varying):
         via: Sequence[str],
         stale: ObjectMeta | None,
         reader: object | None,
+        first: int | None = None,
     ) -> Discovery:
-        """The discovery of ``key`` to wait on: joined, or started here."""
+        """The discovery of ``key`` to wait on: joined, or started here (asking from
+        byte ``first`` of block ``hint_block`` when given)."""
         disc = self._discoveries.get(key)
         slot = key
         if disc is not None and disc.via_peer and peer_request() is not None:
@@ -100,7 +103,9 @@ class Discovering(Varying):
             )
             disc = Discovery(slot, via_peer)
             self._discoveries[slot] = disc
-            self._spawn(self._discover, url, key, hint_block, disc, tuple(via), stale, reader)
+            self._spawn(
+                self._discover, url, key, hint_block, disc, tuple(via), stale, reader, first
+            )
         return disc
 
     async def _wait_peer_discovery(self, key: str, disc: Discovery | None = None) -> None:
@@ -119,11 +124,17 @@ class Discovering(Varying):
         via: tuple[str, ...],
         stale: ObjectMeta | None,
         reader: object | None = None,
+        first: int | None = None,
     ) -> None:
         """Learn ``key``'s record from a range request for block ``hint`` (made
-        conditional when a stale copy is stored), and fill that block from its body."""
+        conditional when a stale copy is stored), and fill that block from its body;
+        the request starts at the reader's ``first`` byte when that lies in the block
+        (its first byte then waits for no earlier one: :mod:`mcc.engine.spans`)."""
         # a stale object keeps the block size it was stored with
         B = stale.block_size if stale is not None else self.config.block_size
+        asked = hint * B
+        if first is not None and first // B == hint and first - asked >= SPLIT_MIN:
+            asked = first
         conditions = Conditions()
         if stale is not None and stale.etag:
             conditions = Conditions(if_none_match=stale.etag)
@@ -139,7 +150,7 @@ class Discovering(Varying):
                 try:
                     try:
                         await self._discover_once(
-                            url, key, hint * B, B, disc, via, stale, conditions, reader, avoid
+                            url, key, asked, B, disc, via, stale, conditions, reader, avoid
                         )
                     except _Unsatisfied as unsatisfied:
                         # the block asked for lies past the end (or the object is
@@ -205,7 +216,7 @@ class Discovering(Varying):
         fetch_cm = self.fetcher.fetch(
             url,
             asked,
-            asked + B - 1,
+            (asked // B + 1) * B - 1,  # to the end of its block
             conditions=conditions,
             via=via,
             block=block,
@@ -236,7 +247,7 @@ class Discovering(Varying):
             elif stale is not None:
                 disc.outcome = "changed"
             self._adopt(meta)
-            fetch = self._start_fill(meta, got.first, reader)
+            fetch = self._start_fill(meta, got.first, reader, via)
             disc.meta = meta
             disc.done.set()
             broken: UpstreamError | None = None
