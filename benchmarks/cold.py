@@ -20,7 +20,9 @@ Every body is hashed (blake3) as it arrives and compared with the origin's file;
 mismatch stops the run. Caches are started empty for every cold measurement. mcc's CPU
 seconds (from /proc) are reported per GB it served. Results go to
 ``benchmarks/results/cold.json``; extra ``mcc serve`` flags can be passed after
-``--mcc``, e.g. ``--mcc --max-parallel-fetches 4``.
+``--mcc``, e.g. ``--mcc --max-parallel-fetches 4``. ``--baseline DIR`` adds a cold mcc
+run from another checkout's tree (``mcc-base``, e.g. a worktree of main) to every
+part, measured side by side with this one (before/after in one run).
 """
 
 from __future__ import annotations
@@ -210,15 +212,24 @@ def _median(xs: list[float]) -> float:
 
 
 class ColdRun:
-    def __init__(self, procs: Procs, rounds: int, mcc_flags: list[str]) -> None:
+    def __init__(
+        self, procs: Procs, rounds: int, mcc_flags: list[str], baseline: Path | None = None
+    ) -> None:
         self.p = procs
         self.rounds = rounds
         self.mcc_flags = mcc_flags
+        self.baseline = baseline  # the tree "mcc-base" runs from
+
+    @property
+    def mccs(self) -> tuple[str, ...]:
+        """The mcc targets to compare: this tree's, and the baseline's when given."""
+        return ("mcc", "mcc-base") if self.baseline is not None else ("mcc",)
 
     def fresh(self, target: str) -> None:
         if target.startswith("mcc"):
             flags = self.mcc_flags + (_FIXED if target == "mcc-fixed" else [])
             self.p.stop("mcc")
+            self.p.mcc_source = self.baseline if target == "mcc-base" else None
             try:
                 self.p.start_mcc(fresh=True, extra=flags)
             except OSError:
@@ -256,12 +267,13 @@ class ColdRun:
             self.fresh(target)
             k = next(counter)
             start = (size // 2 + k * 7 * MiB + 12345) % (size - _RANGE)
-            got = get(self.p.port(target), path, (start, start + _RANGE - 1))
+            port = self.p.port("mcc" if target.startswith("mcc") else target)
+            got = get(port, path, (start, start + _RANGE - 1))
             if got.digest != digests(start):
                 raise SystemExit(f"cold range: {target} sent bytes that differ from the origin's")
             return {"ttfb_ms": got.ttfb * 1000, "last_ms": got.seconds * 1000}
 
-        return self.side_by_side(name, one, ("origin", "mcc"))
+        return self.side_by_side(name, one, ("origin", *self.mccs))
 
     def side_by_side(
         self, name: str, one: Callable[[str], dict[str, float]], targets: tuple[str, ...]
@@ -275,6 +287,13 @@ class ColdRun:
         out = {t: {k: _median([x[k] for x in xs]) for k in xs[0]} for t, xs in rows.items()}
         print(f"{name}: " + "; ".join(f"{t} {_fmt(v)}" for t, v in out.items()), flush=True)
         return out
+
+
+def _vs_direct(res: dict[str, Any], key: str) -> None:
+    """Each mcc's figure over going direct (``base_vs_direct``: the baseline's)."""
+    res["mcc_vs_direct"] = res["mcc"][key] / res["origin"][key]
+    if "mcc-base" in res:
+        res["base_vs_direct"] = res["mcc-base"][key] / res["origin"][key]
 
 
 def _fmt(row: dict[str, float]) -> str:
@@ -291,6 +310,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--only", default="abcd", help="which of a, b, c, d to run")
     parser.add_argument("--work", default=None, help="work folder (default: a temp dir)")
+    parser.add_argument("--baseline", default=None, help="another checkout to compare with")
     parser.add_argument("--mcc", nargs=argparse.REMAINDER, default=[], help="extra mcc flags")
     args = parser.parse_args(argv)
     if args.serve_paced:
@@ -298,6 +318,7 @@ def main(argv: list[str] | None = None) -> None:
         serve_paced(int(port), root, int(rate), float(delay))
         return
     ensure_tools()
+    baseline = Path(args.baseline).resolve() if args.baseline else None
     size, slow_size = parse_size(args.size), parse_size(args.slow_size)
     results: dict[str, Any] = {
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -315,11 +336,11 @@ def main(argv: list[str] | None = None) -> None:
             with ThrottledProcs(slow_work, www, rate=parse_size(args.rate)) as p:
                 p.start_mcc(fresh=True, extra=args.mcc)
                 p.start_nginx_cache(fresh=True)
-                run = ColdRun(p, args.rounds, args.mcc)
+                run = ColdRun(p, args.rounds, args.mcc, baseline)
                 name = f"(a) cold {slow_size / MB:.0f} MB, origin at {args.rate}/s per connection"
-                targets = ("origin", "mcc", "mcc-fixed", "nginx")
+                targets = ("origin", *run.mccs, "mcc-fixed", "nginx")
                 res = run.whole(name, targets, "/big.bin", digest)
-                res["mcc_vs_direct"] = res["mcc"]["MBps"] / res["origin"]["MBps"]
+                _vs_direct(res, "MBps")
                 res["mcc_fixed_vs_direct"] = res["mcc-fixed"]["MBps"] / res["origin"]["MBps"]
                 res["nginx_vs_direct"] = res["nginx"]["MBps"] / res["origin"]["MBps"]
                 results["a"] = res
@@ -329,19 +350,19 @@ def main(argv: list[str] | None = None) -> None:
             www = make_data(fast_work, size, 1, 64 * 1024)
             with ThrottledProcs(fast_work, www) as p:
                 p.start_mcc(fresh=True, extra=args.mcc)
-                run = ColdRun(p, args.rounds, args.mcc)
+                run = ColdRun(p, args.rounds, args.mcc, baseline)
                 if "b" in args.only:
                     digest = file_digest(www / "big.bin")
                     name = f"(b) cold {size / MiB:.0f} MiB, unthrottled loopback"
-                    res = run.whole(name, ("origin", "mcc"), "/big.bin", digest)
-                    res["mcc_vs_direct"] = res["mcc"]["MBps"] / res["origin"]["MBps"]
+                    res = run.whole(name, ("origin", *run.mccs), "/big.bin", digest)
+                    _vs_direct(res, "MBps")
                     results["b"] = res
                 if "c" in args.only:
                     name = "(c) cold 1 MiB range, time to first byte"
                     res = run.ttfb(
                         name, "/big.bin", size, lambda s: file_digest(www / "big.bin", s, _RANGE)
                     )
-                    res["mcc_vs_direct"] = res["mcc"]["ttfb_ms"] / res["origin"]["ttfb_ms"]
+                    _vs_direct(res, "ttfb_ms")
                     results["c"] = res
         if "d" in args.only:
             wan_work = work / "wan"
@@ -350,16 +371,18 @@ def main(argv: list[str] | None = None) -> None:
             delay = parse_duration(args.delay)
             with ThrottledProcs(wan_work, www, rate=parse_size(args.rate), delay=delay) as p:
                 p.start_mcc(fresh=True, extra=args.mcc)
-                run = ColdRun(p, args.rounds, args.mcc)
+                run = ColdRun(p, args.rounds, args.mcc, baseline)
                 name = f"(d) cold 1 MiB range, time to first byte, origin {args.delay} away"
                 res = run.ttfb(
                     name, "/big.bin", slow_size, lambda s: file_digest(www / "big.bin", s, _RANGE)
                 )
-                res["mcc_vs_direct"] = res["mcc"]["ttfb_ms"] / res["origin"]["ttfb_ms"]
+                _vs_direct(res, "ttfb_ms")
                 results["d"] = res
     for part in "abcd":
         if part in results:
             print(f"{part}: mcc/direct {results[part]['mcc_vs_direct']:.2f}x", end="")
+            if "base_vs_direct" in results[part]:
+                print(f", mcc-base/direct {results[part]['base_vs_direct']:.2f}x", end="")
             if part == "a":
                 print(f", mcc-fixed/direct {results[part]['mcc_fixed_vs_direct']:.2f}x", end="")
                 print(f", nginx/direct {results[part]['nginx_vs_direct']:.2f}x", end="")

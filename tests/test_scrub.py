@@ -13,9 +13,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import trio
 
 from fixtures.origin import Origin
+from mcc.engine import scrub as scrub_module
 from tests.helpers import Node, admin_call, get, run_node
 
 B = 65536
@@ -111,3 +113,33 @@ async def test_verify_repair_on_a_running_node_stops_serving_a_rotten_blob_at_on
         assert "admin API" in done.stderr and "corrupt (repaired)" in done.stdout
         assert not path.exists()
         await _reads_right(node, url)
+
+
+async def test_a_scrub_pass_reads_the_blob_list_in_pages(
+    origin: Origin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass used to list every blob in one query on the event loop (a second with a
+    million blobs); it now walks them in pages, each blob checked once."""
+    origin.put("/f", DATA)
+    origin.put("/g", DATA[::-1])
+    monkeypatch.setattr(scrub_module, "_PAGE", 2)
+    async with run_node(
+        tmp_path / "c", allow_origins=[origin.authority], limits={"scrub_rate": 0}
+    ) as node:
+        await node.cache.warm(origin.url("/f"))
+        await node.cache.warm(origin.url("/g"))
+        stored = node.cache.index.all_digests()
+        assert len(stored) == 6
+        pages: list[int] = []
+        real = node.cache.index.digests_after
+
+        def listing(after: str, limit: int) -> list[tuple[str, int]]:
+            page = real(after, limit)
+            pages.append(len(page))
+            return page
+
+        monkeypatch.setattr(node.cache.index, "digests_after", listing)
+        scrub = scrub_module.Scrub(node.cache.store, lambda: 1 << 40)  # the node's is off
+        assert await scrub.one_pass()
+        assert pages == [2, 2, 2, 0]
+        assert scrub.checked_blobs == 6 and scrub.checked_bytes == sum(stored.values())

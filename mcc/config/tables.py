@@ -191,9 +191,10 @@ class Limits:
         8,
         flag="--max-parallel-fetches",
         metavar="N",
-        help="blocks one sequential reader may have in flight (read-ahead grows to it)",
-        doc="blocks one sequential reader may have in flight: read-ahead starts at "
-        "`readahead_blocks` and grows while the reader waits on upstream and more "
+        help="upstream fetches one sequential reader may have in flight (read-ahead grows to it)",
+        doc="upstream fetches one sequential reader may have in flight: read-ahead starts "
+        "at `readahead_blocks` and grows while the reader waits on upstream and more "
         "connections bring blocks faster (never beyond this, nor "
-        "`upstream_connections_per_host`)",
+        "`upstream_connections_per_host`); once it stops growing, each fetch covers up "
+        "to 8 consecutive blocks (8 MiB at most)",
     )

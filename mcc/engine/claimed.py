@@ -89,7 +89,7 @@ class FollowedFile(BlockWriter):
         self.claim = held
         self._previous = previous
 
-    def write(self, data: bytes | bytearray | memoryview) -> None:
+    def write(self, data: bytes | bytearray | memoryview, at: int | None = None) -> None:
         """Never: another worker writes this file."""
         raise OSError(errno.EBADF, "another worker fills this block")
 

@@ -32,6 +32,7 @@ from ..upstream.progress import Stalled
 from .fill import MAX_ROUTE_MOVES, backoff
 from .flight import Fetch
 from .readahead import host_of
+from .spans import SPLIT_MIN
 from .variants import Varies, Varying
 
 __all__ = ["Discovering", "Discovery"]
@@ -87,8 +88,10 @@ class Discovering(Varying):
         via: Sequence[str],
         stale: ObjectMeta | None,
         reader: object | None,
+        first: int | None = None,
     ) -> Discovery:
-        """The discovery of ``key`` to wait on: joined, or started here."""
+        """The discovery of ``key`` to wait on: joined, or started here (asking from
+        byte ``first`` of block ``hint_block`` when given)."""
         disc = self._discoveries.get(key)
         slot = key
         if disc is not None and disc.via_peer and peer_request() is not None:
@@ -100,7 +103,7 @@ class Discovering(Varying):
             )
             disc = Discovery(slot, via_peer)
             self._discoveries[slot] = disc
-            args = (url, key, hint_block, disc, tuple(via), stale, reader)
+            args = (url, key, hint_block, disc, tuple(via), stale, reader, first)
             self._spawn(self._discover_in_turn, *args)
         return disc
 
@@ -120,9 +123,12 @@ class Discovering(Varying):
         via: tuple[str, ...],
         stale: ObjectMeta | None,
         reader: object | None = None,
+        first: int | None = None,
     ) -> None:
         """:meth:`_discover`, one worker of the node at a time (see
-        :mod:`mcc.engine.claimed`): the record another worker filed meanwhile is used."""
+        :mod:`mcc.engine.claimed`): the record another worker filed meanwhile is used.
+        Shared fills grow from the block's start (another worker's readers follow the
+        file's size), so a shared store discovers from there, not from ``first``."""
         try:
             found = await self._discovery_turn(key, stale, disc.done)
         except BaseException:
@@ -131,7 +137,8 @@ class Discovering(Varying):
             disc.done.set()
             raise
         if found is None:
-            await self._discover(url, key, hint, disc, via, stale, reader)
+            first = None if self._shared() is not None else first
+            await self._discover(url, key, hint, disc, via, stale, reader, first)
             return
         disc.meta = found
         self._discoveries.pop(disc.slot, None)
@@ -146,11 +153,17 @@ class Discovering(Varying):
         via: tuple[str, ...],
         stale: ObjectMeta | None,
         reader: object | None = None,
+        first: int | None = None,
     ) -> None:
         """Learn ``key``'s record from a range request for block ``hint`` (made
-        conditional when a stale copy is stored), and fill that block from its body."""
+        conditional when a stale copy is stored), and fill that block from its body;
+        the request starts at the reader's ``first`` byte when that lies in the block
+        (its first byte then waits for no earlier one: :mod:`mcc.engine.spans`)."""
         # a stale object keeps the block size it was stored with
         B = stale.block_size if stale is not None else self.config.block_size
+        asked = hint * B
+        if first is not None and first // B == hint and first - asked >= SPLIT_MIN:
+            asked = first
         conditions = Conditions()
         if stale is not None and stale.etag:
             conditions = Conditions(if_none_match=stale.etag)
@@ -166,7 +179,7 @@ class Discovering(Varying):
                 try:
                     try:
                         await self._discover_once(
-                            url, key, hint * B, B, disc, via, stale, conditions, reader, avoid
+                            url, key, asked, B, disc, via, stale, conditions, reader, avoid
                         )
                     except _Unsatisfied as unsatisfied:
                         # the block asked for lies past the end (or the object is
@@ -232,7 +245,7 @@ class Discovering(Varying):
         fetch_cm = self.fetcher.fetch(
             url,
             asked,
-            asked + B - 1,
+            (asked // B + 1) * B - 1,  # to the end of its block
             conditions=conditions,
             via=via,
             block=block,
@@ -264,7 +277,7 @@ class Discovering(Varying):
                 disc.outcome = "changed"
             # the block's fill is claimed before the record is filed: another worker
             # finding the record then finds the fill too, and follows it
-            fetch = self._start_fill(meta, got.first, reader)
+            fetch = self._start_fill(meta, got.first, reader, via)
             self._adopt(meta)
             disc.meta = meta
             disc.done.set()

@@ -217,7 +217,7 @@ class Cache(Discovering):
             if self._discoveries:
                 await self._wait_peer_discovery(key)
             return Lookup(meta, "fresh")
-        disc = self._discovery_for(url, key, hint_block, via, meta, reader)
+        disc = self._discovery_for(url, key, hint_block, via, meta, reader, first_byte)
         try:
             found = await disc.wait()
         except Varies as varies:  # the first answer varies: ask for this request's variant
@@ -369,14 +369,16 @@ class Cache(Discovering):
             return
         stored = self.store.block_map(meta, wanted.start, wanted.stop - 1)
         claims: dict[int, Flight] = {}
-        window = self._window(len(wanted))
+        window = self._window(len(wanted), B)
         from_cache = from_upstream = 0
         joined = False  # waited on a fetch another reader started
         try:
             for idx in wanted:
+                at = start if idx == wanted.start else None  # the reader's first byte
                 joined |= self._claim_ahead(
-                    meta, idx, wanted.stop - 1, stored, claims, via, reader, window.depth
-                )
+                    meta, idx, wanted.stop - 1, stored, claims, via, reader, window.ahead, at,
+                    window.run,
+                )  # fmt: skip
                 b_start, b_end = block_bounds(idx, B, meta.size)
                 lo, hi = max(start, b_start) - b_start, min(end + 1, b_end) - b_start
                 flight = claims.pop(idx, None)
@@ -396,7 +398,7 @@ class Cache(Discovering):
                         continue
                     # missing or corrupt on disk (or just evicted): fetch it again
                     stored.pop(idx, None)
-                    flight, was_joined = self._claim_missing(meta, idx, via, reader)
+                    flight, was_joined = self._claim_missing(meta, idx, via, reader, at)
                     joined |= was_joined
                 starved = not flight.complete  # upstream sets the pace, not the client
                 try:

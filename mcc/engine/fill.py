@@ -18,11 +18,8 @@ versions.
 
 An origin that ignores Range answers a block fetch with the whole object (200): that
 body streams once into every block it passes that is neither stored nor in flight,
-and a reader needing a block it has not reached yet joins it (a :class:`~mcc.engine.
-parts.Stream`) rather than fetching the object again. Objects answered so are
-remembered (:data:`MAX_RANGELESS` of them): a later miss of one registers its fetch
-as such a stream at once, so concurrent misses and read-ahead cost one more whole
-fetch, not one per block.
+and readers of blocks it has not reached join it (:mod:`mcc.engine.streams`, which
+also remembers such objects, so a later miss costs one whole fetch, not one per block).
 
 A fetch whose readers all left is an *orphan*; it keeps going (so the block is
 stored) unless more than ``max_orphan_flights`` orphans exist.
@@ -41,10 +38,12 @@ from ..store.records import ObjectMeta
 from ..upstream.fetch import Conditions, Fetched
 from ..upstream.progress import Stalled
 from .blocks import block_bounds
-from .claimed import Claiming
 from .flight import Fetch, Flight, FlightKey
 from .parts import Stream
 from .readahead import Window, host_of
+from .runs import Runs, run_blocks
+from .spans import SPLIT_MIN
+from .splicing import Splicing
 
 __all__ = ["MAX_ROUTE_MOVES", "Filling"]
 
@@ -60,7 +59,6 @@ _BACKOFF_CAP = 2.0
 # Stalled routes one fetch may leave behind for the next (peers, parents, the origin).
 MAX_ROUTE_MOVES = 8
 
-
 # The window of one-block reads (most requests): read-ahead off, so never changed.
 _ONE_BLOCK = Window(0, 0)
 
@@ -70,12 +68,12 @@ def backoff(attempt: int) -> float:
     return float(min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempt))
 
 
-class Filling(Claiming):
+class Filling(Runs):
     """The engine's block fills (see the module)."""
 
     # -- claims: plain synchronous bookkeeping, no await between look and change -----
 
-    def _window(self, blocks: int) -> Window:
+    def _window(self, blocks: int, block_size: int) -> Window:
         """A read-ahead window for a new reader of ``blocks`` blocks (see
         :mod:`mcc.engine.readahead`); a one-block read shares one that is off."""
         if blocks <= 1:
@@ -83,7 +81,8 @@ class Filling(Claiming):
         lim = self.config.limits
         per_host = lim.upstream_connections_per_host or lim.max_parallel_fetches  # 0: no cap
         ceiling = min(lim.max_parallel_fetches, per_host) - 1
-        return Window(self.config.readahead_blocks, ceiling, trio.current_time())
+        now, most = trio.current_time(), run_blocks(block_size)
+        return Window(self.config.readahead_blocks, ceiling, now, max_run=most)
 
     def _claim_ahead(
         self,
@@ -95,9 +94,13 @@ class Filling(Claiming):
         via: Sequence[str],
         reader: object | None,
         ahead: int,
+        first: int | None = None,
+        run: int = 1,
     ) -> bool:
         """Make sure blocks ``idx..idx+ahead`` (up to ``last``) are stored or claimed
-        (``ahead``: the reader's :class:`~mcc.engine.readahead.Window` depth).
+        (``ahead`` and ``run``: from the reader's :class:`~mcc.engine.readahead.Window`;
+        missing blocks are fetched ``run`` at a time; ``first``: the reader's first
+        byte, when block ``idx`` holds it).
 
         Returns:
           True when a flight another reader started was joined.
@@ -111,15 +114,29 @@ class Filling(Claiming):
                 if again:  # stored since the caller looked
                     stored.update(again)
                     continue
-            claims[j], was_joined = self._claim_missing(meta, j, via, reader)
+                fetch = self._claim_run(meta, j, last, run, stored, claims, reader)
+                if fetch is not None:  # (mcc.engine.runs)
+                    if j == idx and first is not None:
+                        self._split(meta, fetch, claims[j], first, tuple(via))
+                    self._spawn(self._run_fetch, meta, fetch, tuple(via))
+                    continue
+            at = first if j == idx else None
+            claims[j], was_joined = self._claim_missing(meta, j, via, reader, at)
             joined |= was_joined
         return joined
 
     def _claim_missing(
-        self, meta: ObjectMeta, idx: int, via: Sequence[str], reader: object | None
+        self,
+        meta: ObjectMeta,
+        idx: int,
+        via: Sequence[str],
+        reader: object | None,
+        first: int | None = None,
     ) -> tuple[Flight, bool]:
         """Join block ``idx``'s flight, or start one, without asking the store (whose
-        row for it may be stale when the blob turned out missing or corrupt).
+        row for it may be stale when the blob turned out missing or corrupt); one
+        started for a reader whose ``first`` byte lies inside it fetches from there,
+        its head beside it (:mod:`mcc.engine.spans`).
 
         Returns:
           The flight, now with one more waiter, and True when it was joined from
@@ -128,13 +145,14 @@ class Filling(Claiming):
         flight = self._flights.get(FlightKey(meta.key, meta.version, idx))
         if flight is None:
             flight = self._new_flight(meta, idx, reader, tuple(via))
-            # (a block another worker fills is joined from there: mcc.engine.claimed)
             joined = self._followed(flight) or self._join_stream(meta, flight)
             if not joined:
                 fetch = Fetch([flight])
                 slot = (meta.key, meta.version)
                 if slot in self._rangeless:  # its answer will be the whole object
                     self._streams[slot] = Stream(fetch, {idx: flight}, 0)
+                elif first is not None:
+                    self._split(meta, fetch, flight, first, tuple(via))
                 self._spawn(self._run_fetch, meta, fetch, tuple(via))
         else:
             if flight.fetch is not None:
@@ -142,25 +160,6 @@ class Filling(Claiming):
             joined = reader is None or flight.starter is not reader
         flight.waiters += 1
         return flight, joined
-
-    def _new_flight(
-        self, meta: ObjectMeta, idx: int, reader: object | None, via: tuple[str, ...] = ()
-    ) -> Flight:
-        """A flight for block ``idx``, registered in the table (no fetch attached yet;
-        one another worker fills is followed from now on)."""
-        b_start, b_end = block_bounds(idx, meta.block_size, meta.size)
-        flight = Flight(
-            FlightKey(meta.key, meta.version, idx),
-            b_start,
-            b_end - b_start,
-            self._block_opener(meta, idx),
-            self.memory,
-        )
-        flight.starter = reader
-        self._flights.add(flight)
-        if self._followed(flight):
-            self._follow_soon(meta, flight, via)
-        return flight
 
     def _release(self, flight: Flight) -> None:
         """A reader is done with ``flight``; an unread fetch may become an orphan."""
@@ -174,8 +173,11 @@ class Filling(Claiming):
         if len(self._orphans) > self.config.limits.max_orphan_flights:
             fetch.cancel_scope.cancel()
 
-    def _start_fill(self, meta: ObjectMeta, first: int, reader: object | None) -> Fetch:
-        """A fetch for the block at byte ``first`` (registered in the flight table)."""
+    def _start_fill(
+        self, meta: ObjectMeta, first: int, reader: object | None, via: tuple[str, ...] = ()
+    ) -> Fetch:
+        """A fetch for the block at byte ``first`` (registered in the flight table;
+        a ``first`` inside the block: its head is fetched beside it)."""
         fetch = Fetch([])
         idx = first // meta.block_size
         # (a discovery for a peer may find the block in flight for another discovery)
@@ -183,7 +185,18 @@ class Filling(Claiming):
             flight = self._new_flight(meta, idx, reader)
             if not self._followed(flight):
                 fetch.add(flight)
+                self._split(meta, fetch, flight, first, via)
         return fetch
+
+    def _split(
+        self, meta: ObjectMeta, fetch: Fetch, flight: Flight, first: int, via: tuple[str, ...]
+    ) -> None:
+        """Let ``fetch`` fill ``flight``'s block from byte ``first`` on, and start
+        another for its head before it (when at least :data:`SPLIT_MIN` bytes)."""
+        if first - flight.start < SPLIT_MIN or self._shared() is not None:
+            return  # (a shared fill grows from the block's start: mcc.engine.claimed)
+        fetch.lo = first
+        self._spawn(self._run_fetch, meta, Fetch([flight], hi=first), via)
 
     # -- fetch tasks ---------------------------------------------------------------
 
@@ -230,11 +243,10 @@ class Filling(Claiming):
         attempt = 0  # failures so far, other than stalled routes left behind
         for _ in range(retries + 1 + MAX_ROUTE_MOVES):
             # (flights that joined a whole-object body come in any order)
-            todo = sorted((f for f in fetch.flights if not f.finished), key=lambda f: f.start)
-            if not todo:
+            todo = fetch.missing()
+            if todo is None:
                 return
-            start = todo[0].start + todo[0].filled
-            end = todo[-1].start + todo[-1].length - 1
+            start, end = todo
             try:
                 async with (
                     self._fetch_slots,
@@ -246,7 +258,7 @@ class Filling(Claiming):
                         size=meta.size,
                         conditions=conditions,
                         via=via,
-                        block=todo[0].key.index,
+                        block=start // meta.block_size,
                         extra=policy.selecting_fields(meta.key),
                         avoid=avoided,
                     ) as got,
@@ -298,16 +310,18 @@ class Filling(Claiming):
         deferred: list[Flight] | None = None if got.can_receive_into else []
         try:
             await self.memory.take(_RECEIVE_BUFFER)
+            splicing = Splicing(got, meta.block_size, fetch.hi)
             try:
-                await self._receive_body(meta, fetch, got, by_index, deferred, commits, stream)
+                await self._receive_body(
+                    meta, fetch, got, by_index, deferred, commits, stream, splicing
+                )
             finally:
+                splicing.close()
                 self.memory.give(_RECEIVE_BUFFER)
                 self._end_stream(meta, fetch)
-            unfinished = [f for f in fetch.flights if not f.finished]
-            if unfinished:
-                raise UpstreamError(
-                    f"{meta.key}: body ended before block {unfinished[0].key.index}"
-                )
+            unfinished = fetch.missing()
+            if unfinished is not None:
+                raise UpstreamError(f"{meta.key}: body ended before byte {unfinished[0]}")
             # a body without Content-Length ended as promised: now its blocks are
             # vouched for (their readers may finish) and may be stored
             for flight in deferred or ():
@@ -334,16 +348,27 @@ class Filling(Claiming):
         deferred: list[Flight] | None,
         commits: trio.Nursery,
         stream: Stream | None,
+        splicing: Splicing,
     ) -> None:
         buf = memoryview(bytearray(_RECEIVE_BUFFER)) if got.can_receive_into else None
         pos = got.first
         while True:
+            if (spliced := await splicing.piece(by_index, pos)) is not None:
+                flight, n = spliced  # socket to block file, no copy (engine.splicing)
+                if not n:
+                    return
+                pos += n
+                if flight.complete:
+                    commits.start_soon(self._commit, meta, flight)
+                if stream is not None:
+                    stream.pos = pos
+                continue
             if buf is not None:
                 chunk = buf[: await got.receive_into(buf)]
             else:
                 chunk = memoryview(await got.receive())
-            if not chunk:
-                return
+            if not chunk or (fetch.hi is not None and pos >= fetch.hi):
+                return  # (a head answered whole stops at its end; the rest goes unread)
             if pos + len(chunk) > meta.size:
                 raise UpstreamError(f"{meta.key}: body runs past the object's {meta.size} bytes")
             pos = await self._place(meta, fetch, by_index, chunk, pos, deferred, commits, stream)
@@ -376,15 +401,14 @@ class Filling(Claiming):
                     by_index[idx] = flight
             completed = None
             if flight is not None and not flight.finished:
-                have = flight.start + flight.filled
-                if pos + take > have:
-                    if pos > have:
-                        raise UpstreamError(f"{meta.key}: gap in block {idx}")
+                at = pos - b_start  # bytes another fetch of the block brought are skipped
+                gaps = flight.coverage.gaps(at, at + take)
+                for a, b in gaps:
                     if deferred is not None:
                         flight.held = True  # readers finish once the body ended cleanly
-                    flight.feed(view[have - pos : take])
-                    if flight.complete:
-                        completed = flight
+                    flight.feed(view[a - at : b - at], a)
+                if gaps and flight.complete:
+                    completed = flight
             pos += take
             view = view[take:]
             if stream is not None:
@@ -396,17 +420,6 @@ class Filling(Claiming):
             else:
                 deferred.append(completed)
         return pos
-
-    def _claim_passing(self, meta: ObjectMeta, idx: int, fetch: Fetch) -> Flight | None:
-        if self._flights.get(FlightKey(meta.key, meta.version, idx)) is not None:
-            return None
-        if self.store.block_map(meta, idx, idx):
-            return None
-        flight = self._new_flight(meta, idx, None)
-        if self._followed(flight):
-            return None
-        fetch.add(flight)
-        return flight
 
     async def _commit(self, meta: ObjectMeta, flight: Flight) -> None:
         """Hand a complete block to the store; then it leaves the table."""
@@ -420,10 +433,12 @@ class Filling(Claiming):
     def _end_fetch(self, meta: ObjectMeta, fetch: Fetch) -> None:
         self._end_stream(meta, fetch)
         abandoned = UpstreamError(f"{meta.key}: fetch abandoned")
-        fetch.fail_unfinished(abandoned)
-        for f in fetch.flights:
+        ended = fetch.end()  # (a block's head or tail may still be coming: not those)
+        for f in ended:
+            f.fail(abandoned)
+        for f in ended:
             f.reject(abandoned)  # (a complete block not vouched for by now never will be)
-        for f in fetch.flights:
+        for f in ended:
             if not f.complete:
                 self._retire(f)
         self._orphans.discard(fetch)

@@ -34,6 +34,7 @@ import trio
 
 from ..errors import UpstreamError
 from ..store.blobs import BlockWriter
+from .spans import Coverage
 
 __all__ = ["Fetch", "FileSlice", "Flight", "FlightKey", "FlightTable", "MemoryBudget"]
 
@@ -94,7 +95,10 @@ class Flight:
         except OSError:
             pass  # kept in memory, if the budget allows (see feed)
         self.recycled = False
-        self.filled = 0
+        self.coverage = Coverage()  # the bytes that arrived (two fetches: see spans)
+        self.filled = 0  # of them, how many from the block's start without a gap
+        self.fetches = 0  # fetches filling it now (the last to end settles it)
+        self.no_splice = False  # its file failed a splice: bytes come through memory
         self.error: UpstreamError | None = None
         # a body not framed by Content-Length may yet run long (and so have been wrong):
         # its readers finish only once it ended cleanly (vouch) or not (reject)
@@ -118,24 +122,32 @@ class Flight:
         """True when no more bytes will arrive (complete or failed)."""
         return self.complete or self.error is not None
 
-    def feed(self, data: bytes | memoryview) -> None:
-        """Append bytes that arrived from upstream and wake the readers."""
-        end = self.filled + len(data)
+    def feed(self, data: bytes | memoryview, at: int | None = None) -> None:
+        """Write bytes that arrived from upstream at block offset ``at`` (default: the
+        end of the gapless prefix) and wake the readers."""
+        at = self.filled if at is None else at
+        end = at + len(data)
         if end > self.length:
             raise UpstreamError(f"block {self.key.index} got more bytes than it holds")
         if self.memory is None:
             try:
                 if self.writer is None:
                     raise OSError("no block file")
-                self.writer.write(data)
+                self.writer.write(data, at)
             except OSError as exc:
                 # the drive is full or failing: keep this block in memory (what was
                 # written stays readable through the open fd until recycle)
                 self._to_memory(exc)
         if self.memory is not None:
-            self.memory += data
-        self.filled = end
-        if end >= self.length:
+            self.memory[at:end] = data
+        self.arrived(at, len(data))
+
+    def arrived(self, at: int, n: int) -> None:
+        """``n`` bytes at block offset ``at`` are in the block file (written there
+        by :meth:`feed`, or spliced into it): wake the readers."""
+        self.coverage.add(at, at + n)
+        self.filled = self.coverage.prefix
+        if self.filled >= self.length:
             self.filled_at = trio.current_time()
         self._wake()
 
@@ -145,8 +157,11 @@ class Flight:
         the readers."""
         if writer is not None:
             self.writer = writer
-        self.filled = filled
-        if filled >= self.length and self.filled_at is None:
+            self.coverage = Coverage()  # a new file: nothing in it yet
+        if filled:
+            self.coverage.add(0, filled)
+        self.filled = self.coverage.prefix
+        if self.filled >= self.length and self.filled_at is None:
             self.filled_at = trio.current_time()
         self._wake()
 
@@ -156,9 +171,11 @@ class Flight:
                 f"block {self.key.index}: its file cannot be written ({why}) and the "
                 "memory budget is spent"
             )
-        self.memory = bytearray()
-        if self.writer is not None and self.filled:
-            self.memory += os.pread(self.writer.fd, self.filled, 0)
+        self.memory = bytearray(self.length)
+        writer = self.writer
+        if writer is not None:
+            for a, b in self.coverage.runs:
+                self.memory[a:b] = os.pread(writer.fd, b - a, a)
 
     def contents(self) -> bytes | bytearray:
         """The block's bytes, for storing a block kept in memory."""
@@ -211,10 +228,11 @@ class Flight:
         """
         pos = lo
         while pos < hi:
-            if self.filled >= hi and self.held and self.error is None:
+            have = self.coverage.run_end(pos)  # arrived from pos on, without a gap
+            if have >= hi and self.held and self.error is None:
                 await self._changed.wait()  # the last piece waits for the body's end
-            elif self.filled > pos and (self.filled < hi or not self.held):
-                end = min(self.filled, hi)
+            elif have > pos and (have < hi or not self.held):
+                end = min(have, hi)
                 if self.memory is not None:
                     chunk: FileSlice | memoryview = memoryview(bytes(self.memory[pos:end]))
                 else:
@@ -260,18 +278,58 @@ class MemoryBudget:
 
 
 class Fetch:
-    """One upstream request filling consecutive flights; owns its cancel scope."""
+    """One upstream request filling consecutive flights; owns its cancel scope.
 
-    def __init__(self, flights: list[Flight]) -> None:
-        self.flights = flights
+    Args:
+      flights: the flights it fills, in order.
+      lo: the object byte it starts at when not its first flight's start (the tail
+        of a block, from a reader's first byte: see :mod:`mcc.engine.spans`).
+      hi: the object byte it stops before, when not its last flight's end (the head
+        of such a block); a fetch with ``hi`` is not its flights' ``fetch``.
+    """
+
+    def __init__(self, flights: list[Flight], lo: int | None = None, hi: int | None = None) -> None:
+        self.flights: list[Flight] = []
+        self.lo = lo
+        self.hi = hi
+        self.ended = False
         for f in flights:
-            f.fetch = self
+            self.add(f)
         self.cancel_scope = trio.CancelScope()
 
     def add(self, flight: Flight) -> None:
         """Take on another flight (an origin that ignores Range sends the rest too)."""
-        flight.fetch = self
+        if self.hi is None or flight.fetch is None:
+            flight.fetch = self
+        flight.fetches += 1
         self.flights.append(flight)
+
+    def missing(self) -> tuple[int, int] | None:
+        """The object bytes ``(start, end)`` (inclusive) this fetch still has to ask
+        for: from the first byte of its span not yet arrived to the end of its span;
+        None when there is none."""
+        todo = sorted((f for f in self.flights if not f.finished), key=lambda f: f.start)
+        start = None
+        for f in todo:
+            at = max(self.lo or 0, f.start) - f.start
+            if at < f.length and (gap := f.coverage.run_end(at)) < f.length:
+                start = f.start + gap
+                break
+        if start is None:
+            return None
+        stop = todo[-1].start + todo[-1].length
+        if self.hi is not None:
+            stop = min(stop, self.hi)
+        return (start, stop - 1) if start < stop else None
+
+    def end(self) -> list[Flight]:
+        """This fetch is over (once only): the flights no other fetch fills now."""
+        if self.ended:
+            return []
+        self.ended = True
+        for f in self.flights:
+            f.fetches -= 1
+        return [f for f in self.flights if f.fetches <= 0]
 
     @property
     def waiters(self) -> int:

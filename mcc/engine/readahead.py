@@ -24,6 +24,12 @@ and end in bursts, so a shorter epoch measures the burst, not the rate):
 A reader that is never starved (a slow client, or blocks already stored) never grows
 its window. ``readahead_blocks = 0`` turns read-ahead off, adaptive part included.
 
+Each fetch may cover a *run* of several blocks (one upstream request: see
+:mod:`mcc.engine.runs`); ``depth`` then counts runs, ``run`` blocks each. ``run``
+starts at 1 (so the window adapts at block pace while connections are what limits)
+and doubles, up to ``max_run``, after every epoch in which ``depth`` did not grow:
+once more connections stop paying, larger requests cut what each costs to start.
+
 Delivery Optimization asks for many ranges at once rather than one long one: each
 request claims only its own blocks (read-ahead stays inside the range asked), so its
 parallelism is the client's, and what keeps the origin safe is :class:`HostSlots`:
@@ -72,6 +78,8 @@ class Window:
     ceiling: int
     now: float = 0.0
     grown_by: int = 0  # how many times depth grew (for tests and logs)
+    max_run: int = 1  # the most blocks one fetch may cover
+    run: int = attrs.field(init=False, default=1)  # blocks per fetch now
     held: int = 0  # epochs left before depth may grow again
     off: bool = attrs.field(init=False, default=False)  # read-ahead off: never adapts
     _epoch_start: float = attrs.field(init=False)
@@ -91,7 +99,12 @@ class Window:
     @property
     def epoch(self) -> int:
         """Blocks in the current epoch."""
-        return max(_EPOCH_MIN, 2 * (self.depth + 1))
+        return max(_EPOCH_MIN, 2 * (self.depth + 1) * self.run)
+
+    @property
+    def ahead(self) -> int:
+        """Blocks kept claimed beyond the one being read: ``depth`` runs more."""
+        return (self.depth + 1) * self.run - 1
 
     def step(self, now: float, *, starved: bool, fill_seconds: float | None = None) -> None:
         """The reader moved past one block at time ``now``; ``starved`` when that block
@@ -121,6 +134,7 @@ class Window:
             self._last_rate = rate
             self._restart(now)
             return
+        self.run = min(self.max_run, self.run * 2)  # depth holds: fewer, larger requests
         self._just_grew = False
         self._last_rate = rate
         self._restart(now)
@@ -130,7 +144,10 @@ class Window:
         flight when fill times are known (it averages every block's whole fill, where
         the reader's pace moves in bursts), else the reader's own pace."""
         if self._epoch_fills:
-            return self._epoch_fills / self._epoch_fill_seconds * (self.depth + 1)
+            # (the blocks of a run fill one after another: on average (run + 1) / 2
+            # blocks' time from the claim)
+            per_fill = self._epoch_fills / self._epoch_fill_seconds
+            return per_fill * (self.depth + 1) * (self.run + 1) / 2
         elapsed = now - self._epoch_start
         return self._epoch_blocks / elapsed if elapsed > 0 else None
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import attrs
 import trio
 
-from ..store.check import blob_sizes, check_blob
+from ..store.check import blob_page, check_blob
 from ..store.store import Store
 
 __all__ = ["Scrub"]
@@ -29,6 +29,8 @@ log = logging.getLogger("mcc.engine")
 # Seconds between looks while the scrub is off or nothing is stored (a pass over a
 # full store starts right after the last one: the rate alone bounds its reads).
 _IDLE_PAUSE = 1.0
+# Blobs listed per index query (each a short query on the event loop).
+_PAGE = 256
 
 
 @attrs.define
@@ -59,23 +61,27 @@ class Scrub:
                 await trio.lowlevel.checkpoint()
 
     async def one_pass(self) -> bool:
-        """Check every blob stored when the pass starts, at the rate.
+        """Check every blob stored when the pass starts (and those stored meanwhile
+        past its place in digest order), at the rate, reading the list in pages.
 
         Returns:
           True when the pass ended, False when the scrub was turned off meanwhile.
         """
-        for digest, size in sorted(blob_sizes(self.store).items()):
-            rate = self.rate()
-            if rate <= 0:
-                return False
-            started = trio.current_time()
-            verdict = await check_blob(self.store, digest)
-            if verdict is not None:
-                self.checked_blobs += 1
-                self.checked_bytes += size
-            if verdict is False:
-                self.corrupt += 1
-            await trio.sleep_until(started + size / rate)
+        after = ""
+        while page := blob_page(self.store, after, _PAGE):
+            for digest, size in page:
+                rate = self.rate()
+                if rate <= 0:
+                    return False
+                started = trio.current_time()
+                verdict = await check_blob(self.store, digest)
+                if verdict is not None:
+                    self.checked_blobs += 1
+                    self.checked_bytes += size
+                if verdict is False:
+                    self.corrupt += 1
+                await trio.sleep_until(started + size / rate)
+            after = page[-1][0]
         self.passes += 1
         log.debug("scrub pass %d done: %d blobs so far", self.passes, self.checked_blobs)
         return True

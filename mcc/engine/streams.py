@@ -25,6 +25,8 @@ class Streaming(EngineParts):
         stream = self._streams.get((meta.key, meta.version))
         if stream is None or stream.pos > flight.start or stream.fetch.cancel_scope.cancel_called:
             return False
+        if stream.fetch.hi is not None and flight.start >= stream.fetch.hi:
+            return False  # a block's head answered whole: it stops at that block
         stream.fetch.add(flight)
         stream.by_index[flight.key.index] = flight
         self._orphans.discard(stream.fetch)

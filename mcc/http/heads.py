@@ -66,10 +66,12 @@ class HeadTemplates:
     def __init__(self) -> None:
         # (object key, version, fetch time) -> (fields, our Date?, our Server?)
         self._templates: dict[tuple[str, str, float], tuple[bytes, bool, bool]] = {}
+        self._status_lines: dict[str, bytes] = {}  # Cache-Status value -> its line
 
     def clear(self) -> None:
         """Forget every template (a reload may change which fields are sent)."""
         self._templates.clear()
+        self._status_lines.clear()
 
     def _template(
         self, meta: ObjectMeta, object_headers: Callable[[ObjectMeta], Sequence[tuple[str, str]]]
@@ -117,22 +119,36 @@ class HeadTemplates:
         template, our_date, our_server = self._template(meta, object_headers)
         if template is _NOT_TEMPLATABLE or status not in _STATUS_LINES:
             return None
-        tail = [("age", str(int(age(meta, time.time()))))]
+        status_line = b""
         if cache_status is not None:
-            tail.append(("cache-status", cache_status))
+            status_line = self._cache_status_line(cache_status)
+            if status_line is _NOT_TEMPLATABLE:
+                return None
+        range_line = b""
         if content_range is not None:
-            tail.append(("content-range", content_range))
-        parts = [_field(k, v) for k, v in tail]
-        if None in parts:
-            return None
+            range_line = _field("content-range", content_range) or _NOT_TEMPLATABLE
+            if range_line is _NOT_TEMPLATABLE:
+                return None
         head = b"".join(
             (
                 _STATUS_LINES[status],
                 b"Date: %s\r\n" % http_date().encode("ascii") if our_date else b"",
                 _SERVER_LINE if our_server else b"",
                 template,
-                *(p for p in parts if p),
+                b"Age: %d\r\n" % int(age(meta, time.time())),
+                status_line,
+                range_line,
                 b"Content-Length: %d\r\n\r\n" % length,
             )
         )
         return proto.preformatted_head(status, length, head)
+
+    def _cache_status_line(self, value: str) -> bytes:
+        """The Cache-Status line for ``value`` (a handful of values per node: kept)."""
+        line = self._status_lines.get(value)
+        if line is None:
+            line = _field("cache-status", value) or _NOT_TEMPLATABLE
+            if len(self._status_lines) >= MAX_TEMPLATES:
+                self._status_lines.clear()
+            self._status_lines[value] = line
+        return line

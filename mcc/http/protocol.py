@@ -42,6 +42,10 @@ _SERVER_BYTES = SERVER_NAME.encode("ascii")
 
 
 _date_cache: tuple[int, str] = (0, "")
+# The h11 events preformatted heads tell h11 of, by (status, Content-Length): events
+# are immutable, and a hit path repeats a few (the table starts again when full).
+_FRAMING_EVENTS: dict[tuple[int, int], h11.Response] = {}
+_MAX_FRAMING_EVENTS = 1024
 
 
 def http_date() -> str:
@@ -235,9 +239,15 @@ class ServerProtocol:
         conn = self._conn
         if conn.their_http_version != b"1.1" or not conn._cstate.keep_alive:
             return None
-        framing = [(b"content-length", b"%d" % content_length)]
-        # _parsed: the one field is ours and valid; h11's own rendering is dropped
-        conn.send(h11.Response(status_code=status, headers=framing, reason=b"", _parsed=True))
+        event = _FRAMING_EVENTS.get((status, content_length))
+        if event is None:
+            framing = [(b"content-length", b"%d" % content_length)]
+            # _parsed: the one field is ours and valid; h11's own rendering is dropped
+            event = h11.Response(status_code=status, headers=framing, reason=b"", _parsed=True)
+            if len(_FRAMING_EVENTS) >= _MAX_FRAMING_EVENTS:
+                _FRAMING_EVENTS.clear()
+            _FRAMING_EVENTS[(status, content_length)] = event
+        conn.send(event)
         return head
 
     def body(self, data: Any) -> list[Any]:

@@ -18,10 +18,13 @@ import re
 
 import attrs
 
+from ..headers import is_digits
+
 __all__ = [
     "UNSATISFIABLE",
     "ByteRange",
     "content_range",
+    "first_byte",
     "if_range_matches",
     "parse_range",
 ]
@@ -123,3 +126,12 @@ def if_range_matches(value: str, etag: str | None, last_modified: str | None) ->
 def content_range(r: ByteRange, size: int) -> str:
     """The Content-Range value for ``r`` of an object of ``size`` bytes."""
     return f"bytes {r.start}-{r.end}/{size}"
+
+
+def first_byte(range_header: str | None) -> int:
+    """The first byte a Range header asks for (for discovery's block hint); 0 if unsure."""
+    if not range_header or "=" not in range_header:
+        return 0
+    first = range_header.split("=", 1)[1].split(",")[0].strip()
+    start = first.split("-")[0].strip()
+    return int(start) if is_digits(start) and len(start) < 19 else 0

@@ -33,17 +33,26 @@ from ..policy import age, end_to_end, invalidated, replayed_fields
 from ..store.records import ObjectMeta
 from .heads import HeadTemplates
 from .protocol import END_OF_BODY, NEED_DATA, Request, ServerProtocol
-from .ranges import UNSATISFIABLE, ByteRange, content_range, if_range_matches, parse_range
+from .ranges import (
+    UNSATISFIABLE,
+    ByteRange,
+    content_range,
+    first_byte,
+    if_range_matches,
+    parse_range,
+)
 from .routing import OwnNames, route_request
 from .sendfile import (  # the closing helpers are re-exported for the server
     ClientStream,
     SendfileBody,
     linger,
     push,
+    raw_socket,
     send_bytes,
     send_final,
     send_quiet,
     sendfile,
+    socket_stream,
 )
 from .tls import file_pieces
 
@@ -80,6 +89,8 @@ class Conn:
         self.stream = stream
         self.tls = isinstance(stream, trio.SSLStream)
         self.sock = socket_stream(stream).socket
+        # plain sockets: reads and writes without trio's schedule points (sendfile.py)
+        self.raw = None if self.tls else raw_socket(self.sock)
         self.peer = peer
         self.proto = ServerProtocol(max_head)
         self.idle_scope: trio.CancelScope | None = None
@@ -122,7 +133,7 @@ class Responses:
 
     async def _answer_cached(self, conn: Conn, req: Request, url: str, rec: AccessRecord) -> bool:
         cache = self.cache
-        first = _first_byte(req.header("range"))
+        first = first_byte(req.header("range"))
         via = req.header_list("via")
         reader = object()  # this request, for telling its own fetches from joined ones
         found = await cache.lookup(
@@ -270,8 +281,8 @@ class Responses:
                     body = SendfileBody(seg.fd, seg.offset, seg.length)
                     for piece in conn.proto.body(body):
                         if piece is body:
-                            with trio.fail_after(self._send_limit(seg.length)):
-                                rec.bytes += await sendfile(conn.sock, body)
+                            limit = self._send_limit(seg.length)  # time for this slice
+                            rec.bytes += await sendfile(conn.sock, body, limit)
                         else:
                             await self._send_all(conn, piece)
                 else:  # bytes in memory, or a stored block read for TLS (no sendfile)
@@ -379,12 +390,19 @@ class Responses:
         if conn.tls:
             await self._send_all(conn, head)
         else:
-            await send_bytes(conn.sock, head, more=True)
+            limit = self._send_limit(len(head))
+            await send_bytes(conn.sock, head, more=True, raw=conn.raw, limit=limit)
+            await trio.lowlevel.cancel_shielded_checkpoint()  # a response's one yield
 
     async def _send_all(self, conn: Conn, data: bytes) -> None:
-        if data:
-            with trio.fail_after(self._send_limit(len(data))):
-                await conn.stream.send_all(data)
+        if not data:
+            return
+        limit = self._send_limit(len(data))
+        if conn.raw is not None:
+            await send_bytes(conn.sock, data, raw=conn.raw, limit=limit)
+            return
+        with trio.fail_after(limit):
+            await conn.stream.send_all(data)
 
     async def _error(self, conn: Conn, rec: AccessRecord, status: int, message: str) -> bool:
         data = conn.proto.error_response(status, message)
@@ -426,17 +444,3 @@ class Responses:
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
             address = address.ipv4_mapped
         return address.is_loopback
-
-
-def socket_stream(stream: ClientStream) -> trio.SocketStream:
-    """The TCP stream under ``stream`` (itself, or what TLS runs over)."""
-    return stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
-
-
-def _first_byte(range_header: str | None) -> int:
-    """The first byte a Range header asks for (for discovery's block hint); 0 if unsure."""
-    if not range_header or "=" not in range_header:
-        return 0
-    first = range_header.split("=", 1)[1].split(",")[0].strip()
-    start = first.split("-")[0].strip()
-    return int(start) if is_digits(start) and len(start) < 19 else 0

@@ -26,9 +26,12 @@ import attrs
 from ..errors import BadRequest
 from ..origins import split_host_port
 
-__all__ = ["OwnNames", "Route", "route_request"]
+__all__ = ["OwnNames", "Route", "RouteMemo", "host_of", "route_request"]
 
 _DO_PARAM = "cachehostorigin"
+# Routes a RouteMemo keeps (it starts again when full), and the longest target kept.
+_MEMO_ROUTES = 4096
+_MEMO_TARGET_MAX = 1024
 
 
 @attrs.frozen
@@ -142,3 +145,48 @@ def _origin(host: str, port: int, scheme_for: Callable[[str, int], str] | None) 
 def _join(host: str, port: int, default_port: int = 80) -> str:
     h = f"[{host}]" if ":" in host else host
     return h if port == default_port else f"{h}:{port}"
+
+
+class RouteMemo:
+    """Routes already worked out, by (target, Host): a hit repeats a few targets.
+    Clear it when anything else :func:`route_request` reads changes (a reload, the
+    ports bound); refusals are not kept."""
+
+    def __init__(self) -> None:
+        self._routes: dict[tuple[str, str | None], Route] = {}
+
+    def clear(self) -> None:
+        """Forget every route."""
+        self._routes.clear()
+
+    def route(
+        self,
+        target: str,
+        host_header: str | None,
+        own: OwnNames,
+        origin: str | None,
+        scheme_for: Callable[[str, int], str] | None = None,
+    ) -> Route:
+        """:func:`route_request`, remembered.
+
+        Raises:
+          BadRequest: as route_request.
+        """
+        key = (target, host_header)
+        found = self._routes.get(key)
+        if found is not None:
+            return found
+        found = route_request(target, host_header, own, origin, scheme_for)
+        if len(target) <= _MEMO_TARGET_MAX:
+            if len(self._routes) >= _MEMO_ROUTES:
+                self._routes.clear()
+            self._routes[key] = found
+        return found
+
+
+def host_of(url: str) -> str | None:
+    """The ``host[:port]`` of an http(s) URL, or None."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("http", "https"):
+        return None
+    return rest.split("/", 1)[0] or None

@@ -15,7 +15,7 @@ import trio
 from ..config import Config
 from ..engine.engine import Cache
 from ..engine.opening import open_cache, open_shared_cache
-from ..memory import periodic_trim
+from ..memory import freeze_startup_objects, periodic_trim
 from ..ops.accesslog import configure_logging
 from ..ops.admin import AdminServer
 from ..ops.collector import NodeCollector
@@ -70,6 +70,7 @@ async def _main(
             if worker is not None:
                 own = NodeCollector(cache, server.metrics, lambda: server.open_connections)
                 nursery.start_soon(Publisher(worker.slots.slot(worker.index), own).run)
+            freeze_startup_objects()  # no full GC pass walks them under load
             if worker is None or worker.index == 0:
                 stored = [cache.store.stored_bytes_on(i) for i in range(len(config.drives))]
                 for line in banner(config, ports + server.tls_ports, admin_port, stored):

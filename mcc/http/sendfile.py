@@ -2,11 +2,22 @@
 
 Only this module and ``server.py`` touch client sockets. The closing helpers
 (:func:`send_final`, :func:`send_quiet`, :func:`linger`) live here too.
+
+On a plain socket a hit's reads and writes go to the standard-library socket under
+trio's (:func:`raw_socket`): trio's own calls add a schedule point after every
+successful call and a cancel scope per timeout, about a tenth of a small hit's time.
+Here a call that the kernel takes at once costs no more than the syscall, and a
+cancel scope is made only when a call has to wait. A response still yields once,
+after its head (see ``Responses._send_head``), and a read that finds bytes waiting
+once (``Server._read_head``). Measured with 64 connections of 64 KiB hits: with no
+yield between head and body each response ran to its end in one step, and the p99
+latency was 2-3 times worse, with no more requests served.
 """
 
 from __future__ import annotations
 
 import errno
+import math
 import os
 import socket
 
@@ -17,10 +28,13 @@ __all__ = [
     "SendfileBody",
     "linger",
     "push",
+    "raw_socket",
+    "receive_nowait",
     "send_bytes",
     "send_final",
     "send_quiet",
     "sendfile",
+    "socket_stream",
 ]
 
 ClientStream = trio.SocketStream | trio.SSLStream[trio.SocketStream]
@@ -47,14 +61,82 @@ class SendfileBody:
         return self.length
 
 
-async def send_bytes(sock: trio.socket.SocketType, data: bytes, *, more: bool = False) -> None:
+def socket_stream(stream: ClientStream) -> trio.SocketStream:
+    """The TCP stream under ``stream`` (itself, or what TLS runs over)."""
+    return stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+
+
+def raw_socket(sock: trio.socket.SocketType) -> socket.socket | None:
+    """The standard-library socket under trio's, for calls without trio's schedule
+    points (non-blocking, as trio set it); None when trio keeps none where expected
+    (callers then go through trio)."""
+    raw = getattr(sock, "_sock", None)
+    return raw if isinstance(raw, socket.socket) else None
+
+
+def receive_nowait(raw: socket.socket, size: int) -> bytes | None:
+    """Bytes the client sent that are waiting now (``b""``: it closed), or None when
+    none are: then wait with ``trio.lowlevel.wait_readable``. Not a schedule point:
+    the caller yields once per request.
+
+    Raises:
+      trio.BrokenResourceError: the connection broke (reset, or closed under us).
+    """
+    try:
+        return raw.recv(size)
+    except BlockingIOError:
+        return None
+    except OSError as exc:
+        raise trio.BrokenResourceError(f"receive failed: {exc}") from exc
+
+
+async def send_bytes(
+    sock: trio.socket.SocketType,
+    data: bytes,
+    *,
+    more: bool = False,
+    raw: socket.socket | None = None,
+    limit: float = math.inf,
+) -> None:
     """Send all of ``data``; ``more`` tells the kernel a body follows (MSG_MORE), so a
-    small head and the first body bytes leave in one packet despite TCP_NODELAY."""
+    small head and the first body bytes leave in one packet despite TCP_NODELAY.
+    Through ``raw`` (:func:`raw_socket`) when given: then a send the kernel takes at
+    once is no schedule point, and waits for room are bounded by ``limit`` seconds.
+
+    Raises:
+      trio.TooSlowError: the socket had no room for ``limit`` seconds.
+      OSError: the connection broke.
+    """
     flags = socket.MSG_MORE if more and _HAS_MSG_MORE else 0
     view = memoryview(data)
+    if raw is None:
+        while view:
+            sent = await sock.send(view, flags)
+            view = view[sent:]
+        return
+    await trio.lowlevel.checkpoint_if_cancelled()
+    deadline = math.inf
     while view:
-        sent = await sock.send(view, flags)
+        try:
+            sent = raw.send(view, flags)
+        except BlockingIOError:
+            if deadline == math.inf:
+                deadline = trio.current_time() + limit
+            await _wait_writable(sock, deadline)
+            continue
         view = view[sent:]
+
+
+async def _wait_writable(sock: trio.socket.SocketType, deadline: float) -> None:
+    """Wait for room in the socket's buffer until ``deadline`` (trio's clock).
+
+    Raises:
+      trio.TooSlowError: no room came in time.
+    """
+    with trio.move_on_at(deadline) as scope:
+        await trio.lowlevel.wait_writable(sock)
+    if scope.cancelled_caught:
+        raise trio.TooSlowError
 
 
 def push(sock: trio.socket.SocketType) -> None:
@@ -72,15 +154,21 @@ def push(sock: trio.socket.SocketType) -> None:
         pass  # the connection is gone; the caller finds out on its next send
 
 
-async def sendfile(sock: trio.socket.SocketType, body: SendfileBody) -> int:
+async def sendfile(
+    sock: trio.socket.SocketType, body: SendfileBody, limit: float = math.inf
+) -> int:
     """Copy ``body`` from its file to the socket in the kernel; returns bytes sent.
+    Waits for room in the socket are bounded by ``limit`` seconds in all (counted
+    from the first wait: a body the kernel takes at once makes no cancel scope).
 
     Raises:
+      trio.TooSlowError: the client read too slowly.
       OSError: the file is shorter than promised (EIO), or the socket broke.
     """
     fd, offset, remaining = body.fd, body.offset, body.length
     out = sock.fileno()
     sent_total = 0
+    deadline = math.inf
     while remaining:
         await trio.lowlevel.checkpoint_if_cancelled()
         try:
@@ -90,7 +178,9 @@ async def sendfile(sock: trio.socket.SocketType, body: SendfileBody) -> int:
             # wait unsent, and a partial sendfile leaves them corked ("more to come"):
             # without a push it stays full until the kernel's 200 ms cork timer fires.
             push(sock)
-            await trio.lowlevel.wait_writable(sock)
+            if deadline == math.inf:
+                deadline = trio.current_time() + limit
+            await _wait_writable(sock, deadline)
             continue
         if n == 0:  # the file ended early: never spin, never send short bodies quietly
             raise OSError(errno.EIO, "blob file shorter than its index entry")

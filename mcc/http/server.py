@@ -38,7 +38,7 @@ from ..ops.accesslog import AccessRecord, run_access_flusher, write_access
 from ..ops.metrics import Metrics
 from ..ops.sockets import open_tcp_listeners
 from ..upstream.peers import NODE_HEADER, PEER_HEADER, answering_peer
-from .protocol import CLOSED, NEED_DATA, Request
+from .protocol import CLOSED, END_OF_BODY, NEED_DATA, Request
 from .responses import (
     RECEIVE_SIZE,
     ClientGone,
@@ -50,7 +50,8 @@ from .responses import (
     send_quiet,
     socket_stream,
 )
-from .routing import OwnNames, route_request
+from .routing import OwnNames, RouteMemo, host_of, route_request
+from .sendfile import receive_nowait
 from .tls import ServerCertificate
 
 __all__ = ["Server"]
@@ -60,14 +61,7 @@ log = logging.getLogger("mcc.http")
 # After an error response: how long, and how many bytes, to keep reading before close
 # (nginx's lingering_close does the same, with 5 s).
 _LINGER_SECONDS = 2.0
-_LINGER_BYTES = 1024 * 1024
-# Bytes per send for in-memory chunks; a response is written in pieces this size so
-# the send timeout bounds the time any one piece may take (slow-reader floor).
-_SEND_PIECE = 256 * 1024
 _CREDENTIAL_HEADERS = ("authorization", "cookie")
-_REQUEST_HEADERS_FORWARDED_EXCLUDE = frozenset(
-    {"host", "connection", "keep-alive", "te", "upgrade", "proxy-connection", "proxy-authorization"}
-)
 
 
 class Server(Responses):
@@ -97,12 +91,14 @@ class Server(Responses):
         self.certificate: ServerCertificate | None = None
         self._tls_listeners: set[trio.SocketListener] = set()
         self.admin_port: int | None = None  # named in /health answers, for cluster views
+        self.routes = RouteMemo()  # a hit's route, without parsing its target again
 
     def reconfigure(self, config: Config) -> None:
         """Use a reloaded config for new requests (listen and node_id stay as they were);
         the TLS certificate is read again (a renewed one, or new paths)."""
         self.config = config
         self.heads.clear()  # hit heads are formatted afresh under the new config
+        self.routes.clear()  # as routes: origin and allowlist (schemes) may change
         if self.certificate is not None:
             try:
                 self.certificate.reload(config.tls_cert, config.tls_key)
@@ -138,6 +134,7 @@ class Server(Responses):
         if any(a.port == 0 for a in (*self.config.listen, *self.config.listen_tls)):
             ports = set(self.own.ports) | set(self.ports) | set(self.tls_ports)
             self.own = OwnNames(self.own.hosts, frozenset(ports))
+            self.routes.clear()
         return listeners
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -273,9 +270,10 @@ class Server(Responses):
                 return
             try:
                 keep = await self._answer(conn, request)
-                if keep and not proto.client_done:
+                # a body-less GET's end is waiting in h11: taken here, with no generator
+                if keep and not proto.client_done and proto.next_event() is not END_OF_BODY:
                     async for _ in self._read_body(conn):
-                        pass  # a body-less GET's end, or what a forward left unread
+                        pass  # what a forward left unread
             except (ClientGone, BadRequest, trio.TooSlowError):
                 return
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -287,7 +285,6 @@ class Server(Responses):
     async def _read_head(self, conn: Conn) -> Request | None:
         """The next request head; None when the client closed or idled out."""
         proto = conn.proto
-        t = self.config.timeouts
         head_deadline = math.inf
         while True:
             event = proto.next_event()
@@ -298,30 +295,50 @@ class Server(Responses):
             if event is not NEED_DATA:
                 raise BadRequest("body bytes where a request head was expected")
             if proto.has_partial_request and head_deadline == math.inf:
-                head_deadline = trio.current_time() + t.request_head
-            deadline = (
-                head_deadline if head_deadline != math.inf else trio.current_time() + t.keepalive
-            )
-            with trio.CancelScope(deadline=deadline) as scope:
-                if head_deadline == math.inf:
-                    conn.idle_scope = scope
-                    if self.draining:
-                        scope.cancel()
-                try:
-                    data = await conn.stream.receive_some(RECEIVE_SIZE)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    return None
-                finally:
-                    conn.idle_scope = None
-            if scope.cancelled_caught:
-                if head_deadline != math.inf and not self.draining:
-                    log.info(
-                        "%s: request head not complete in %.0fs: closing", conn.peer, t.request_head
-                    )
+                head_deadline = trio.current_time() + self.config.timeouts.request_head
+            data: bytes | bytearray | None = None
+            try:
+                if conn.raw is not None:
+                    data = receive_nowait(conn.raw, RECEIVE_SIZE)
+            except trio.BrokenResourceError:
                 return None
+            if data is None:  # none waiting: wait, under the head or keep-alive timeout
+                data = await self._wait_bytes(conn, head_deadline)
+                if data is None:
+                    return None
+            else:  # bytes were waiting: no timeout to arm, and one schedule point
+                await trio.lowlevel.cancel_shielded_checkpoint()
             proto.receive_data(data)
             if data and head_deadline == math.inf:
-                head_deadline = trio.current_time() + t.request_head
+                head_deadline = trio.current_time() + self.config.timeouts.request_head
+
+    async def _wait_bytes(self, conn: Conn, head_deadline: float) -> bytes | bytearray | None:
+        """The client's next bytes (b"": it closed), waited for until ``head_deadline``,
+        or for the keep-alive timeout while idle (``inf``); None when that passed, the
+        node drains an idle connection, or the connection broke."""
+        t = self.config.timeouts
+        idle = head_deadline == math.inf
+        deadline = trio.current_time() + t.keepalive if idle else head_deadline
+        with trio.CancelScope(deadline=deadline) as scope:
+            if idle:
+                conn.idle_scope = scope
+                if self.draining:
+                    scope.cancel()
+            try:
+                if conn.raw is None:  # TLS: through trio's stream
+                    return await conn.stream.receive_some(RECEIVE_SIZE)
+                while True:
+                    await trio.lowlevel.wait_readable(conn.sock)
+                    data = receive_nowait(conn.raw, RECEIVE_SIZE)
+                    if data is not None:
+                        return data
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                return None
+            finally:
+                conn.idle_scope = None
+        if not idle and not self.draining:
+            log.info("%s: request head not complete in %.0fs: closing", conn.peer, t.request_head)
+        return None
 
     async def _answer(self, conn: Conn, req: Request) -> bool:
         """Answer ``req``; True when the connection may carry another request."""
@@ -370,7 +387,7 @@ class Server(Responses):
             if peer:
                 self.cache.upstream.peers.served_bytes += rec.bytes
             write_access(rec)
-            self.metrics.record(rec.cache, rec.bytes, rec.duration, _host_of(rec.url), rec.url)
+            self.metrics.record(rec.cache, rec.bytes, rec.duration, host_of(rec.url), rec.url)
         return keep
 
     async def _dispatch(self, conn: Conn, req: Request, rec: AccessRecord) -> bool:
@@ -390,12 +407,9 @@ class Server(Responses):
                 ids.append(("x-mcc-admin-port", str(self.admin_port)))
             await self._send_simple(conn, 204, ids, b"")
             return True
-        route = route_request(
-            req.target,
-            req.header("host"),
-            self.own,
-            self.config.origin,
-            self.cache.policy.upstream_scheme,
+        policy = self.cache.policy
+        route = self.routes.route(
+            req.target, req.header("host"), self.own, self.config.origin, policy.upstream_scheme
         )
         rec.url = route.url
         self.cache.resolve(route.url)  # 403 for hosts not allowed, before anything else
@@ -420,10 +434,3 @@ class Server(Responses):
         except BadRequest:
             return True
         return False
-
-
-def _host_of(url: str) -> str | None:
-    scheme, sep, rest = url.partition("://")
-    if not sep or scheme not in ("http", "https"):
-        return None
-    return rest.split("/", 1)[0] or None

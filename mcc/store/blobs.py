@@ -355,17 +355,17 @@ class BlockWriter:
         self.dirs: tuple[Path, ...] = ()  # after commit(): the folders to fsync
         self._closed = False
 
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Append ``data`` (blocking; page-cache speed).
+    def write(self, data: bytes | bytearray | memoryview, at: int | None = None) -> None:
+        """Write ``data`` at offset ``at`` (default: append; blocking, page-cache speed).
 
         Raises:
           OSError: the drive is full or failing; what was written before stays readable.
         """
-        view = memoryview(data)
+        view, pos = memoryview(data), self.length if at is None else at
         while view:
-            n = os.pwrite(self.fd, view, self.length)
-            self.length += n
-            view = view[n:]
+            n = os.pwrite(self.fd, view, pos)
+            pos, view = pos + n, view[n:]
+        self.length = max(self.length, pos)
 
     def commit(self) -> str:
         """Hash the file, fsync it (when the store is durable) and install it as a

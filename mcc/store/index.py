@@ -17,6 +17,8 @@ What does not fit on the event loop is sqlite's automatic checkpoint, which copi
 the WAL into the database and fsyncs it inside some unlucky commit (46 ms seen).
 Automatic checkpoints are therefore off; :meth:`Index.checkpoint` runs them from a
 worker thread on a connection of its own (a PASSIVE checkpoint never blocks writers).
+Access times are written the same way (:mod:`.touches`): the main connection is
+used by the event loop's thread only.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import Any, TypeVar
 
 from .records import ObjectMeta
 from .schema import SCHEMA_VERSION, Tx, open_database
+from .touches import TOUCH_SQL, write_access_times
 
 __all__ = ["SCHEMA_VERSION", "Index"]
 
@@ -321,10 +324,6 @@ class Index:
             self._maps.move_to_end(mk)
         return blocks
 
-    def forget_maps(self) -> None:
-        """Drop every cached block map (another process wrote the table)."""
-        self._maps.clear()
-
     def _forget_maps(self, key: str) -> None:
         for mk in [mk for mk in self._maps if mk[0] == key]:
             del self._maps[mk]
@@ -396,12 +395,21 @@ class Index:
         """Write the access times recorded since the last flush (one transaction)."""
         if not self._touched:
             return
-        pending, self._touched = self._touched, {}
+        pending = self.take_touches()
         with self._tx():
-            self._db.executemany(
-                "UPDATE blobs SET last_access=? WHERE digest=?",
-                [(t, d) for d, t in pending.items()],
-            )
+            self._db.executemany(TOUCH_SQL, [(t, d) for d, t in pending.items()])
+
+    def take_touches(self) -> dict[str, float]:
+        """The access times recorded since the last flush, digest -> time, for
+        :meth:`write_touches`; they are no longer pending here."""
+        pending, self._touched = self._touched, {}
+        return pending
+
+    @_writes
+    def write_touches(self, pending: dict[str, float]) -> None:
+        """Write access times taken with :meth:`take_touches`, on a connection of its
+        own (:mod:`.touches`). Blocking: call it from a worker thread."""
+        write_access_times(self.path, pending)
 
     def lru_digests(self, drive: int, limit: int) -> list[tuple[str, int]]:
         """The least recently used blobs of drive ``drive``: (digest, size), oldest first."""
@@ -414,13 +422,20 @@ class Index:
             )
         ]
 
+    def digests_after(self, after: str, limit: int) -> list[tuple[str, int]]:
+        """Up to ``limit`` blobs whose digest sorts after ``after``, in digest order,
+        with their sizes (a walk in pages: one page is a short query on the loop)."""
+        return [
+            (str(r[0]), int(r[1]))
+            for r in self._db.execute(
+                "SELECT digest, size FROM blobs WHERE digest > ? ORDER BY digest LIMIT ?",
+                (after, limit),
+            )
+        ]
+
     def all_digests(self) -> dict[str, int]:
         """Every blob the index knows, with its size."""
         return dict(self._db.execute("SELECT digest, size FROM blobs").fetchall())
-
-    def reload_usage(self) -> None:
-        """Sum the per-drive totals again from the table (other processes wrote it)."""
-        self._load_usage()
 
     def stored_bytes_on(self, drive: int) -> int:
         """Total size of the blobs on drive number ``drive`` (kept in memory: O(1))."""

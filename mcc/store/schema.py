@@ -137,11 +137,12 @@ class Tx:
     """BEGIN IMMEDIATE; then COMMIT on success, ROLLBACK on any exception.
 
     The connection runs with ``isolation_level=None`` (sqlite3 opens no transaction
-    by itself), so each multi-statement change is wrapped in one of these. IMMEDIATE
-    takes the write lock at the start, waiting (the connection's busy timeout) while
-    another process writes: a deferred transaction that read before it wrote would
-    fail at once with "database is locked" when another process wrote meanwhile (the
-    workers of ``--workers`` share the index).
+    by itself), so each multi-statement change is wrapped in one of these.
+    IMMEDIATE takes the write lock first, waiting (the busy timeout) while another
+    connection holds it (the access-time writer, :mod:`.touches`, or another worker
+    of ``--workers``): a deferred transaction that read first could not take it after
+    that writer committed ("database is locked" at once, the wait skipped:
+    SQLITE_BUSY_SNAPSHOT).
     """
 
     def __init__(self, db: sqlite3.Connection, on_rollback: Callable[[], None]) -> None:

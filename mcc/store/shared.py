@@ -140,7 +140,7 @@ class SharedStore(Store):
         if self.generation.moved(self._seen):
             self._seen = self.generation.current()
             self.foreign_changes += 1
-            self.index.forget_maps()
+            self.index._maps.clear()  # (rows another worker wrote)
             self._retire_fds()
             self._usage_stale = True
         return self.foreign_changes
@@ -250,4 +250,4 @@ class SharedStore(Store):
     def _reload_usage(self) -> None:
         self._usage_stale = False
         self._usage_at = time.monotonic()
-        self.index.reload_usage()
+        self.index._load_usage()  # (summed from the table)

@@ -28,7 +28,8 @@ blocks, never of SQL or paths.
   (:mod:`.recovery`: what it finds, why, and the counts in :attr:`Store.recovery`).
 
 Everything here runs on the trio thread except what is marked as blocking I/O, which
-goes to worker threads (hashing, installing, deleting batches, checkpoints).
+goes to worker threads (hashing, installing, deleting batches, checkpoints, access
+times).
 """
 
 from __future__ import annotations
@@ -56,8 +57,10 @@ log = logging.getLogger("mcc.store")
 # Eviction starts above HIGH_WATER x max_size and stops at LOW_WATER x max_size.
 HIGH_WATER = 0.95
 LOW_WATER = 0.90
-# Blobs evicted per index query.
+# Blobs evicted per index query, and between two yields to the event loop (each is a
+# transaction: 256 in a row held the loop for tens of ms).
 _EVICT_BATCH = 256
+_EVICT_YIELD = 16
 # How often access times are written and the index's WAL checkpointed (see index.py).
 _CHECKPOINT_SECONDS = 2.0
 
@@ -344,12 +347,20 @@ class Store:
     async def _checkpoints(self) -> None:
         while True:
             await trio.sleep(_CHECKPOINT_SECONDS)
-            try:
-                self.index.flush_touches()
-            except OSError as exc:
-                log.debug("could not record access times: %s", exc)
+            await self.write_touches()
             await trio.to_thread.run_sync(self.index.checkpoint)
             self._maybe_evict(0)  # the index grows too
+
+    async def write_touches(self) -> None:
+        """Write the access times recorded since the last time, in a worker thread on
+        a connection of its own (a few thousand rows took tens of ms on the loop)."""
+        pending = self.index.take_touches()
+        if not pending:
+            return
+        try:
+            await trio.to_thread.run_sync(self.index.write_touches, pending)
+        except OSError as exc:  # only the LRU order suffers
+            log.debug("could not record access times: %s", exc)
 
     async def reconcile(self) -> tuple[int, int]:
         """Make the index and the blob files agree after a crash (see
@@ -369,6 +380,7 @@ class Store:
         cannot make room (an index grown by many small objects), records without
         blocks are dropped oldest first."""
         evicted = 0
+        await self.write_touches()  # off the loop: the LRU query below then flushes little
         for i, drive in enumerate(self.blobs.drives):
             used = self.used_bytes_on(i)
             free = self.blobs.free_space(drive)  # one statvfs: never queued behind fsyncs
@@ -389,10 +401,12 @@ class Store:
                         used = self.used_bytes_on(i)
                         continue
                     break
-                for digest, size in batch:
+                for n, (digest, size) in enumerate(batch, 1):
                     self.index.drop_digest(digest, empty_objects=True)
                     used -= size
                     evicted += 1
+                    if n % _EVICT_YIELD == 0:  # one transaction each: let requests run
+                        await trio.lowlevel.checkpoint()
                     if used <= target:
                         batch = batch[: batch.index((digest, size)) + 1]
                         break

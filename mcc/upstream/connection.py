@@ -26,11 +26,13 @@ import trio
 
 from ..errors import Refused, UpstreamError
 from ..headers import HOP_BY_HOP, is_digits
+from .splice import Splicer
 from .tls import describe_tls_error, is_verify_error
 
 __all__ = [
     "HOP_BY_HOP",
     "MAX_RESPONSE_HEAD",
+    "RECEIVE_SIZE",
     "Connection",
     "Route",
     "UpstreamResponse",
@@ -42,7 +44,7 @@ __all__ = [
 
 # Bytes asked of the socket per receive: large enough that a 1 MiB block takes
 # a few dozen calls, small enough to bound the memory one connection holds.
-_RECEIVE_SIZE = 256 * 1024
+RECEIVE_SIZE = 256 * 1024
 # RFC 9110 s5.4 leaves the limit to us; h11's default (16 KiB) refuses larger heads.
 MAX_RESPONSE_HEAD = 64 * 1024
 
@@ -109,7 +111,7 @@ class Connection:
             event = self.h11.next_event()
             if event is h11.NEED_DATA:
                 with trio.fail_after(read_timeout):
-                    data = bytes(await self.stream.receive_some(_RECEIVE_SIZE))
+                    data = bytes(await self.stream.receive_some(RECEIVE_SIZE))
                 if self.h11.their_state is h11.SEND_RESPONSE:
                     self._head = _head_so_far(self._head + data if self._head else data)
                 self.h11.receive_data(data)  # bytes(): no copy for a plain socket's bytes
@@ -277,6 +279,46 @@ class UpstreamResponse:
             self._finish_direct(self._pending)
         return n
 
+    @property
+    def can_splice(self) -> bool:
+        """True when :meth:`splice_into` may be used now: a Content-Length body on a
+        plain TCP socket, with no body bytes already read past the head."""
+        return (
+            self._direct_remaining is not None
+            and not self._pending
+            and isinstance(self._conn.stream, trio.SocketStream)
+        )
+
+    async def splice_into(self, splicer: Splicer, fd: int, offset: int, count: int) -> int:
+        """Move up to ``count`` body bytes into file ``fd`` at ``offset`` (see
+        :mod:`mcc.upstream.splice`); returns how many (0 at the end).
+
+        Raises:
+          UpstreamError: as :meth:`receive`.
+          FileWriteError: the file could not be written (this call's bytes are lost).
+        """
+        remaining = self._direct_remaining
+        if self.complete or remaining is None:
+            return 0
+        if remaining == 0:
+            self._finish_direct(b"")
+            return 0
+        stream = self._conn.stream
+        assert isinstance(stream, trio.SocketStream) and not self._pending
+        with map_errors(self.route, "reading the body"), trio.fail_after(self._timeout):
+            n = await splicer.move(stream.socket, fd, offset, min(count, remaining))
+        if not n:
+            raise UpstreamError(
+                f"{self.route.name}: connection closed {remaining} bytes before the end of the body"
+            )
+        remaining -= n
+        self._direct_remaining = remaining
+        if self._counters is not None:
+            self._counters.bytes_received += n
+        if remaining == 0:
+            self._finish_direct(b"")
+        return n
+
     async def _receive_direct(self) -> bytes:
         remaining = self._direct_remaining
         assert remaining is not None
@@ -287,7 +329,7 @@ class UpstreamResponse:
             data, self._pending = self._pending[:remaining], self._pending[remaining:]
         else:
             with map_errors(self.route, "reading the body"), trio.fail_after(self._timeout):
-                data = bytes(await self._conn.stream.receive_some(min(remaining, _RECEIVE_SIZE)))
+                data = bytes(await self._conn.stream.receive_some(min(remaining, RECEIVE_SIZE)))
             if not data:
                 raise UpstreamError(
                     f"{self.route.name}: connection closed {remaining} bytes before the "

@@ -38,6 +38,7 @@ from ..errors import NotCacheable, UpstreamError
 from ..headers import is_digits, parse_content_range, parse_unsatisfied_range
 from .client import Upstream, UpstreamResponse, parse_http_url, quote_target
 from .progress import Progress, Stalled
+from .splice import Splicer
 
 __all__ = ["MAX_REDIRECTS", "Conditions", "Fetched", "Fetcher"]
 
@@ -125,6 +126,32 @@ class Fetched:
             await self._expect_end()
             return 0
         n = await self._guarded(self._resp.receive_into(buf[:want]))
+        self._judge(n)
+        if not n:
+            self._check_short()
+        self._pos += n
+        return n
+
+    @property
+    def can_splice(self) -> bool:
+        """True when :meth:`splice_into` may be used now (a Content-Length body on a
+        plain TCP connection: :mod:`mcc.upstream.splice`)."""
+        return self._direct and self._resp.can_splice
+
+    async def splice_into(self, splicer: Splicer, fd: int, offset: int, count: int) -> int:
+        """Move up to ``count`` body bytes into file ``fd`` at ``offset``; returns how
+        many (0 at the end). The same promise as :meth:`receive_into`: no byte past
+        the span, a body ending early fails.
+
+        Raises:
+          UpstreamError: as :meth:`receive_into`.
+          FileWriteError: the file could not be written.
+        """
+        want = count if self.stop is None else min(count, self.stop - self._pos)
+        if want <= 0:
+            await self._expect_end()
+            return 0
+        n = await self._guarded(self._resp.splice_into(splicer, fd, offset, want))
         self._judge(n)
         if not n:
             self._check_short()
