@@ -137,3 +137,32 @@ async def test_an_fd_two_readers_share_outlives_the_first_release(tmp_path: Path
     finally:
         a.close()
         b.close()
+
+
+async def test_ranges_inside_blocks_and_whole_reads_meet_in_order_fills(
+    origin: Origin, pair: tuple[Cache, Cache]
+) -> None:
+    """With several workers a block's fill file grows from the block's start (a
+    follower in another worker reads it up to its size), so a cold range starting
+    inside a block is not split into tail-first fetches there (mcc.engine.runs):
+    every reader gets right bytes and every byte comes from the origin once."""
+    origin.put("/m.bin", DATA)
+    origin.chunk_size = 8 * 1024
+    origin.faults["/m.bin"] = Fault(body_delay=0.01)  # a block takes ~80 ms
+    starts = [B // 2, 3 * B + 40_000, 0, 5 * B + 100, B + 20_000, 0, B, 3 * B]
+    got: dict[int, bytes] = {}
+
+    async def one(i: int, start: int) -> None:
+        if i % 2:  # the second worker's readers come while the first one's fills run
+            await trio.sleep(0.03)
+        pieces = [p async for p in pair[i % 2].read(origin.url("/m.bin"), start)]
+        got[i] = b"".join(pieces)
+
+    async with trio.open_nursery() as n:
+        for i, start in enumerate(starts):
+            n.start_soon(one, i, start)
+    assert [got[i] for i in range(len(starts))] == [DATA[s:] for s in starts]
+    assert origin.body_bytes == len(DATA), [r.headers.get("range") for r in origin.requests]
+    for cache in pair:
+        assert b"".join([p async for p in cache.read(origin.url("/m.bin"))]) == DATA
+    assert origin.body_bytes == len(DATA)
