@@ -23,13 +23,14 @@ import os
 import secrets
 import shutil
 import stat
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
 import attrs
 import blake3
+
+from .fds import FdCache
 
 __all__ = ["BlobStore", "BlockWriter", "DriveInfo", "FaultHook", "Step", "digest_of", "fsync_dir"]
 
@@ -85,9 +86,7 @@ class BlobStore:
         self.fault: FaultHook | None = None  # tests: called at each commit step
         self._made_dirs: set[Path] = set()
         self._roots = [str(d.root) for d in self.drives]
-        # Open blob fds kept for reuse (sendfile takes an explicit offset, so one fd
-        # serves any number of concurrent readers): digest -> [fd, users].
-        self._fds: OrderedDict[str, list[int]] = OrderedDict()
+        self.fds = FdCache(_CACHED_FDS)  # open blob fds kept for reuse (see fds.py)
 
     def drive_for(self, digest: str) -> DriveInfo:
         """The drive a blob lives on (weighted rendezvous hash of its digest)."""
@@ -207,49 +206,24 @@ class BlobStore:
         Raises:
           FileNotFoundError: the blob is not there.
         """
-        entry = self._fds.get(digest)
-        if entry is None:
-            entry = [self.open(digest), 0]
-            self._fds[digest] = entry
-            self._trim_fds()
-        else:
-            self._fds.move_to_end(digest)
-        entry[1] += 1
-        return entry[0]
+        return self.fds.acquire(digest, self.open)
 
     def is_open(self, digest: str) -> bool:
         """True when an fd of the blob is cached (readable even if the file is gone)."""
-        return digest in self._fds
+        return digest in self.fds
 
     def release(self, digest: str, fd: int) -> None:
         """Hand back an fd from :meth:`acquire`."""
-        entry = self._fds.get(digest)
-        if entry is None or entry[0] != fd:
-            os.close(fd)  # forgotten meanwhile (deleted, quarantined): ours to close
-            return
-        entry[1] -= 1
-        self._trim_fds()
+        self.fds.release(digest, fd)
 
     def forget_fd(self, digest: str) -> None:
-        """Stop caching ``digest``'s fd (its file is going away); users keep theirs."""
-        entry = self._fds.pop(digest, None)
-        if entry is not None and entry[1] == 0:
-            os.close(entry[0])
-
-    def _trim_fds(self) -> None:
-        if len(self._fds) <= _CACHED_FDS:
-            return
-        for digest in list(self._fds):
-            if len(self._fds) <= _CACHED_FDS:
-                break
-            if self._fds[digest][1] == 0:
-                os.close(self._fds.pop(digest)[0])
+        """Stop caching ``digest``'s fd (its file is going away); users keep theirs,
+        the last of them closes it."""
+        self.fds.retire(digest)
 
     def close(self) -> None:
         """Close every cached fd."""
-        for fd, _ in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        self.fds.close()
 
     def exists(self, digest: str) -> bool:
         """True when the blob file is present (a plain file, not a planted link)."""

@@ -89,7 +89,6 @@ class SharedStore(Store):
         self.recover = recover
         self._seen = self.generation.current()  # what our maps, fds and totals reflect
         self.foreign_changes = 0  # how often we saw another worker's changes
-        self._retired: dict[int, int] = {}  # fds no longer handed out -> users left
         self._usage_stale = False
         self._usage_at = -_USAGE_EVERY  # (the first reload is never held back)
         flags = os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -100,9 +99,6 @@ class SharedStore(Store):
         super().close()
         self.generation.close()
         os.close(self._evict_fd)
-        for fd in self._retired:
-            os.close(fd)
-        self._retired.clear()
 
     # -- fills ---------------------------------------------------------------------
 
@@ -146,34 +142,13 @@ class SharedStore(Store):
         return self.foreign_changes
 
     def _retire_fds(self) -> None:
-        """Stop handing out the cached blob fds (see :meth:`_retire_fd`)."""
-        for digest in list(self.blobs._fds):
-            self._retire_fd(digest)
-
-    def _retire_fd(self, digest: str) -> None:
-        """Stop handing out ``digest``'s cached fd; one in use is closed when its last
-        user hands it back (several readers may share one fd: the first of them to
-        hand it back must not close it under the others)."""
-        entry = self.blobs._fds.get(digest)
-        if entry is not None and entry[1]:
-            del self.blobs._fds[digest]
-            self._retired[entry[0]] = entry[1]
-        else:
+        """Stop handing out the cached blob fds (in use: closed by their last user)."""
+        for digest in self.blobs.fds:
             self.blobs.forget_fd(digest)
 
     def _forget_blob(self, digest: str) -> None:
-        self._retire_fd(digest)  # (its file is going away)
+        self.blobs.forget_fd(digest)  # (its file is going away)
         self._verified.discard(digest)
-
-    def release(self, digest: str, fd: int) -> None:
-        users = self._retired.get(fd)
-        if users is None:
-            super().release(digest, fd)
-        elif users > 1:
-            self._retired[fd] = users - 1
-        else:
-            del self._retired[fd]
-            os.close(fd)
 
     def _bump(self) -> None:
         if self.generation.bump() == self._seen + 1:  # ours alone: we are in step
