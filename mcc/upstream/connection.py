@@ -246,11 +246,8 @@ class UpstreamResponse:
         Raises:
           UpstreamError: as :meth:`receive`.
         """
-        remaining = self._direct_remaining
-        if self.complete or remaining is None:
-            return 0
-        if remaining == 0:
-            self._finish_direct(b"")
+        remaining = self._direct_left()
+        if not remaining:
             return 0
         want = min(len(buf), remaining)
         if self._pending:
@@ -266,17 +263,8 @@ class UpstreamResponse:
                     data = await stream.receive_some(want)
                     n = len(data)
                     buf[:n] = data
-            if not n:
-                raise UpstreamError(
-                    f"{self.route.name}: connection closed {remaining} bytes before the "
-                    "end of the body"
-                )
-        remaining -= n
-        self._direct_remaining = remaining
-        if self._counters is not None:
-            self._counters.bytes_received += n
-        if remaining == 0:
-            self._finish_direct(self._pending)
+            self._check_more(n, remaining)
+        self._took_direct(n, remaining, self._pending)
         return n
 
     @property
@@ -297,27 +285,40 @@ class UpstreamResponse:
           UpstreamError: as :meth:`receive`.
           FileWriteError: the file could not be written (this call's bytes are lost).
         """
-        remaining = self._direct_remaining
-        if self.complete or remaining is None:
-            return 0
-        if remaining == 0:
-            self._finish_direct(b"")
+        remaining = self._direct_left()
+        if not remaining:
             return 0
         stream = self._conn.stream
         assert isinstance(stream, trio.SocketStream) and not self._pending
         with map_errors(self.route, "reading the body"), trio.fail_after(self._timeout):
             n = await splicer.move(stream.socket, fd, offset, min(count, remaining))
+        self._check_more(n, remaining)
+        self._took_direct(n, remaining, b"")
+        return n
+
+    def _direct_left(self) -> int:
+        """Body bytes still to come for :meth:`receive_into` / :meth:`splice_into`
+        (0: none, the body finished now or before)."""
+        remaining = self._direct_remaining
+        if self.complete or remaining is None:
+            return 0
+        if remaining == 0:
+            self._finish_direct(b"")
+        return remaining
+
+    def _check_more(self, n: int, remaining: int) -> None:
         if not n:
             raise UpstreamError(
                 f"{self.route.name}: connection closed {remaining} bytes before the end of the body"
             )
+
+    def _took_direct(self, n: int, remaining: int, rest: bytes) -> None:
         remaining -= n
         self._direct_remaining = remaining
         if self._counters is not None:
             self._counters.bytes_received += n
         if remaining == 0:
-            self._finish_direct(b"")
-        return n
+            self._finish_direct(rest)
 
     async def _receive_direct(self) -> bytes:
         remaining = self._direct_remaining
