@@ -167,3 +167,32 @@ async def test_ranges_inside_blocks_and_whole_reads_meet_in_order_fills(
     for cache in pair:
         assert b"".join([p async for p in cache.read(origin.url("/m.bin"))]) == DATA
     assert origin.body_bytes == len(DATA)
+
+
+async def test_cold_ranges_over_several_blocks_in_two_workers(
+    origin: Origin, pair: tuple[Cache, Cache]
+) -> None:
+    """A discovery asks through the block holding its range's last byte (one request
+    for the range: mcc.engine.discovery), from its first block's start in a shared
+    store; readers in both workers get right bytes, each byte fetched once."""
+    origin.put("/r.bin", DATA)
+    origin.chunk_size = 8 * 1024
+    origin.faults["/r.bin"] = Fault(body_delay=0.005)
+    spans = [(B + 40_000, 3 * B + 10), (2 * B + 5, 5 * B), (0, B + 1), (3 * B, len(DATA) - 1)]
+    got: dict[int, bytes] = {}
+
+    async def one(i: int, lo: int, hi: int) -> None:
+        await trio.sleep(0.01 * i)
+        pieces = [p async for p in pair[i % 2].read(origin.url("/r.bin"), lo, hi)]
+        got[i] = b"".join(pieces)
+
+    async with trio.open_nursery() as n:
+        for i, (lo, hi) in enumerate(spans):
+            n.start_soon(one, i, lo, hi)
+    assert [got[i] for i in range(len(spans))] == [DATA[lo : hi + 1] for lo, hi in spans]
+    asked = [r.headers.get("range") for r in origin.requests]
+    assert asked[0] == f"bytes={B}-{4 * B - 1}", asked  # from its block's start
+    assert origin.body_bytes == len(DATA), asked
+    for cache in pair:
+        assert b"".join([p async for p in cache.read(origin.url("/r.bin"))]) == DATA
+    assert origin.body_bytes == len(DATA)

@@ -32,6 +32,7 @@ from ..upstream.progress import Stalled
 from .fill import MAX_ROUTE_MOVES, backoff
 from .flight import Fetch
 from .readahead import host_of
+from .runs import run_blocks
 from .spans import SPLIT_MIN
 from .variants import Varies, Varying
 
@@ -88,10 +89,11 @@ class Discovering(Varying):
         via: Sequence[str],
         stale: ObjectMeta | None,
         reader: object | None,
-        first: int | None = None,
+        span: tuple[int | None, int | None] = (None, None),
     ) -> Discovery:
         """The discovery of ``key`` to wait on: joined, or started here (asking from
-        byte ``first`` of block ``hint_block`` when given)."""
+        the reader's first byte of block ``hint_block`` through its last, when given
+        in ``span``)."""
         disc = self._discoveries.get(key)
         slot = key
         if disc is not None and disc.via_peer and peer_request() is not None:
@@ -103,7 +105,7 @@ class Discovering(Varying):
             )
             disc = Discovery(slot, via_peer)
             self._discoveries[slot] = disc
-            args = (url, key, hint_block, disc, tuple(via), stale, reader, first)
+            args = (url, key, hint_block, disc, tuple(via), stale, reader, span)
             self._spawn(self._discover_in_turn, *args)
         return disc
 
@@ -123,12 +125,12 @@ class Discovering(Varying):
         via: tuple[str, ...],
         stale: ObjectMeta | None,
         reader: object | None = None,
-        first: int | None = None,
+        span: tuple[int | None, int | None] = (None, None),
     ) -> None:
         """:meth:`_discover`, one worker of the node at a time (see
         :mod:`mcc.engine.claimed`): the record another worker filed meanwhile is used.
         Shared fills grow from the block's start (another worker's readers follow the
-        file's size), so a shared store discovers from there, not from ``first``."""
+        file's size), so a shared store discovers from there, not from the reader's first byte."""
         try:
             found = await self._discovery_turn(key, stale, disc.done)
         except BaseException:
@@ -137,8 +139,9 @@ class Discovering(Varying):
             disc.done.set()
             raise
         if found is None:
-            first = None if self._shared() is not None else first
-            await self._discover(url, key, hint, disc, via, stale, reader, first)
+            if self._shared() is not None:
+                span = (None, span[1])
+            await self._discover(url, key, hint, disc, via, stale, reader, span)
             return
         disc.meta = found
         self._discoveries.pop(disc.slot, None)
@@ -153,17 +156,25 @@ class Discovering(Varying):
         via: tuple[str, ...],
         stale: ObjectMeta | None,
         reader: object | None = None,
-        first: int | None = None,
+        span: tuple[int | None, int | None] = (None, None),
     ) -> None:
         """Learn ``key``'s record from a range request for block ``hint`` (made
         conditional when a stale copy is stored), and fill that block from its body;
-        the request starts at the reader's ``first`` byte when that lies in the block
-        (its first byte then waits for no earlier one: :mod:`mcc.engine.spans`)."""
+        the request starts at the reader's first byte (``span[0]``) when that lies in
+        the block (its first byte then waits for no earlier one:
+        :mod:`mcc.engine.spans`), and ends at the end of the block holding its last
+        (``span[1]``), at most :func:`~mcc.engine.runs.run_blocks` blocks in all:
+        the body fills the blocks after the first too, one request for the range."""
         # a stale object keeps the block size it was stored with
         B = stale.block_size if stale is not None else self.config.block_size
         asked = hint * B
+        first, last = span
         if first is not None and first // B == hint and first - asked >= SPLIT_MIN:
             asked = first
+        last_block = hint
+        if last is not None and last >= asked and not disc.via_peer:  # (a peer's: its own)
+            last_block = min(last // B, hint + run_blocks(B) - 1)
+        asked_end = (last_block + 1) * B - 1  # (past the object's end: a shorter answer)
         conditions = Conditions()
         if stale is not None and stale.etag:
             conditions = Conditions(if_none_match=stale.etag)
@@ -179,8 +190,9 @@ class Discovering(Varying):
                 try:
                     try:
                         await self._discover_once(
-                            url, key, asked, B, disc, via, stale, conditions, reader, avoid
-                        )
+                            url, key, (asked, asked_end), B, disc, via, stale, conditions,
+                            reader, avoid,
+                        )  # fmt: skip
                     except _Unsatisfied as unsatisfied:
                         # the block asked for lies past the end (or the object is
                         # empty): learn the record from a HEAD instead
@@ -232,7 +244,7 @@ class Discovering(Varying):
         self,
         url: str,
         key: str,
-        asked: int,
+        asked_span: tuple[int, int],
         B: int,
         disc: Discovery,
         via: tuple[str, ...],
@@ -241,11 +253,12 @@ class Discovering(Varying):
         reader: object | None,
         avoid: set[str],
     ) -> None:
+        asked, asked_end = asked_span
         block = asked // B if disc.via_peer else None
         fetch_cm = self.fetcher.fetch(
             url,
             asked,
-            (asked // B + 1) * B - 1,  # to the end of its block
+            asked_end,
             conditions=conditions,
             via=via,
             block=block,
@@ -278,6 +291,8 @@ class Discovering(Varying):
             # the block's fill is claimed before the record is filed: another worker
             # finding the record then finds the fill too, and follows it
             fetch = self._start_fill(meta, got.first, reader, via)
+            if fetch.flights and got.status == 206:  # (a 200 streams: engine.streams)
+                self._claim_following(meta, fetch, got.first // B, got.stop, reader)
             self._adopt(meta)
             disc.meta = meta
             disc.done.set()

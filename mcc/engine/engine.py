@@ -182,6 +182,7 @@ class Cache(Discovering):
         *,
         hint_block: int = 0,
         first_byte: int | None = None,
+        last_byte: int | None = None,
         via: Sequence[str] = (),
         reader: object | None = None,
         request: Sequence[tuple[str, str]] = (),
@@ -193,7 +194,8 @@ class Cache(Discovering):
         Args:
           url: absolute http(s) URL.
           hint_block: the block a discovery should fetch (the one the caller needs);
-            or give ``first_byte``, the first byte the caller needs.
+            or give ``first_byte``, the first byte the caller needs, and ``last_byte``
+            its last (a discovery's request then covers the blocks up to it too).
           via: the Via entries of the request that asks (sent upstream, so that a
             forwarding loop through other caches is detected).
           reader: any object naming the request, passed to :meth:`segments` too; the
@@ -217,7 +219,8 @@ class Cache(Discovering):
             if self._discoveries:
                 await self._wait_peer_discovery(key)
             return Lookup(meta, "fresh")
-        disc = self._discovery_for(url, key, hint_block, via, meta, reader, first_byte)
+        span = (first_byte, last_byte)
+        disc = self._discovery_for(url, key, hint_block, via, meta, reader, span)
         try:
             found = await disc.wait()
         except Varies as varies:  # the first answer varies: ask for this request's variant
@@ -225,8 +228,8 @@ class Cache(Discovering):
                 raise NotCacheable(str(varies)) from None
             self._mark_varying(policy_object_key(key), varies.names)
             return await self.lookup(
-                url, first_byte=first_byte, hint_block=hint_block, via=via, reader=reader,
-                request=request, _again=False,
+                url, first_byte=first_byte, last_byte=last_byte, hint_block=hint_block,
+                via=via, reader=reader, request=request, _again=False,
             )  # fmt: skip
         except UpstreamError:
             rules = self.config.refresh_patterns
@@ -292,7 +295,7 @@ class Cache(Discovering):
           UpstreamError: upstream failed; no wrong bytes were yielded before it.
         """
         reader = object()
-        found = await self.lookup(url, first_byte=start, reader=reader)
+        found = await self.lookup(url, first_byte=start, last_byte=end, reader=reader)
         meta = found.meta
         if start >= meta.size and not (start == 0 and meta.size == 0):
             raise RangeNotSatisfiable(meta.size)

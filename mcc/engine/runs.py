@@ -74,6 +74,27 @@ class Runs(Claiming):
         fetch.add(flight)
         return flight
 
+    def _claim_following(
+        self, meta: ObjectMeta, fetch: Fetch, idx: int, stop: int | None, reader: object | None
+    ) -> None:
+        """Claim for ``fetch`` (a discovery's, filling block ``idx``) the blocks after
+        ``idx`` its body brings, up to byte ``stop``, until one is stored, in flight or
+        filled by another worker: they are in the table from now on, so their readers
+        join them rather than asking again (single flight); the body passes the rest
+        (:meth:`_claim_passing`)."""
+        if stop is None:
+            return
+        last = min(stop, meta.size) - 1
+        for j in range(idx + 1, last // meta.block_size + 1):
+            if self._flights.get(FlightKey(meta.key, meta.version, j)) is not None:
+                return
+            if self.store.block_map(meta, j, j):
+                return
+            flight = self._new_flight(meta, j, reader)
+            if self._followed(flight):
+                return
+            fetch.add(flight)
+
     def _claim_run(
         self,
         meta: ObjectMeta,

@@ -26,6 +26,7 @@ __all__ = [
     "content_range",
     "first_byte",
     "if_range_matches",
+    "last_byte",
     "parse_range",
 ]
 
@@ -135,3 +136,17 @@ def first_byte(range_header: str | None) -> int:
     first = range_header.split("=", 1)[1].split(",")[0].strip()
     start = first.split("-")[0].strip()
     return int(start) if is_digits(start) and len(start) < 19 else 0
+
+
+def last_byte(range_header: str | None) -> int | None:
+    """The last byte of a Range header's only range (how far a discovery may ask
+    beyond the first block); None when unsure, open-ended, a suffix or several."""
+    if not range_header or "=" not in range_header:
+        return None
+    spec = range_header.split("=", 1)[1]
+    if "," in spec or "-" not in spec:
+        return None
+    start, end = (part.strip() for part in spec.split("-", 1))
+    if not (is_digits(start) and is_digits(end)) or len(start) >= 19 or len(end) >= 19:
+        return None
+    return int(end) if int(end) >= int(start) else None

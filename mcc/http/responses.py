@@ -39,6 +39,7 @@ from .ranges import (
     content_range,
     first_byte,
     if_range_matches,
+    last_byte,
     parse_range,
 )
 from .routing import OwnNames, route_request
@@ -136,8 +137,9 @@ class Responses:
         first = first_byte(req.header("range"))
         via = req.header_list("via")
         reader = object()  # this request, for telling its own fetches from joined ones
+        last = last_byte(req.header("range"))
         found = await cache.lookup(
-            url, first_byte=first, via=via, reader=reader, request=req.headers
+            url, first_byte=first, last_byte=last, via=via, reader=reader, request=req.headers
         )
         meta = found.meta
         ranges = parse_range(req.header("range"), meta.size, self.config.limits.max_ranges)
