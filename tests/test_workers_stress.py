@@ -14,13 +14,16 @@ import os
 import random
 import re
 import signal
+from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import h11
 import pytest
 import trio
 
 from fixtures.origin import Fault, Origin
+from fixtures.raw_origin import RawOrigin, RawRequest, Reply
 from tests.helpers import Response, get
 from tests.test_workers import _node, _workers
 
@@ -29,6 +32,7 @@ ROUNDS = 3  # (round 0 all cold; then hits, purges and a kill beside cold reads)
 KILL_IN = 1  # the round in which a worker is killed mid-fill
 WITHIN = 60  # seconds the whole mix may take on a loaded machine (a hang fails)
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
+_RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 _CUT = (OSError, EOFError, trio.BrokenResourceError, h11.RemoteProtocolError)
 
 
@@ -177,3 +181,59 @@ async def test_a_rangeless_object_is_fetched_whole_once_over_two_workers(
                     nursery.start_soon(read, None)
                     nursery.start_soon(read, (i * 2 * B + 100, i * 2 * B + 3 * B))
         assert origin.body_bytes == len(data), [r.headers.get("range") for r in origin.requests]
+
+
+def _chunked_blocks(data: bytes, runs_long: bool) -> Callable[[RawRequest], Reply]:
+    """An origin that frames every range it answers as chunked (no Content-Length, so
+    its blocks are vouched for only at the body's end), 5 bytes too many when
+    ``runs_long``; a request without Range gets the whole object, framed by length."""
+
+    def respond(head: RawRequest) -> Reply:
+        common = b'etag: "c1"\r\ncache-control: max-age=600\r\n'
+        found = _RANGE.match(head.headers.get("range", b"").decode())
+        if found is None:
+            return Reply([b"HTTP/1.1 200 OK\r\n%scontent-length: %d\r\n\r\n%s" % (
+                common, len(data), data)])  # fmt: skip
+        first = int(found.group(1))
+        last = min(int(found.group(2) or len(data) - 1), len(data) - 1)
+        framing = b"content-range: bytes %d-%d/%d\r\n" % (first, last, len(data))
+        framing += b"transfer-encoding: chunked\r\n\r\n"
+        pieces = [b"HTTP/1.1 206 Partial Content\r\n" + common + framing]
+        for at in range(first, last + 1, 16 * 1024):
+            piece = data[at : min(at + 16 * 1024, last + 1)]
+            pieces.append(b"%x\r\n%s\r\n" % (len(piece), piece))
+        if runs_long:
+            pieces.append(b"5\r\nXXXXX\r\n")
+        return Reply([*pieces, b"0\r\n\r\n"], gap=0.003)
+
+    return respond
+
+
+@pytest.mark.parametrize("runs_long", [True, False])
+async def test_chunked_block_answers_over_two_workers_are_served_only_once_vouched(
+    tmp_path: Path, nursery: trio.Nursery, runs_long: bool
+) -> None:
+    """Blocks of a body not framed by Content-Length, followed by the other worker:
+    a body that runs long at its end is served to no reader whole, in either worker."""
+    data = os.urandom(12 * B + 7)
+    origin = RawOrigin(_chunked_blocks(data, runs_long))
+    await nursery.start(origin.serve)
+    served: list[int] = []
+    # (_node reads only the origin's authority)
+    async with _node(tmp_path, cast(Origin, origin)) as (_, port, _admin):
+
+        async def read(span: tuple[int, int] | None) -> None:
+            headers = [] if span is None else [("range", f"bytes={span[0]}-{span[1]}")]
+            try:
+                resp = await get(port, origin.url("/c.bin"), headers)
+            except _CUT:
+                return
+            _check(resp, [data], span)
+            served.append(resp.status)
+
+        with trio.fail_after(WITHIN):
+            async with trio.open_nursery() as readers:
+                for i in range(8):
+                    readers.start_soon(read, None)
+                    readers.start_soon(read, (i * B + 100, i * B + 2 * B))
+    assert served == [] if runs_long else sorted(served) == [200] * 8 + [206] * 8
