@@ -157,7 +157,7 @@ async def test_a_mix_over_two_workers_serves_only_bytes_the_origin_sent(
 
 
 @pytest.mark.xfail(
-    strict=True,
+    strict=False,  # (now and then the first body passes every block first: one fetch)
     reason="known: a range-less origin's whole body is fetched once per worker claim "
     "(the 'sent whole' memo, Streaming._rangeless, is per process; measured 4-10 whole "
     "bodies for 20 cold readers over two workers, 1 with one worker)",
