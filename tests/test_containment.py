@@ -180,6 +180,34 @@ async def test_a_bug_in_one_fill_fails_its_requests_and_nothing_else(
         await _healthy(node)
 
 
+async def test_a_fault_in_a_discovery_after_its_blocks_are_claimed_strands_no_flight(
+    origin: Origin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a discovery claims the blocks of a range it asks for before it files the record:
+    # a fault in between must fail those flights, or the next reader joins one nobody fills
+    origin.put("/r", DATA)
+    real_adopt = mcc.Cache._adopt
+    faults = [RuntimeError("injected fault")]
+
+    def adopt(self: mcc.Cache, meta: Any) -> None:
+        if faults:
+            raise faults.pop()
+        real_adopt(self, meta)
+
+    monkeypatch.setattr(mcc.Cache, "_adopt", adopt)
+    block = 64 * 1024
+    span = f"bytes={block // 2}-{3 * block + 10}"
+    async with run_node(
+        tmp_path / "c", allow_origins=[origin.authority], block_size="64KiB"
+    ) as node:
+        with trio.fail_after(20):
+            first = await get(node.port, origin.url("/r"), headers=[("range", span)])
+            assert first.status >= 500
+            again = await get(node.port, origin.url("/r"), headers=[("range", span)])
+        assert again.status == 206 and again.body == DATA[block // 2 : 3 * block + 11]
+        await _healthy(node)
+
+
 async def _expect_failure(node: Node, url: str) -> None:
     try:
         r = await get(node.port, url)

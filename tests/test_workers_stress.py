@@ -156,33 +156,6 @@ async def test_a_mix_over_two_workers_serves_only_bytes_the_origin_sent(
     assert "Traceback" not in (tmp_path / "stderr").read_text()
 
 
-@pytest.mark.xfail(
-    strict=False,  # (now and then the first body passes every block first: one fetch)
-    reason="known: a range-less origin's whole body is fetched once per worker claim "
-    "(the 'sent whole' memo, Streaming._rangeless, is per process; measured 4-10 whole "
-    "bodies for 20 cold readers over two workers, 1 with one worker)",
-)
-async def test_a_rangeless_object_is_fetched_whole_once_over_two_workers(
-    origin: Origin, tmp_path: Path
-) -> None:
-    data = os.urandom(20 * B + 5)
-    origin.put("/w.bin", data)
-    origin.chunk_size = 8 * 1024
-    origin.faults["/w.bin"] = Fault(ignore_range=True, body_delay=0.01)
-    async with _node(tmp_path, origin) as (_, port, _admin):
-
-        async def read(span: tuple[int, int] | None) -> None:
-            headers = [] if span is None else [("range", f"bytes={span[0]}-{span[1]}")]
-            _check(await get(port, origin.url("/w.bin"), headers), [data], span)
-
-        with trio.fail_after(WITHIN):
-            async with trio.open_nursery() as nursery:
-                for i in range(10):
-                    nursery.start_soon(read, None)
-                    nursery.start_soon(read, (i * 2 * B + 100, i * 2 * B + 3 * B))
-        assert origin.body_bytes == len(data), [r.headers.get("range") for r in origin.requests]
-
-
 def _chunked_blocks(data: bytes, runs_long: bool) -> Callable[[RawRequest], Reply]:
     """An origin that frames every range it answers as chunked (no Content-Length, so
     its blocks are vouched for only at the body's end), 5 bytes too many when

@@ -291,9 +291,13 @@ class Discovering(Varying):
             # the block's fill is claimed before the record is filed: another worker
             # finding the record then finds the fill too, and follows it
             fetch = self._start_fill(meta, got.first, reader, via)
-            if fetch.flights and got.status == 206:  # (a 200 streams: engine.streams)
-                self._claim_following(meta, fetch, got.first // B, got.stop, reader)
-            self._adopt(meta)
+            try:  # (flights are in the table now: a fault must fail them, not strand them)
+                if fetch.flights and got.status == 206:  # (a 200 streams: engine.streams)
+                    self._claim_following(meta, fetch, got.first // B, got.stop, reader)
+                self._adopt(meta)
+            except BaseException:
+                self._end_fetch(meta, fetch)
+                raise
             disc.meta = meta
             disc.done.set()
             broken: UpstreamError | None = None
