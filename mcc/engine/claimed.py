@@ -270,9 +270,10 @@ class Claiming(Streaming):
             held = writer.claim
             if polls % _STATE_EVERY == 0 and held is not None and not held.filler_alive():
                 data = await trio.to_thread.run_sync(os.pread, writer.fd, flight.length, 0)
-                if len(data) == flight.length:
-                    log.info("block %d of %s: storing a fill a worker left", idx, meta.key)
-                    await self.store.commit(meta, idx, data)
+                if len(data) == flight.length and await self.store.commit(meta, idx, data):
+                    # (a filler whose commit was refused, its version purged, lets go
+                    # too: then this one is refused as well, and nothing is said)
+                    log.info("block %d of %s: stored a fill its filler left", idx, meta.key)
                 break
             await trio.sleep(POLL_SECONDS)
         self._retire(flight)
