@@ -89,8 +89,11 @@ def supervise(workers: int, run_worker: Callable[[int], int]) -> int:
             _signal(pid, signal.SIGKILL)
         for pid in list(running):
             _wait(pid)
-        signal.signal(signal.SIGCHLD, old_chld)
+        # mask first, handler last: a SIGCHLD another thread took while ours was set
+        # is run by ours (Python runs handlers late, in the main thread; one found
+        # tripped after SIG_DFL is back is an OSError "ignored due to race condition")
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        signal.signal(signal.SIGCHLD, old_chld)
 
 
 def _watch(running: dict[int, tuple[int, float]], start: Callable[[int], None]) -> int:
