@@ -43,6 +43,7 @@ import os
 import stat
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -115,11 +116,13 @@ class Claiming(Streaming):
 
     _seen_changes = 0
 
-    async def _run_fetch(self, meta: ObjectMeta, fetch: Fetch, via: tuple[str, ...]) -> None:
-        raise NotImplementedError  # Filling's
+    if TYPE_CHECKING:  # Filling's (mcc.engine.fill), which this part is mixed into
 
-    def _retire(self, flight: Flight) -> None:
-        raise NotImplementedError  # Filling's
+        async def _run_fetch(
+            self, meta: ObjectMeta, fetch: Fetch, via: tuple[str, ...]
+        ) -> None: ...
+
+        def _retire(self, flight: Flight) -> None: ...
 
     def _shared(self) -> SharedStore | None:
         store = self.store
